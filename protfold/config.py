@@ -1,0 +1,203 @@
+"""Frozen dataclasses for every setting: model presets, memory switches, data and loss settings.
+
+Dimension glossary used across the package (shapes in docstrings):
+  B batch, N_seq MSA cluster rows (S), N_extra extra MSA rows (E), N_res residues (N, i, j, k),
+  H heads, c_m / c_z / c_s / c_e channels of MSA, pair, single and extra-MSA representations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Speed/memory trade-offs. Invariant: no field changes what the model computes (tests enforce it).
+
+    Read only by `protfold.model.memory` helpers and the few modules that call them.
+    """
+
+    blocks_per_checkpoint: int | None = None  # recompute every k Evoformer / extra-MSA blocks in backward
+    recompute_inside_block: bool = False  # finer: recompute attention and triangle ops inside a block
+    msa_chunk: int | None = None  # MSA rows (row attention) / columns (column attention) per chunk
+    pair_chunk: int | None = None  # pair rows per chunk: triangle attention, OPM, transitions
+    low_memory_triangle: bool = False  # triangle mult. updates keep no [N, N, c_hidden] tensors for backward
+    attention: Literal["naive", "sdpa", "flex"] = "naive"  # attention kernel dispatch
+    checkpoint_storage: Literal["fp32", "bf16", "cpu"] = "fp32"  # how saved block boundaries are kept
+
+    def __post_init__(self) -> None:
+        for name in ("blocks_per_checkpoint", "msa_chunk", "pair_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"MemoryConfig.{name} must be a positive integer or None, got {value!r}")
+        if self.attention not in ("naive", "sdpa", "flex"):
+            raise ValueError(f"MemoryConfig.attention must be 'naive', 'sdpa' or 'flex', got {self.attention!r}")
+        if self.checkpoint_storage not in ("fp32", "bf16", "cpu"):
+            raise ValueError(
+                f"MemoryConfig.checkpoint_storage must be 'fp32', 'bf16' or 'cpu', got {self.checkpoint_storage!r}"
+            )
+        if self.checkpoint_storage != "fp32" and self.blocks_per_checkpoint is None:
+            raise ValueError(
+                f"MemoryConfig.checkpoint_storage={self.checkpoint_storage!r} only applies to saved block "
+                "boundaries: set blocks_per_checkpoint as well"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network sizes (AF2 supplement section 1.5-1.8; defaults are the full `af2` preset, no templates)."""
+
+    c_m: int = 256
+    c_z: int = 128
+    c_s: int = 384
+    c_e: int = 64
+    n_evoformer_blocks: int = 48
+    n_extra_msa_blocks: int = 4
+    extra_msa_enabled: bool = True
+    msa_heads: int = 8
+    msa_head_dim: int = 32
+    extra_msa_heads: int = 8
+    extra_msa_head_dim: int = 8
+    pair_heads: int = 4
+    pair_head_dim: int = 32
+    opm_hidden: int = 32
+    tri_mul_hidden: int = 128
+    transition_factor: int = 4
+    msa_dropout: float = 0.15
+    pair_dropout: float = 0.25
+    # structure module
+    n_structure_layers: int = 8
+    ipa_heads: int = 12
+    ipa_head_dim: int = 16
+    ipa_qk_points: int = 4
+    ipa_v_points: int = 8
+    structure_dropout: float = 0.1
+    c_resnet: int = 128
+    n_resnet_blocks: int = 2
+    position_scale: float = 10.0  # Angstrom per structure-module unit
+    # embeddings and heads
+    target_feat_dim: int = 22
+    msa_feat_dim: int = 49
+    extra_msa_feat_dim: int = 25
+    max_relative_position: int = 32
+    recycle_bins: int = 15
+    recycle_min_bin: float = 3.25
+    recycle_max_bin: float = 20.75
+    distogram_bins: int = 64
+    plddt_bins: int = 50
+    c_plddt: int = 128
+    msa_classes: int = 23
+    experimentally_resolved: bool = True
+    max_recycles: int = 3  # extra passes in training: 0..max_recycles drawn per step
+    eval_recycles: int = 3  # fixed count in evaluation
+    max_crop: int = 4096  # the longest crop the model accepts (config error beyond it)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        c_m=16, c_z=8, c_s=16, c_e=8, n_evoformer_blocks=2, n_extra_msa_blocks=1, msa_heads=2, msa_head_dim=4,
+        extra_msa_heads=2, extra_msa_head_dim=4, pair_heads=2, pair_head_dim=4, opm_hidden=4, tri_mul_hidden=8,
+        transition_factor=2, n_structure_layers=2, ipa_heads=2, ipa_head_dim=4, ipa_qk_points=2, ipa_v_points=2,
+        c_resnet=8, c_plddt=8, max_recycles=1, eval_recycles=1,
+    ),
+    "small": dict(
+        c_m=64, c_z=32, c_s=96, c_e=16, n_evoformer_blocks=4, n_extra_msa_blocks=1, msa_heads=4, msa_head_dim=16,
+        extra_msa_heads=4, extra_msa_head_dim=4, pair_heads=4, pair_head_dim=8, opm_hidden=16, tri_mul_hidden=32,
+        transition_factor=2, n_structure_layers=4, ipa_heads=4, ipa_head_dim=16, ipa_qk_points=4, ipa_v_points=4,
+        c_resnet=32, c_plddt=32, max_recycles=2, eval_recycles=2,
+    ),
+    "af2": {},
+}
+
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset (`tiny`, `small`, `af2`) with optional field overrides."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
+    return replace(ModelConfig(**_PRESETS[name]), **overrides)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Feature pipeline settings (AF2 supplement 1.2; training values from AF2_NOTES.md)."""
+
+    crop_size: int = 256
+    crop_mode: Literal["contiguous", "spatial", "mixed"] = "mixed"
+    spatial_crop_prob: float = 0.5  # used when crop_mode == "mixed"
+    max_msa_clusters: int = 128
+    max_extra_msa: int = 1024
+    masked_msa_prob: float = 0.15
+    masked_msa_uniform: float = 0.1
+    masked_msa_profile: float = 0.1
+    masked_msa_same: float = 0.1
+    spatial_crop_distance: float = 10.0  # Angstrom interface cutoff style radius for spatial crops
+
+    def __post_init__(self) -> None:
+        if self.crop_size < 1:
+            raise ValueError(f"DataConfig.crop_size must be >= 1, got {self.crop_size}")
+        if self.max_msa_clusters < 1:
+            raise ValueError(f"DataConfig.max_msa_clusters must be >= 1, got {self.max_msa_clusters}")
+        if self.crop_mode not in ("contiguous", "spatial", "mixed"):
+            raise ValueError(f"DataConfig.crop_mode must be contiguous, spatial or mixed, got {self.crop_mode!r}")
+        fractions = self.masked_msa_uniform + self.masked_msa_profile + self.masked_msa_same
+        if not 0.0 <= fractions <= 1.0:
+            raise ValueError("masked_msa_uniform + masked_msa_profile + masked_msa_same must be within [0, 1]")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights (AF2 supplement 1.9; OpenFold's configuration values, see AF2_NOTES.md)."""
+
+    fape_backbone: float = 0.5
+    fape_sidechain: float = 0.5
+    fape_clamp: float = 10.0
+    fape_length_scale: float = 10.0
+    fape_clamp_prob: float = 0.9
+    fape_eps: float = 1e-4
+    torsion: float = 1.0
+    torsion_chi_weight: float = 0.5
+    torsion_norm_weight: float = 0.01
+    distogram: float = 0.3
+    distogram_min: float = 2.3125
+    distogram_max: float = 21.6875
+    masked_msa: float = 2.0
+    plddt: float = 0.01
+    plddt_min_resolution: float = 0.1
+    plddt_max_resolution: float = 3.0
+    experimentally_resolved: float = 0.0  # 0.01 in fine-tuning
+    violation: float = 0.0  # 1.0 in fine-tuning
+    violation_tolerance_factor: float = 12.0
+    clash_overlap_tolerance: float = 1.5
+    scale_by_sqrt_length: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AF2 optimiser recipe (supplement 1.11.3)."""
+
+    lr: float = 1e-3
+    eps: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 1000
+    decay_every: int = 50_000
+    decay_factor: float = 0.95
+    grad_clip: float = 0.1
+    ema_decay: float = 0.999
+
+
+__all__ = [
+    "DataConfig",
+    "LossConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PRESET_NAMES",
+    "model_preset",
+]
