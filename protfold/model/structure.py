@@ -1,0 +1,242 @@
+"""Structure module (AF2 supplement 1.8): IPA, backbone update, torsion angles, all-atom coordinates.
+
+Frames are `Rigid` objects in structure-module units (1 unit = `position_scale` Angstrom) inside the loop and
+are reported in Angstrom. Frames, IPA points and quaternion updates always run in fp32 (`fp32_island`), also
+under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from protfold.config import MemoryConfig, ModelConfig
+from protfold.geometry import (
+    Rigid,
+    atom14_to_atom37,
+    frames_to_atom14,
+    rigid_from_quaternion_update,
+    torsion_angles_to_frames,
+)
+from protfold.model.memory import fp32_island
+
+try:  # the shared AF2-initialised Linear; the private fallback below only until it lands
+    from protfold.model.primitives import Linear
+except ImportError:  # pragma: no cover - transitional
+
+    class Linear(nn.Linear):  # type: ignore[no-redef]
+        """nn.Linear with AF2 initialisers (supplement 1.11.4): default/relu (He), glorot, gating, final."""
+
+        def __init__(self, c_in: int, c_out: int, *, bias: bool = True, init: str = "default") -> None:
+            super().__init__(c_in, c_out, bias=bias)
+            with torch.no_grad():
+                if init in ("default", "relu"):
+                    scale = 1.0 if init == "default" else 2.0
+                    nn.init.trunc_normal_(self.weight, std=math.sqrt(scale / c_in) / 0.8796256610342398)
+                elif init == "glorot":
+                    nn.init.xavier_uniform_(self.weight)
+                elif init in ("gating", "final"):
+                    self.weight.zero_()
+                else:
+                    raise ValueError(f"unknown init {init!r}")
+                if bias:
+                    self.bias.fill_(1.0 if init == "gating" else 0.0)
+
+
+_MASK_LOGIT = -1e9  # fp32 logits only; a fully masked row becomes uniform, never NaN
+
+
+class InvariantPointAttention(nn.Module):
+    """AF2 supplement, Algorithm 22: attention over scalar features, frame-local 3D points and the pair bias.
+
+    Point weights gamma_h = softplus(w_h) (initialised to 1), w_L = sqrt(1/3), w_C = sqrt(2 / (9 N_qk_points)).
+    """
+
+    def __init__(
+        self, *, c_s: int, c_z: int, heads: int, head_dim: int, qk_points: int, v_points: int, eps: float = 1e-8
+    ) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.qk_points, self.v_points, self.eps = heads, head_dim, qk_points, v_points, eps
+        self.q = Linear(c_s, heads * head_dim)
+        self.kv = Linear(c_s, 2 * heads * head_dim)
+        self.q_pts = Linear(c_s, heads * qk_points * 3)
+        self.kv_pts = Linear(c_s, heads * (qk_points + v_points) * 3)
+        self.pair_bias = Linear(c_z, heads)
+        self.head_weights = nn.Parameter(torch.full((heads,), math.log(math.e - 1.0)))  # softplus^-1(1)
+        self.out = Linear(heads * (head_dim + c_z + 4 * v_points), c_s, init="final")
+
+    def forward(self, s: Tensor, z: Tensor, frames: Rigid, mask: Tensor) -> Tensor:
+        """s: [B, N, c_s], z: [B, N, N, c_z], frames: Rigid [B, N] (fp32), mask: [B, N] -> [B, N, c_s]"""
+        h = self.heads
+        q = rearrange(self.q(s), "b i (h c) -> b h i c", h=h)
+        k, v = rearrange(self.kv(s), "b j (two h c) -> two b h j c", two=2, h=h).unbind(0)
+        bias = rearrange(self.pair_bias(z), "b i j h -> b h i j")
+        with fp32_island(s):
+            q_pts, k_pts, v_pts = self._points(s.float(), frames)
+            logits = self._logits(q.float(), k.float(), bias.float(), q_pts, k_pts, mask.float())
+            attn = torch.softmax(logits, dim=-1)  # [B, H, N, N]
+            o_pts = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts)
+            o_pts = frames.unsqueeze(-1).unsqueeze(-1).invert_apply(o_pts)  # back to each frame i
+            o_norm = torch.sqrt(torch.sum(o_pts**2, dim=-1) + self.eps)
+        attn = attn.to(v.dtype)
+        o = rearrange(torch.einsum("bhij,bhjc->bihc", attn, v), "b i h c -> b i (h c)")
+        o_pair = rearrange(torch.einsum("bhij,bijc->bihc", attn, z.to(v.dtype)), "b i h c -> b i (h c)")
+        feats = [o, rearrange(o_pts, "b i h p x -> b i (h p x)"), rearrange(o_norm, "b i h p -> b i (h p)"), o_pair]
+        return self.out(torch.cat([f.to(o.dtype) for f in feats], dim=-1))
+
+    def _points(self, s: Tensor, frames: Rigid) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value points in global coordinates: [B, N, H, P, 3] each (fp32)."""
+        h, p_qk = self.heads, self.qk_points
+        q_pts = rearrange(self.q_pts(s), "b i (h p x) -> b i h p x", h=h, x=3)
+        kv_pts = rearrange(self.kv_pts(s), "b i (h p x) -> b i h p x", h=h, x=3)
+        local = frames.to(torch.float32).unsqueeze(-1).unsqueeze(-1)
+        q_pts, kv_pts = local.apply(q_pts), local.apply(kv_pts)
+        return q_pts, kv_pts[..., :p_qk, :], kv_pts[..., p_qk:, :]
+
+    def _logits(self, q: Tensor, k: Tensor, bias: Tensor, q_pts: Tensor, k_pts: Tensor, mask: Tensor) -> Tensor:
+        """Alg. 22 line 7: [B, H, N, N] fp32 attention logits with the residue mask applied."""
+        w_l = math.sqrt(1.0 / 3.0)
+        w_c = math.sqrt(2.0 / (9.0 * self.qk_points))
+        gamma = nn.functional.softplus(self.head_weights.float()).view(1, -1, 1, 1)
+        scalar = torch.einsum("bhic,bhjc->bhij", q, k) / math.sqrt(self.head_dim)
+        diff = q_pts[:, :, None] - k_pts[:, None, :]  # [B, N, N, H, P, 3]
+        dist2 = rearrange(torch.sum(diff**2, dim=(-1, -2)), "b i j h -> b h i j")
+        logits = w_l * (scalar + bias - 0.5 * gamma * w_c * dist2)
+        pair_mask = mask[:, None, :, None] * mask[:, None, None, :]
+        return logits + (1.0 - pair_mask) * _MASK_LOGIT
+
+
+class BackboneUpdate(nn.Module):
+    """AF2 supplement, Algorithm 23: s_i -> frame update (quaternion (1, b, c, d), translation), in fp32."""
+
+    def __init__(self, *, c_s: int) -> None:
+        super().__init__()
+        self.linear = Linear(c_s, 6, init="final")
+
+    def forward(self, s: Tensor) -> Rigid:
+        """s: [B, N, c_s] -> Rigid [B, N] (fp32)"""
+        with fp32_island(s):
+            return rigid_from_quaternion_update(self.linear(s.float()))
+
+
+class StructureTransition(nn.Module):
+    """AF2 supplement, Algorithm 20 lines 8-9: three-layer residual MLP, dropout, LayerNorm."""
+
+    def __init__(self, *, c_s: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            Linear(c_s, c_s, init="relu"), nn.ReLU(), Linear(c_s, c_s, init="relu"), nn.ReLU(),
+            Linear(c_s, c_s, init="final"),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(c_s)
+
+    def forward(self, s: Tensor) -> Tensor:
+        """s: [B, N, c_s] -> [B, N, c_s]"""
+        return self.norm(self.dropout(s + self.layers(s)))
+
+
+class AngleResnet(nn.Module):
+    """AF2 supplement, Algorithm 20 lines 11-14: torsion angles (omega, phi, psi, chi1-4) as 2D vectors.
+
+    Inputs are passed through ReLU before the first linear layers, as in AF2's released code.
+    """
+
+    def __init__(self, *, c_s: int, c_resnet: int, n_blocks: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.eps = eps
+        self.linear_s = Linear(c_s, c_resnet)
+        self.linear_initial = Linear(c_s, c_resnet)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), Linear(c_resnet, c_resnet, init="relu"), nn.ReLU(),
+                          Linear(c_resnet, c_resnet, init="final"))
+            for _ in range(n_blocks)
+        )
+        self.out = Linear(c_resnet, 14)
+
+    def forward(self, s: Tensor, s_initial: Tensor) -> tuple[Tensor, Tensor]:
+        """s, s_initial: [B, N, c_s] -> (unnormalised, normalised) angles, each [B, N, 7, 2] (sin, cos)."""
+        a = self.linear_s(torch.relu(s)) + self.linear_initial(torch.relu(s_initial))
+        for block in self.blocks:
+            a = a + block(a)
+        alpha = rearrange(self.out(torch.relu(a)), "b n (k two) -> b n k two", two=2).float()
+        norm = torch.sqrt(torch.clamp(torch.sum(alpha**2, dim=-1, keepdim=True), min=self.eps))
+        return alpha, alpha / norm
+
+
+class StructureModule(nn.Module):
+    """AF2 supplement, Algorithm 20 (with Alg. 22-24): shared weights over `n_structure_layers` iterations.
+
+    The rotation gradient is stopped between layers; reported frames and atoms are in Angstrom.
+    """
+
+    def __init__(self, *, cfg: ModelConfig, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.cfg, self.mem = cfg, mem
+        self.norm_s = nn.LayerNorm(cfg.c_s)
+        self.norm_z = nn.LayerNorm(cfg.c_z)
+        self.embed_s = Linear(cfg.c_s, cfg.c_s)
+        self.ipa = InvariantPointAttention(
+            c_s=cfg.c_s, c_z=cfg.c_z, heads=cfg.ipa_heads, head_dim=cfg.ipa_head_dim,
+            qk_points=cfg.ipa_qk_points, v_points=cfg.ipa_v_points,
+        )
+        self.ipa_dropout = nn.Dropout(cfg.structure_dropout)
+        self.ipa_norm = nn.LayerNorm(cfg.c_s)
+        self.transition = StructureTransition(c_s=cfg.c_s, dropout=cfg.structure_dropout)
+        self.backbone_update = BackboneUpdate(c_s=cfg.c_s)
+        self.angle_resnet = AngleResnet(c_s=cfg.c_s, c_resnet=cfg.c_resnet, n_blocks=cfg.n_resnet_blocks)
+
+    def forward(self, s: Tensor, z: Tensor, aatype: Tensor, mask: Tensor, frames: Rigid | None = None) -> dict:
+        """s: [B, N, c_s], z: [B, N, N, c_z], aatype: long [B, N], mask: [B, N] -> dict of outputs.
+
+        `frames` (Rigid [B, N], structure-module units) replaces the identity start (Alg. 20 line 4); used
+        by tests. Outputs: frames [L, B, N, 4, 4] (Angstrom), sidechain_frames [B, N, 8, 4, 4],
+        unnormalized_angles / angles [L, B, N, 7, 2], positions [L, B, N, 14, 3], final_atom14 [B, N, 14, 3],
+        final_atom37 [B, N, 37, 3], single [B, N, c_s].
+        """
+        s_initial = self.norm_s(s)
+        z = self.norm_z(z)
+        s = self.embed_s(s_initial)
+        if frames is None:
+            frames = Rigid.identity(tuple(s.shape[:2]), device=s.device)
+        per_layer: list[dict[str, Tensor]] = []
+        for layer in range(self.cfg.n_structure_layers):
+            s, frames, out = self.layer(s, s_initial, z, frames, aatype, mask)
+            per_layer.append(out)
+            if layer < self.cfg.n_structure_layers - 1:
+                frames = frames.detach_rot()
+        result = {key: torch.stack([o[key] for o in per_layer]) for key in per_layer[0] if key != "sidechain_frames"}
+        result["sidechain_frames"] = per_layer[-1]["sidechain_frames"]
+        result["final_atom14"] = result["positions"][-1]
+        result["final_atom37"] = atom14_to_atom37(result["final_atom14"], aatype)
+        result["single"] = s
+        return result
+
+    def layer(
+        self, s: Tensor, s_initial: Tensor, z: Tensor, frames: Rigid, aatype: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Rigid, dict[str, Tensor]]:
+        """One iteration of Alg. 20 (lines 6-10 and 11-14, plus Alg. 24): returns new s, frames, outputs."""
+        s = s + self.ipa(s, z, frames, mask)
+        s = self.ipa_norm(self.ipa_dropout(s))
+        s = self.transition(s)
+        update = self.backbone_update(s)
+        unnormalized, angles = self.angle_resnet(s, s_initial)
+        with fp32_island(s):
+            frames = frames.compose(update)
+            backbone = frames.scale_translation(self.cfg.position_scale)
+            groups = torsion_angles_to_frames(backbone, angles, aatype)
+            positions = frames_to_atom14(groups, aatype)
+        out = {
+            "frames": backbone.to_tensor_4x4(),
+            "sidechain_frames": groups.to_tensor_4x4(),
+            "unnormalized_angles": unnormalized,
+            "angles": angles,
+            "positions": positions,
+        }
+        return s, frames, out
+
+
+__all__ = ["AngleResnet", "BackboneUpdate", "InvariantPointAttention", "StructureModule", "StructureTransition"]
