@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from protfold.config import ModelConfig
-from protfold.model.structure import Linear
+from protfold.model.primitives import Linear
 
 
 class DistogramHead(nn.Module):

@@ -22,29 +22,7 @@ from protfold.geometry import (
     torsion_angles_to_frames,
 )
 from protfold.model.memory import fp32_island
-
-try:  # the shared AF2-initialised Linear; the private fallback below only until it lands
-    from protfold.model.primitives import Linear
-except ImportError:  # pragma: no cover - transitional
-
-    class Linear(nn.Linear):  # type: ignore[no-redef]
-        """nn.Linear with AF2 initialisers (supplement 1.11.4): default/relu (He), glorot, gating, final."""
-
-        def __init__(self, c_in: int, c_out: int, *, bias: bool = True, init: str = "default") -> None:
-            super().__init__(c_in, c_out, bias=bias)
-            with torch.no_grad():
-                if init in ("default", "relu"):
-                    scale = 1.0 if init == "default" else 2.0
-                    nn.init.trunc_normal_(self.weight, std=math.sqrt(scale / c_in) / 0.8796256610342398)
-                elif init == "glorot":
-                    nn.init.xavier_uniform_(self.weight)
-                elif init in ("gating", "final"):
-                    self.weight.zero_()
-                else:
-                    raise ValueError(f"unknown init {init!r}")
-                if bias:
-                    self.bias.fill_(1.0 if init == "gating" else 0.0)
-
+from protfold.model.primitives import Linear
 
 _MASK_LOGIT = -1e9  # fp32 logits only; a fully masked row becomes uniform, never NaN
 
