@@ -1,0 +1,103 @@
+"""The `protfold` command: `protfold <subcommand> ...`.
+
+Subcommands are a table of name -> handler(argv) -> exit code, so others can be added in one line.
+`fit`, `validate`, `test` and `predict` will be routed to LightningCLI, and `bench` to the memory-mode
+comparison; until those land they answer with a clear "not available yet" message.
+Heavy modules are imported inside the handlers, so `protfold --help` and `protfold prepare` stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[list[str]], int]
+
+
+def _prepare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="protfold prepare",
+        description="Parse structure files (+ MSAs) into the prepared cache: one .npz per protein chain, "
+        "plus report.tsv. Files that cannot be used are skipped with a reason.",
+    )
+    parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder searched recursively for .cif/.pdb/.ent(.gz)")
+    parser.add_argument("--out", required=True, metavar="CACHE_DIR", help="cache folder (created if needed)")
+    parser.add_argument("--msa-dir", metavar="MSA_DIR", help="MSAs in MSA_DIR/<pdb id>_<chain>/ (a3m, sto, fasta)")
+    parser.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
+    parser.add_argument("--strict", action="store_true", help="fail (exit 1) if any file is skipped or MSA rejected")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
+
+    from protfold.data.prepare import prepare
+    from protfold.errors import ProtfoldInputError
+
+    try:
+        report = prepare(
+            args.input_dir, args.out, msa_dir=args.msa_dir, workers=args.workers, strict=args.strict,
+            progress=False if args.no_progress else None,
+        )
+    except ProtfoldInputError as exc:
+        print(f"protfold prepare: {exc}", file=sys.stderr)
+        return 2
+    print(f"protfold prepare: {report.summary()}")
+    if report.n_ok == 0:
+        print("protfold prepare: nothing could be prepared", file=sys.stderr)
+    elif not report.succeeded:
+        print("protfold prepare: --strict: some input was skipped or rejected (see the report)", file=sys.stderr)
+    return 0 if report.succeeded else 1
+
+
+def _not_available(name: str, what: str) -> Handler:
+    def handler(argv: list[str]) -> int:
+        print(f"protfold {name}: not available yet ({what})", file=sys.stderr)
+        return 2
+
+    return handler
+
+
+_LIGHTNING = "will run LightningCLI once protfold.train lands"
+SUBCOMMANDS: dict[str, Handler] = {
+    "prepare": _prepare,
+    "fit": _not_available("fit", _LIGHTNING),
+    "validate": _not_available("validate", _LIGHTNING),
+    "test": _not_available("test", _LIGHTNING),
+    "predict": _not_available("predict", _LIGHTNING),
+    "bench": _not_available("bench", "the memory-mode comparison lands with protfold.bench"),
+}
+_HELP = {
+    "prepare": "structure files + MSAs -> prepared cache",
+    "fit": "train (LightningCLI)",
+    "validate": "validate a checkpoint (LightningCLI)",
+    "test": "test a checkpoint (LightningCLI)",
+    "predict": "predict structures (LightningCLI)",
+    "bench": "compare memory modes",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: protfold <subcommand> [args]  (protfold <subcommand> --help for its options)", "", "subcommands:"]
+    lines += [f"  {name:<10} {_HELP.get(name, '')}" for name in SUBCOMMANDS]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `protfold` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    handler = SUBCOMMANDS.get(name)
+    if handler is None:
+        print(f"protfold: unknown subcommand {name!r}; not available\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return handler(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
