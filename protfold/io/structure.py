@@ -478,20 +478,77 @@ def _align_seqres(path: Path, chain_id: str, names: list[str], residues: list[_R
             if np.array_equal(full_arr[idx], obs_arr):
                 return [int(i) for i in idx]
     logger.info("%s chain %s: numbering does not match SEQRES by an offset; aligning", path, chain_id)
+    positions = _place_segments(full, obs, residues)
+    if _identity(full, obs, positions) < 0.9:
+        positions = _pairwise_align(full, obs)
+    identity = _identity(full, obs, positions)
+    if identity < 0.9:
+        raise ProtfoldInputError(path, f"chain {chain_id}: SEQRES does not match the observed residues ({identity:.0%} identity)")
+    return [p if p is not None and full[p] == obs[q] else None for q, p in enumerate(positions)]
+
+
+def _identity(full: str, obs: str, positions: list[int | None]) -> float:
+    """Matching observed residues over all observed residues."""
+    return sum(p is not None and full[p] == obs[q] for q, p in enumerate(positions)) / max(len(obs), 1)
+
+
+def _place_segments(full: str, obs: str, residues: list[_Residue]) -> list[int | None]:
+    """Alignment that respects numbering: runs of consecutively numbered residues are placed unbroken, in
+    order and without overlap, maximising identity; among equal placements the one whose gap equals the
+    numbering jump wins. Dynamic programme over (segment, start), O(segments x L x segment length)."""
+    cuts = [0] + [
+        q for q in range(1, len(residues))
+        if not (residues[q].number - residues[q - 1].number == 1 or residues[q].icode or residues[q - 1].icode)
+    ] + [len(residues)]
+    segments = list(zip(cuts[:-1], cuts[1:]))
+    target = np.frombuffer(full.encode(), np.uint8)
+    query = np.frombuffer(obs.encode(), np.uint8)
+    bonus = 0.5 / len(segments)  # tie-break only: all bonuses together are worth less than one match
+    totals, backs = [], []
+    for k, (s, e) in enumerate(segments):
+        if e - s > len(target):
+            return [None] * len(residues)
+        score = (np.lib.stride_tricks.sliding_window_view(target, e - s) == query[s:e]).sum(axis=1).astype(float)
+        back = np.full(score.shape, -1)
+        if k > 0:
+            prev, prev_len = totals[-1], segments[k - 1][1] - segments[k - 1][0]
+            jump = residues[s].number - residues[s - 1].number - 1
+            best_idx = np.maximum.accumulate(np.where(prev == np.maximum.accumulate(prev), np.arange(prev.size), 0))
+            score_new = np.full(score.shape, -np.inf)
+            for p in range(score.size):
+                last = p - prev_len  # latest start of the previous segment
+                if last < 0:
+                    continue
+                cand, arg = prev[best_idx[min(last, prev.size - 1)]], best_idx[min(last, prev.size - 1)]
+                exact = last - jump
+                if 0 <= exact <= min(last, prev.size - 1) and prev[exact] + bonus > cand:
+                    cand, arg = prev[exact] + bonus, exact
+                score_new[p], back[p] = score[p] + cand, arg
+            score = score_new
+        totals.append(score)
+        backs.append(back)
+    positions: list[int | None] = [None] * len(residues)
+    start = int(np.argmax(totals[-1]))
+    if not np.isfinite(totals[-1][start]):
+        return positions
+    for k in range(len(segments) - 1, -1, -1):
+        s, e = segments[k]
+        positions[s:e] = range(start, start + e - s)
+        start = int(backs[k][start])
+    return positions
+
+
+def _pairwise_align(full: str, obs: str) -> list[int | None]:
+    """Global alignment, end gaps free; gaps in the observed residues cheap, gaps in SEQRES prohibitive."""
     aligner = PairwiseAligner(mode="global", match_score=1.0, mismatch_score=-1.0)
     aligner.target_gap_score = -100.0  # an observed residue absent from SEQRES
     aligner.query_internal_open_gap_score, aligner.query_internal_extend_gap_score = -3.0, -0.01
     aligner.query_end_gap_score = 0.0
     alignment = aligner.align(full, obs)[0]
-    positions: list[int | None] = [None] * len(residues)
-    for (t0, t1), (q0, q1) in zip(*alignment.aligned):
-        for k in range(t1 - t0):
-            positions[q0 + k] = t0 + k
-    pairs = [(full[p], obs[q]) for q, p in enumerate(positions) if p is not None]
-    identity = sum(a == b for a, b in pairs) / max(len(pairs), 1)
-    if identity < 0.9 or len(pairs) < 0.9 * len(residues):
-        raise ProtfoldInputError(path, f"chain {chain_id}: SEQRES does not match the observed residues ({identity:.0%} identity)")
-    return [p if p is not None and full[p] == obs[q] else None for q, p in enumerate(positions)]
+    positions: list[int | None] = [None] * len(obs)
+    for (t0, t1), (q0, _) in zip(*alignment.aligned):
+        positions[q0 : q0 + t1 - t0] = range(t0, t1)
+    return positions
 
 
 def _offset_candidates(numbers: np.ndarray, length: int) -> list[int]:
