@@ -1,0 +1,105 @@
+"""Input, relative-position, recycling and extra MSA embedders (AF2 supplement Alg. 3, 4, 32 and 1.7.1).
+
+Inputs from the data pipeline (batch dim B first): target_feat [B, N, 22], residue_index [B, N] (long),
+msa_feat [B, S, N, 49], extra_msa_feat [B, E, N, 25].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protfold.config import MemoryConfig, ModelConfig
+from protfold.model.primitives import Linear
+
+__all__ = ["ExtraMSAEmbedder", "InputEmbedder", "RecyclingEmbedder"]
+
+
+class InputEmbedder(nn.Module):
+    """AF2 supplement, Algorithm 3, with relative positions (Algorithm 4).
+
+    forward(target_feat [*, N, 22], residue_index [*, N], msa_feat [*, S, N, 49])
+      -> m [*, S, N, c_m], z [*, N, N, c_z].
+    """
+
+    def __init__(self, *, c_m: int, c_z: int, target_feat_dim: int = 22, msa_feat_dim: int = 49,
+                 max_relative_position: int = 32, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.max_rel = max_relative_position
+        self.linear_tf_z_i = Linear(target_feat_dim, c_z)
+        self.linear_tf_z_j = Linear(target_feat_dim, c_z)
+        self.linear_tf_m = Linear(target_feat_dim, c_m)
+        self.linear_msa_m = Linear(msa_feat_dim, c_m)
+        self.linear_relpos = Linear(2 * max_relative_position + 1, c_z)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, mem: MemoryConfig) -> InputEmbedder:
+        return cls(c_m=cfg.c_m, c_z=cfg.c_z, target_feat_dim=cfg.target_feat_dim, msa_feat_dim=cfg.msa_feat_dim,
+                   max_relative_position=cfg.max_relative_position, mem=mem)
+
+    def relpos(self, residue_index: Tensor) -> Tensor:
+        """Algorithm 4: one-hot of clip(r_i - r_j, -32, 32) (65 bins) -> Linear. [*, N] -> [*, N, N, c_z]."""
+        d = residue_index[..., :, None] - residue_index[..., None, :]
+        bins = torch.clamp(d, -self.max_rel, self.max_rel) + self.max_rel
+        # one_hot(bins) @ Wᵀ + b, read as a row lookup of Wᵀ: the [N, N, 65] one-hot is never built.
+        return F.embedding(bins.long(), self.linear_relpos.weight.t()) + self.linear_relpos.bias
+
+    def forward(self, target_feat: Tensor, residue_index: Tensor, msa_feat: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.linear_tf_z_i(target_feat), self.linear_tf_z_j(target_feat)
+        z = a[..., :, None, :] + b[..., None, :, :] + self.relpos(residue_index)
+        m = self.linear_msa_m(msa_feat) + self.linear_tf_m(target_feat)[..., None, :, :]
+        return m, z
+
+
+class RecyclingEmbedder(nn.Module):
+    """AF2 supplement, Algorithm 32.
+
+    forward(m0_prev [*, N, c_m] (row 0 of the previous m), z_prev [*, N, N, c_z], x_prev [*, N, 3]
+    (previous pseudo-beta positions, Angstrom)) -> (m0 update [*, N, c_m], z update [*, N, N, c_z]); the
+    caller adds them to m[..., 0, :, :] and z. Distances are binned at 15 lower edges evenly spaced from
+    3.25 to 20.75 A (the last bin open), so distances below 3.25 A fall in no bin.
+    """
+
+    def __init__(self, *, c_m: int, c_z: int, bins: int = 15, min_bin: float = 3.25, max_bin: float = 20.75,
+                 mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.norm_m = nn.LayerNorm(c_m)
+        self.norm_z = nn.LayerNorm(c_z)
+        self.linear_d = Linear(bins, c_z)
+        self.register_buffer("lower", torch.linspace(min_bin, max_bin, bins), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, mem: MemoryConfig) -> RecyclingEmbedder:
+        return cls(c_m=cfg.c_m, c_z=cfg.c_z, bins=cfg.recycle_bins, min_bin=cfg.recycle_min_bin,
+                   max_bin=cfg.recycle_max_bin, mem=mem)
+
+    def distogram(self, x: Tensor) -> Tensor:
+        """x: [*, N, 3] -> one-hot [*, N, N, bins] with lower_k < d < lower_{k+1} (squared, in fp32)."""
+        x = x.float()
+        d2 = (x[..., :, None, :] - x[..., None, :, :]).square().sum(-1, keepdim=True)
+        lower = self.lower.float().square()
+        upper = torch.cat([lower[1:], lower.new_full((1,), 1e8)])
+        return ((d2 > lower) & (d2 < upper)).to(x.dtype)
+
+    def forward(self, m0_prev: Tensor, z_prev: Tensor, x_prev: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.linear_d(self.distogram(x_prev)) + self.norm_z(z_prev)
+        return self.norm_m(m0_prev), z
+
+
+class ExtraMSAEmbedder(nn.Module):
+    """AF2 supplement, Algorithm 2 line 14: Linear(25 -> c_e). extra_msa_feat [*, E, N, 25] -> [*, E, N, c_e]."""
+
+    def __init__(self, *, c_e: int, extra_msa_feat_dim: int = 25, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.linear = Linear(extra_msa_feat_dim, c_e)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, mem: MemoryConfig) -> ExtraMSAEmbedder:
+        return cls(c_e=cfg.c_e, extra_msa_feat_dim=cfg.extra_msa_feat_dim, mem=mem)
+
+    def forward(self, extra_msa_feat: Tensor) -> Tensor:
+        return self.linear(extra_msa_feat)

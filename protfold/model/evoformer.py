@@ -1,0 +1,253 @@
+"""The Evoformer trunk: MSA attention, transitions, outer product mean, block and stacks (AF2 Alg. 6-10, 18, 19).
+
+Shapes: m [*, N_seq, N_res, c_m] (or c_e in the extra MSA stack), z [*, N_res, N_res, c_z],
+msa_mask [*, N_seq, N_res], pair_mask [*, N_res, N_res], masks float 0/1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from protfold.config import MemoryConfig, ModelConfig
+from protfold.model.memory import chunk_rows, recompute, run_blocks
+from protfold.model.primitives import Attention, GlobalAttention, Linear, row_attention
+from protfold.model.triangle import PairTransition, Transition, TriangleAttention, TriangleMultiplication
+
+__all__ = [
+    "EvoformerBlock",
+    "EvoformerStack",
+    "ExtraMSAStack",
+    "MSAColumnAttention",
+    "MSAColumnGlobalAttention",
+    "MSARowAttentionWithPairBias",
+    "MSATransition",
+    "OuterProductMean",
+    "SharedDropout",
+]
+
+
+class MSARowAttentionWithPairBias(nn.Module):
+    """AF2 supplement, Algorithm 7. m: [*, S, N, c_m], z: [*, N, N, c_z], msa_mask: [*, S, N] -> like m.
+
+    Chunked over MSA rows with `mem.msa_chunk`; the pair bias [*, H, N, N] is shared by all rows.
+    """
+
+    def __init__(self, *, c_m: int, c_z: int, n_heads: int, c_hidden: int, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.norm_m = nn.LayerNorm(c_m)
+        self.norm_z = nn.LayerNorm(c_z)
+        self.linear_z = Linear(c_z, n_heads, bias=False)
+        self.attention = Attention(c_q=c_m, c_kv=c_m, c_hidden=c_hidden, n_heads=n_heads, mem=mem)
+
+    def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor) -> Tensor:
+        bias = self.linear_z(self.norm_z(z)).movedim(-1, -3)  # [*, H, N, N]
+        return row_attention(self.norm_m, self.attention, m, msa_mask, bias, self.mem.msa_chunk)
+
+
+class MSAColumnAttention(nn.Module):
+    """AF2 supplement, Algorithm 8. m: [*, S, N, c_m], msa_mask: [*, S, N] -> like m. Chunked over columns."""
+
+    def __init__(self, *, c_m: int, n_heads: int, c_hidden: int, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.norm = nn.LayerNorm(c_m)
+        self.attention = Attention(c_q=c_m, c_kv=c_m, c_hidden=c_hidden, n_heads=n_heads, mem=mem)
+
+    def forward(self, m: Tensor, msa_mask: Tensor) -> Tensor:
+        m_t, mask_t = m.transpose(-2, -3), msa_mask.transpose(-1, -2)  # [*, N, S, c], [*, N, S]
+        return row_attention(self.norm, self.attention, m_t, mask_t, None, self.mem.msa_chunk).transpose(-2, -3)
+
+
+class MSAColumnGlobalAttention(nn.Module):
+    """AF2 supplement, Algorithm 19 applied to columns of the extra MSA. e: [*, E, N, c_e] -> like e."""
+
+    def __init__(self, *, c_m: int, n_heads: int, c_hidden: int, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.norm = nn.LayerNorm(c_m)
+        self.attention = GlobalAttention(c_in=c_m, c_hidden=c_hidden, n_heads=n_heads, mem=mem)
+
+    def _columns(self, m_t: Tensor, mask_t: Tensor) -> Tensor:
+        return self.attention(self.norm(m_t), mask_t)
+
+    def forward(self, m: Tensor, msa_mask: Tensor) -> Tensor:
+        m_t, mask_t = m.transpose(-2, -3), msa_mask.transpose(-1, -2)
+        return chunk_rows(self._columns, [m_t, mask_t], [-3, -2], self.mem.msa_chunk, out_dim=-3).transpose(-2, -3)
+
+
+class MSATransition(Transition):
+    """AF2 supplement, Algorithm 9. m: [*, S, N, c_m], msa_mask: [*, S, N] -> like m. Chunked over rows."""
+
+    def __init__(self, *, c_m: int, factor: int = 4, mem: MemoryConfig) -> None:
+        # AF2-DIFF: the output is multiplied by the MSA mask (padding rows stay zero), as in the pair transition.
+        super().__init__(c=c_m, factor=factor, chunk_field="msa_chunk", mem=mem)
+
+
+class OuterProductMean(nn.Module):
+    """AF2 supplement, Algorithm 10. m: [*, S, N, c_m], msa_mask: [*, S, N] -> [*, N, N, c_z].
+
+    The mean over S is taken over unmasked row pairs: sum_s a_si ⊗ b_sj, projected, then divided by
+    (1e-3 + sum_s mask_si mask_sj). Chunked over output rows i with `mem.pair_chunk`.
+    """
+
+    def __init__(self, *, c_m: int, c_z: int, c_hidden: int, mem: MemoryConfig, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.mem = mem
+        self.eps = eps
+        self.norm = nn.LayerNorm(c_m)
+        self.linear_a = Linear(c_m, c_hidden)
+        self.linear_b = Linear(c_m, c_hidden)
+        self.linear_o = Linear(c_hidden * c_hidden, c_z, init="final")
+
+    def _rows(self, a: Tensor, b: Tensor, count: Tensor) -> Tensor:
+        """a: [*, S, I, c] (a row chunk), b: [*, S, N, c], count: [*, I, N, 1] -> [*, I, N, c_z]"""
+        outer = torch.einsum("...sic,...sjd->...ijcd", a, b).flatten(-2)
+        return self.linear_o(outer) / (self.eps + count)
+
+    def forward(self, m: Tensor, msa_mask: Tensor) -> Tensor:
+        m = self.norm(m)
+        mask = msa_mask[..., None]
+        a, b = self.linear_a(m) * mask, self.linear_b(m) * mask
+        count = torch.einsum("...si,...sj->...ij", msa_mask, msa_mask)[..., None]
+        return chunk_rows(self._rows, [a, b, count], [-2, None, -3], self.mem.pair_chunk, out_dim=-3)
+
+
+class SharedDropout(nn.Module):
+    """Dropout with one mask shared along `shared_dim` (AF2 supplement 1.11.6).
+
+    shared_dim=-3 is AF2's DropoutRowwise (same mask for every row of m or z), -2 its DropoutColumnwise.
+    """
+
+    def __init__(self, p: float, *, shared_dim: int) -> None:
+        super().__init__()
+        self.p, self.shared_dim = p, shared_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        shape = list(x.shape)
+        shape[self.shared_dim] = 1
+        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+def _add(x: Tensor, update: Tensor, *, fresh: bool) -> Tensor:
+    """x + update; in place when grad is off and x was made inside this block (never the caller's tensor)."""
+    if fresh and not torch.is_grad_enabled():
+        return x.add_(update)
+    return x + update
+
+
+class EvoformerBlock(nn.Module):
+    """AF2 supplement, Algorithm 6; with global_column=True the extra MSA block of Algorithm 18.
+
+    forward(m [*, S, N, c_m], z [*, N, N, c_z], msa_mask [*, S, N], pair_mask [*, N, N]) -> (m, z).
+    With `mem.recompute_inside_block` each of the nine residual updates is recomputed in backward on its own.
+    """
+
+    def __init__(self, *, c_m: int, c_z: int, msa_heads: int, msa_head_dim: int, pair_heads: int,
+                 pair_head_dim: int, opm_hidden: int, tri_mul_hidden: int, transition_factor: int,
+                 msa_dropout: float, pair_dropout: float, global_column: bool = False, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.msa_row = MSARowAttentionWithPairBias(c_m=c_m, c_z=c_z, n_heads=msa_heads, c_hidden=msa_head_dim, mem=mem)
+        column = MSAColumnGlobalAttention if global_column else MSAColumnAttention
+        self.msa_col = column(c_m=c_m, n_heads=msa_heads, c_hidden=msa_head_dim, mem=mem)
+        self.msa_trans = MSATransition(c_m=c_m, factor=transition_factor, mem=mem)
+        self.opm = OuterProductMean(c_m=c_m, c_z=c_z, c_hidden=opm_hidden, mem=mem)
+        self.tri_mul_out = TriangleMultiplication(c_z=c_z, c_hidden=tri_mul_hidden, outgoing=True, mem=mem)
+        self.tri_mul_in = TriangleMultiplication(c_z=c_z, c_hidden=tri_mul_hidden, outgoing=False, mem=mem)
+        self.tri_att_start = TriangleAttention(c_z=c_z, c_hidden=pair_head_dim, n_heads=pair_heads, starting=True,
+                                               mem=mem)
+        self.tri_att_end = TriangleAttention(c_z=c_z, c_hidden=pair_head_dim, n_heads=pair_heads, starting=False,
+                                             mem=mem)
+        self.pair_trans = PairTransition(c_z=c_z, factor=transition_factor, mem=mem)
+        self.msa_dropout = SharedDropout(msa_dropout, shared_dim=-3)
+        self.pair_dropout_row = SharedDropout(pair_dropout, shared_dim=-3)
+        self.pair_dropout_col = SharedDropout(pair_dropout, shared_dim=-2)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, extra: bool = False, mem: MemoryConfig) -> EvoformerBlock:
+        """An Evoformer block (extra=False) or an extra MSA block (extra=True) sized by `cfg`."""
+        return cls(
+            c_m=cfg.c_e if extra else cfg.c_m, c_z=cfg.c_z,
+            msa_heads=cfg.extra_msa_heads if extra else cfg.msa_heads,
+            msa_head_dim=cfg.extra_msa_head_dim if extra else cfg.msa_head_dim,
+            pair_heads=cfg.pair_heads, pair_head_dim=cfg.pair_head_dim, opm_hidden=cfg.opm_hidden,
+            tri_mul_hidden=cfg.tri_mul_hidden, transition_factor=cfg.transition_factor,
+            msa_dropout=cfg.msa_dropout, pair_dropout=cfg.pair_dropout, global_column=extra, mem=mem,
+        )
+
+    def _msa_row_step(self, m: Tensor, z: Tensor, msa_mask: Tensor) -> Tensor:
+        return _add(m, self.msa_dropout(self.msa_row(m, z, msa_mask)), fresh=False)
+
+    def _msa_step(self, module: nn.Module, m: Tensor, msa_mask: Tensor) -> Tensor:
+        return _add(m, module(m, msa_mask), fresh=True)
+
+    def _opm_step(self, m: Tensor, z: Tensor, msa_mask: Tensor) -> Tensor:
+        return _add(z, self.opm(m, msa_mask), fresh=False)
+
+    def _pair_step(self, module: nn.Module, dropout: nn.Module, z: Tensor, pair_mask: Tensor) -> Tensor:
+        return _add(z, dropout(module(z, pair_mask)), fresh=True)
+
+    def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor) -> tuple[Tensor, Tensor]:
+        fine = self.mem.recompute_inside_block
+
+        def step(fn: Callable[..., Tensor], *args: object) -> Tensor:
+            return recompute(fn, *args, enabled=fine)
+
+        m = step(self._msa_row_step, m, z, msa_mask)
+        m = step(lambda m_, mask: self._msa_step(self.msa_col, m_, mask), m, msa_mask)
+        m = step(lambda m_, mask: self._msa_step(self.msa_trans, m_, mask), m, msa_mask)
+        z = step(self._opm_step, m, z, msa_mask)
+        for module, dropout in (
+            (self.tri_mul_out, self.pair_dropout_row),
+            (self.tri_mul_in, self.pair_dropout_col),
+            (self.tri_att_start, self.pair_dropout_row),
+            (self.tri_att_end, self.pair_dropout_col),
+            (self.pair_trans, None),
+        ):
+            z = step(lambda z_, mask, mod=module, drop=dropout: self._pair_step(mod, drop or nn.Identity(), z_, mask),
+                     z, pair_mask)
+        return m, z
+
+
+class EvoformerStack(nn.Module):
+    """AF2 supplement, Algorithm 6 repeated `cfg.n_evoformer_blocks` times, then the single projection.
+
+    forward(m [*, S, N, c_m], z [*, N, N, c_z], msa_mask [*, S, N], pair_mask [*, N, N])
+      -> (m [*, S, N, c_m], z [*, N, N, c_z], s [*, N, c_s]) with s = Linear(m[0]).
+    Block-level recompute every `mem.blocks_per_checkpoint` blocks (boundaries kept per `checkpoint_storage`).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.blocks = nn.ModuleList(EvoformerBlock.from_config(cfg, mem=mem) for _ in range(cfg.n_evoformer_blocks))
+        self.linear_s = Linear(cfg.c_m, cfg.c_s)
+
+    def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        m, z = run_blocks(list(self.blocks), (m, z), (msa_mask, pair_mask), self.mem)
+        return m, z, self.linear_s(m[..., 0, :, :])
+
+
+class ExtraMSAStack(nn.Module):
+    """AF2 supplement, Algorithm 18: `cfg.n_extra_msa_blocks` blocks with global column attention (Alg. 19).
+
+    forward(e [*, E, N, c_e] (from ExtraMSAEmbedder), z [*, N, N, c_z], extra_msa_mask [*, E, N],
+    pair_mask [*, N, N]) -> z. With `cfg.extra_msa_enabled=False` it has no blocks and returns z unchanged.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        n = cfg.n_extra_msa_blocks if cfg.extra_msa_enabled else 0
+        self.blocks = nn.ModuleList(EvoformerBlock.from_config(cfg, extra=True, mem=mem) for _ in range(n))
+
+    def forward(self, e: Tensor, z: Tensor, extra_msa_mask: Tensor, pair_mask: Tensor) -> Tensor:
+        _, z = run_blocks(list(self.blocks), (e, z), (extra_msa_mask, pair_mask), self.mem)
+        return z

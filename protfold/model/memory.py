@@ -1,0 +1,190 @@
+"""The few helpers that read `MemoryConfig`: chunking, recompute, checkpoint storage, fp32 islands.
+
+Every switch here trades speed for memory and never changes what the model computes (the one documented
+exception is `checkpoint_storage="bf16"`, see `boundary_storage`). Modules keep their `MemoryConfig` as an
+attribute and call these helpers one level deep; nothing here is a context manager set in `forward`, so a
+recompute in backward sees the same settings as the first forward.
+
+Chunking (`chunk_rows`): a row-independent function is applied to slices of its inputs along one dimension.
+Without grad the slices are written into one preallocated output, so only one chunk's intermediates live.
+With grad each chunk is wrapped in a non-reentrant checkpoint, so only the chunk *inputs* are kept for
+backward and, in backward, only one chunk's logits exist at a time. A tensor passed whole to every chunk
+(the pair bias shared by all MSA rows) receives its gradient as a sum accumulated chunk by chunk by autograd,
+never as a tensor at the full broadcast shape [N_seq, H, N_res, N_res].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from protfold.config import MemoryConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "boundary_storage",
+    "chunk_rows",
+    "fp32_island",
+    "recompute",
+    "run_blocks",
+    "saved_activation_bytes",
+]
+
+
+@contextlib.contextmanager
+def fp32_island(x: Tensor) -> Iterator[None]:
+    """Disable autocast for `x`'s own device type (never a hard-coded "cuda"); callers cast inputs with `.float()`."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        yield
+
+
+def recompute(fn: Callable[..., Any], *args: Any, enabled: bool = True) -> Any:
+    """`fn(*args)`, recomputed in backward instead of keeping its intermediates when `enabled` and grad is on.
+
+    Non-reentrant checkpoint with the RNG state preserved, so dropout inside `fn` draws the same mask again.
+    """
+    if not (enabled and torch.is_grad_enabled()):
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+def chunk_rows(
+    fn: Callable[..., Tensor],
+    args: Sequence[Tensor | None],
+    dims: Sequence[int | None],
+    chunk: int | None,
+    out_dim: int,
+) -> Tensor:
+    """Apply a row-independent `fn` to chunks of `args` along `dims` and join the results along `out_dim`.
+
+    `dims[i]` is the (negative) dimension of `args[i]` to slice, or None to pass that argument whole. With
+    `chunk=None` the call is plain `fn(*args)` (the reference path). Otherwise: with grad, one non-reentrant
+    checkpoint per chunk (only chunk inputs saved); without grad, results are copied into a preallocated output.
+    """
+    if chunk is None:
+        return fn(*args)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None and a is not None)
+    grad = torch.is_grad_enabled()
+    outs: list[Tensor] = []
+    out: Tensor | None = None
+    for start in range(0, size, chunk):
+        n = min(chunk, size - start)
+        part = [a if d is None or a is None else a.narrow(d, start, n) for a, d in zip(args, dims)]
+        if grad:
+            outs.append(recompute(fn, *part))
+            continue
+        res = fn(*part)
+        if out is None:
+            shape = list(res.shape)
+            shape[out_dim] = size
+            out = res.new_empty(shape)
+        out.narrow(out_dim, start, n).copy_(res)
+        del res
+    return torch.cat(outs, dim=out_dim) if grad else out  # type: ignore[return-value]
+
+
+def _pack_bf16(t: Tensor) -> Any:
+    if t.requires_grad and t.dtype == torch.float32:
+        return ("bf16", t.to(torch.bfloat16))
+    return ("ref", t)
+
+
+def _pack_cpu(t: Tensor) -> Any:
+    if t.requires_grad and t.device.type != "cpu":
+        host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, pin_memory=t.device.type == "cuda")
+        host.copy_(t, non_blocking=True)
+        return ("cpu", t.device, host)
+    return ("ref", t)
+
+
+def _unpack(packed: Any) -> Tensor:
+    if packed[0] == "bf16":
+        return packed[1].to(torch.float32)
+    if packed[0] == "cpu":
+        return packed[2].to(packed[1], non_blocking=True)
+    return packed[1]
+
+
+def boundary_storage(mem: MemoryConfig) -> contextlib.AbstractContextManager[Any]:
+    """How the inputs of a block-level checkpoint (the m, z boundaries) are kept until backward.
+
+    "fp32": as they are. "cpu": copied to (pinned) host memory and back, exact. "bf16": rounded to bfloat16.
+    Only tensors that require grad (the residual streams) are converted; masks stay references.
+
+    # AF2-DIFF: bf16 storage is the one switch that changes numbers: forward outputs are unchanged, but
+    # backward recomputes each segment from bf16-rounded m, z, so gradients differ by about bf16 precision
+    # (relative ~1e-2). Tested with that documented tolerance, not the fp32 1e-5.
+    """
+    if mem.checkpoint_storage == "bf16":
+        return torch.autograd.graph.saved_tensors_hooks(_pack_bf16, _unpack)
+    if mem.checkpoint_storage == "cpu":
+        return torch.autograd.graph.saved_tensors_hooks(_pack_cpu, _unpack)
+    return contextlib.nullcontext()
+
+
+def run_blocks(
+    blocks: Sequence[torch.nn.Module],
+    state: tuple[Tensor, ...],
+    extra: tuple[Any, ...],
+    mem: MemoryConfig,
+) -> tuple[Tensor, ...]:
+    """`state = block(*state, *extra)` for each block, recomputing every `mem.blocks_per_checkpoint` blocks.
+
+    Each segment of k blocks is one non-reentrant checkpoint: only the segment inputs (m, z, masks) are kept,
+    in the form chosen by `mem.checkpoint_storage`.
+    """
+    k = mem.blocks_per_checkpoint
+    if k is None or not torch.is_grad_enabled():
+        for block in blocks:
+            state = block(*state, *extra)
+        return state
+    n_state = len(state)
+
+    def segment(group: Sequence[torch.nn.Module]) -> Callable[..., tuple[Tensor, ...]]:
+        def run(*args: Any) -> tuple[Tensor, ...]:
+            s, e = tuple(args[:n_state]), tuple(args[n_state:])
+            for block in group:
+                s = block(*s, *e)
+            return s
+
+        return run
+
+    for start in range(0, len(blocks), k):
+        with boundary_storage(mem):
+            state = recompute(segment(blocks[start : start + k]), *state, *extra)
+    return state
+
+
+def _leaf_param_storage(t: Tensor) -> bool:
+    base = t._base if t._base is not None else t
+    return base.is_leaf and base.requires_grad
+
+
+def saved_activation_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of tensors that autograd keeps for backward while `fn()` runs (each storage counted once).
+
+    Storages of leaf tensors that require grad (parameters) are not counted. Tensors kept inside a
+    checkpoint are recomputed rather than kept, so they do not reach this hook and are not counted.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        if not _leaf_param_storage(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total

@@ -1,0 +1,234 @@
+"""Linear with AF2 initialisers, the one attention dispatch point, gated and global attention.
+
+Attention kernels (`MemoryConfig.attention`):
+  "naive": softmax(q kᵀ/√c + Σ biases) v with the logits and softmax in fp32.
+  "sdpa":  torch.nn.functional.scaled_dot_product_attention, biases summed into one float `attn_mask`.
+  "flex":  torch.nn.attention.flex_attention (compiled), each bias read in a `score_mod`, so a pair bias
+           broadcast over MSA rows gets its gradient accumulated without the [N_seq, H, N_res, N_res] tensor.
+           CUDA only; on other devices it logs a warning once and runs "naive".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protfold.config import MemoryConfig
+from protfold.model.memory import chunk_rows, fp32_island
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Attention", "GlobalAttention", "Linear", "attention", "mask_bias", "row_attention"]
+
+Init = Literal["default", "relu", "glorot", "gating", "final"]
+_TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
+INF = 1e9  # large finite negative logit for masked keys (a fully masked row stays finite)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the AF2 supplement's initialisers (section 1.11.4).
+
+    default: LeCun (fan-in) truncated normal; relu: He truncated normal; glorot: Xavier uniform;
+    gating: weight 0, bias 1; final: weight 0, bias 0. Biases start at 0 except for gating.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, init: Init = "default") -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.init = init
+        self._init_af2()
+
+    def _init_af2(self) -> None:
+        with torch.no_grad():
+            if self.init in ("default", "relu"):
+                scale = 2.0 if self.init == "relu" else 1.0
+                std = math.sqrt(scale / self.in_features) / _TRUNC_STD
+                nn.init.trunc_normal_(self.weight, std=std, a=-2.0 * std, b=2.0 * std)
+            elif self.init == "glorot":
+                nn.init.xavier_uniform_(self.weight)
+            elif self.init in ("gating", "final"):
+                self.weight.zero_()
+            else:
+                raise ValueError(f"unknown Linear init {self.init!r}")
+            if self.bias is not None:
+                self.bias.fill_(1.0 if self.init == "gating" else 0.0)
+
+
+def mask_bias(mask: Tensor) -> Tensor:
+    """Additive logit bias from a 0/1 key mask: 0 where kept, -1e9 where masked."""
+    return (mask - 1.0) * INF
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], mem: MemoryConfig) -> Tensor:
+    """softmax(q kᵀ / √c + Σ biases) v through the kernel chosen by `mem.attention`.
+
+    q: [*, H, Q, c], k and v: [*, H, K, c], each bias broadcastable to [*, H, Q, K] -> [*, H, Q, c].
+    q is scaled here (callers pass it unscaled).
+    """
+    if mem.attention == "sdpa":
+        return _sdpa_attention(q, k, v, biases)
+    if mem.attention == "flex":
+        if q.device.type == "cuda":
+            return _flex_attention(q, k, v, biases, compiled=True)
+        _warn_flex_fallback(q.device.type)
+    return _naive_attention(q, k, v, biases)
+
+
+def _naive_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -> Tensor:
+    # The q kᵀ product runs in the autocast dtype (tensor cores); logits, biases and softmax are fp32.
+    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    with fp32_island(logits):
+        logits = logits.float()
+        for b in biases:
+            logits = logits + b.float()
+        probs = torch.softmax(logits, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -> Tensor:
+    lead = q.shape[:-3]
+    mask = None
+    for b in biases:
+        mask = b if mask is None else mask + b
+    if mask is not None:
+        mask = mask.to(q.dtype).expand(*q.shape[:-1], k.shape[-2]).reshape(-1, *q.shape[-3:-1], k.shape[-2])
+    flat = [t.reshape(-1, *t.shape[-3:]) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*flat, attn_mask=mask)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+_flex_warned: set[str] = set()
+_flex_compiled: Callable[..., Tensor] | None = None
+
+
+def _warn_flex_fallback(device_type: str) -> None:
+    if device_type not in _flex_warned:
+        _flex_warned.add(device_type)
+        log.warning("MemoryConfig.attention='flex' needs CUDA; running the naive kernel on %s", device_type)
+
+
+def _bias_reader(bias: Tensor, full: Sequence[int]) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """A score_mod term reading `bias` (broadcastable to `full` = [*lead, H, Q, K]) at a flat batch index."""
+    bias = bias.reshape((1,) * (len(full) - bias.dim()) + tuple(bias.shape))
+    keep = [d for d in range(len(full)) if bias.shape[d] != 1]
+    view = bias.reshape([bias.shape[d] for d in keep])
+    lead = list(full[:-3])
+    strides = [math.prod(lead[d + 1 :]) for d in range(len(lead))]
+
+    def read(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        coords = [(b // strides[d]) % lead[d] for d in range(len(lead))] + [h, qi, ki]
+        return view[tuple(coords[d] for d in keep)]
+
+    return read
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], *, compiled: bool) -> Tensor:
+    """FlexAttention with every bias as a `score_mod` term (imported here: an optional fast kernel)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled and _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    kernel = _flex_compiled if compiled else flex_attention
+    lead = q.shape[:-3]
+    full = (*lead, q.shape[-3], q.shape[-2], k.shape[-2])
+    readers = [_bias_reader(b, full) for b in biases]
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        for read in readers:
+            score = score + read(b, h, qi, ki)
+        return score
+
+    dtype = q.dtype
+    flat = [t.to(dtype).reshape(-1, *t.shape[-3:]) for t in (q, k, v)]
+    out = kernel(*flat, score_mod=score_mod)  # type: ignore[misc]
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+class Attention(nn.Module):
+    """Gated multi-head attention, the core of AF2 supplement Algorithms 7, 8, 13 and 14.
+
+    q_x: [*, Q, c_q], kv_x: [*, K, c_kv], biases broadcastable to [*, H, Q, K] -> [*, Q, c_q].
+    q, k, v have no bias; the gate is Linear(init="gating") + sigmoid; the output projection is init "final".
+    """
+
+    def __init__(self, *, c_q: int, c_kv: int, c_hidden: int, n_heads: int, gating: bool = True,
+                 mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.c_hidden, self.n_heads = c_hidden, n_heads
+        self.linear_q = Linear(c_q, c_hidden * n_heads, bias=False, init="glorot")
+        self.linear_k = Linear(c_kv, c_hidden * n_heads, bias=False, init="glorot")
+        self.linear_v = Linear(c_kv, c_hidden * n_heads, bias=False, init="glorot")
+        self.linear_g = Linear(c_q, c_hidden * n_heads, init="gating") if gating else None
+        self.linear_o = Linear(c_hidden * n_heads, c_q, init="final")
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """[*, L, H*c] -> [*, H, L, c]"""
+        return x.unflatten(-1, (self.n_heads, self.c_hidden)).transpose(-2, -3)
+
+    def forward(self, q_x: Tensor, kv_x: Tensor, biases: Sequence[Tensor]) -> Tensor:
+        q, k, v = self._heads(self.linear_q(q_x)), self._heads(self.linear_k(kv_x)), self._heads(self.linear_v(kv_x))
+        o = attention(q, k, v, biases, self.mem).transpose(-2, -3).flatten(-2)  # [*, Q, H*c]
+        if self.linear_g is not None:
+            o = o * torch.sigmoid(self.linear_g(q_x))
+        return self.linear_o(o)
+
+
+class GlobalAttention(nn.Module):
+    """AF2 supplement, Algorithm 19 (global attention over one axis, used column-wise on the extra MSA).
+
+    x: [*, S, c_in], mask: [*, S] -> [*, S, c_in]. One query per column: the masked mean of x over S,
+    projected to H heads; keys and values are single-head; the output is gated per row s.
+    """
+
+    def __init__(self, *, c_in: int, c_hidden: int, n_heads: int, mem: MemoryConfig, eps: float = 1e-10) -> None:
+        super().__init__()
+        self.mem = mem
+        self.c_hidden, self.n_heads, self.eps = c_hidden, n_heads, eps
+        self.linear_q = Linear(c_in, c_hidden * n_heads, bias=False, init="glorot")
+        self.linear_k = Linear(c_in, c_hidden, bias=False, init="glorot")
+        self.linear_v = Linear(c_in, c_hidden, bias=False, init="glorot")
+        self.linear_g = Linear(c_in, c_hidden * n_heads, init="gating")
+        self.linear_o = Linear(c_hidden * n_heads, c_in, init="final")
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        mean = (x * mask[..., None]).sum(-2) / (mask.sum(-1)[..., None] + self.eps)  # [*, c_in]
+        q = self.linear_q(mean).unflatten(-1, (self.n_heads, 1, self.c_hidden))  # [*, H, 1, c]
+        k, v = self.linear_k(x)[..., None, :, :], self.linear_v(x)[..., None, :, :]  # [*, 1, S, c]
+        bias = mask_bias(mask)[..., None, None, :]  # [*, 1, 1, S]
+        # The logits are only [*, H, 1, S]: the fp32 naive kernel, whatever mem.attention says.
+        o = _naive_attention(q, k, v, [bias]).flatten(-3)  # [*, H*c]
+        g = torch.sigmoid(self.linear_g(x))  # [*, S, H*c]
+        return self.linear_o(g * o[..., None, :])
+
+
+def row_attention(
+    norm: nn.Module | None,
+    attn: Attention,
+    x: Tensor,
+    mask: Tensor,
+    pair_bias: Tensor | None,
+    chunk: int | None,
+) -> Tensor:
+    """Gated self-attention along each row of x, chunked over rows (Algorithms 7, 8, 13, 14 share this).
+
+    x: [*, R, L, c], mask: [*, R, L], pair_bias: [*, H, L, L] shared by all R rows, or None -> [*, R, L, c].
+    `norm` (a LayerNorm, or None when x is already normalised) runs inside each chunk. The pair bias is
+    handed whole to every chunk, so its gradient is accumulated chunk by chunk.
+    """
+
+    def run(x_c: Tensor, mask_c: Tensor, bias: Tensor | None) -> Tensor:
+        if norm is not None:
+            x_c = norm(x_c)
+        biases = [mask_bias(mask_c)[..., :, None, None, :]]  # [*, R, 1, 1, L]
+        if bias is not None:
+            biases.append(bias[..., None, :, :, :])  # [*, 1, H, L, L]
+        return attn(x_c, x_c, biases)
+
+    return chunk_rows(run, [x, mask, pair_bias], [-3, -2, None], chunk, out_dim=-3)

@@ -1,0 +1,170 @@
+"""Pair-stack updates: triangle multiplication (Alg. 11, 12), triangle attention (Alg. 13, 14), pair transition (15).
+
+Shapes: z [*, N_res, N_res, c_z], pair_mask [*, N_res, N_res] (float 0/1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protfold.config import MemoryConfig
+from protfold.model.memory import chunk_rows, fp32_island, recompute
+from protfold.model.primitives import Attention, Linear, row_attention
+
+__all__ = ["PairTransition", "TriangleAttention", "TriangleMultiplication", "Transition"]
+
+_CHANNEL_CHUNKS = 4  # low-memory triangle multiplication: hidden channels are processed in this many slices
+_ROW_CHUNKS = 4  # ... and rows of z in this many slices when MemoryConfig.pair_chunk is unset
+
+
+class Transition(nn.Module):
+    """LayerNorm -> Linear(c, f*c, relu init) -> ReLU -> Linear(f*c, c, final init), times the mask.
+
+    Rows are independent, so chunking over dim -3 is exact. x: [*, R, L, c], mask: [*, R, L] -> [*, R, L, c].
+    `chunk_field` names the MemoryConfig field giving the rows per chunk ("msa_chunk" or "pair_chunk").
+    """
+
+    def __init__(self, *, c: int, factor: int, chunk_field: str, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.chunk_field = chunk_field
+        self.norm = nn.LayerNorm(c)
+        self.up = Linear(c, factor * c, init="relu")
+        self.down = Linear(factor * c, c, init="final")
+
+    def _rows(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.down(torch.relu(self.up(self.norm(x)))) * mask[..., None]
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        chunk = getattr(self.mem, self.chunk_field)
+        return chunk_rows(self._rows, [x, mask], [-3, -2], chunk, out_dim=-3)
+
+
+class PairTransition(Transition):
+    """AF2 supplement, Algorithm 15. z: [*, N_res, N_res, c_z], pair_mask: [*, N_res, N_res] -> like z."""
+
+    def __init__(self, *, c_z: int, factor: int = 4, mem: MemoryConfig) -> None:
+        super().__init__(c=c_z, factor=factor, chunk_field="pair_chunk", mem=mem)
+
+
+class TriangleMultiplication(nn.Module):
+    """AF2 supplement, Algorithm 11 (outgoing=True) and Algorithm 12 (outgoing=False).
+
+    z: [*, N_res, N_res, c_z], pair_mask: [*, N_res, N_res] -> [*, N_res, N_res, c_z]. The sum over the
+    third edge k runs in fp32 (`fp32_island`) whatever the autocast dtype.
+
+    With `mem.low_memory_triangle`: in training the whole update is recomputed in backward (only z is kept),
+    and inside it the [N, N, c_hidden] projections and gates are made one channel slice at a time and
+    recomputed per slice, the output gate per row chunk. Without grad: a, b are built one channel slice at
+    a time from row chunks of z, and the output overwrites the combined-edge tensor row chunk by row chunk,
+    so the peak is about z + x + two channel slices, near 2.5x the pair tensor when c_hidden = c_z.
+    """
+
+    def __init__(self, *, c_z: int, c_hidden: int, outgoing: bool, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.outgoing, self.c_hidden = outgoing, c_hidden
+        self.norm_in = nn.LayerNorm(c_z)
+        self.linear_a_p = Linear(c_z, c_hidden)
+        self.linear_a_g = Linear(c_z, c_hidden, init="gating")
+        self.linear_b_p = Linear(c_z, c_hidden)
+        self.linear_b_g = Linear(c_z, c_hidden, init="gating")
+        self.linear_g = Linear(c_z, c_z, init="gating")
+        self.norm_out = nn.LayerNorm(c_hidden)
+        self.linear_o = Linear(c_hidden, c_z, init="final")
+
+    def forward(self, z: Tensor, pair_mask: Tensor) -> Tensor:
+        if not self.mem.low_memory_triangle:
+            z_ln = self.norm_in(z)
+            x = self._combine(self._project(z_ln, pair_mask, "a"), self._project(z_ln, pair_mask, "b"))
+            return self._finish(z_ln, x)
+        if torch.is_grad_enabled():
+            return recompute(self._low_memory_train, z, pair_mask)
+        return self._low_memory_infer(z, pair_mask)
+
+    def _project(self, z_ln: Tensor, pair_mask: Tensor, edge: str, sl: slice = slice(None)) -> Tensor:
+        """sigmoid(Linear_g(z)) * Linear_p(z) * mask for hidden channels `sl` of edge "a" or "b"."""
+        p, g = (self.linear_a_p, self.linear_a_g) if edge == "a" else (self.linear_b_p, self.linear_b_g)
+        gate = torch.sigmoid(F.linear(z_ln, g.weight[sl], g.bias[sl]))
+        return gate * F.linear(z_ln, p.weight[sl], p.bias[sl]) * pair_mask[..., None]
+
+    def _combine(self, a: Tensor, b: Tensor) -> Tensor:
+        """Outgoing: x_ij = sum_k a_ik b_jk; incoming: x_ij = sum_k a_ki b_kj. [*, N, N, c] each, fp32 sum."""
+        eq = "...ikc,...jkc->...ijc" if self.outgoing else "...kic,...kjc->...ijc"
+        with fp32_island(a):
+            x = torch.einsum(eq, a.float(), b.float())
+        return x.to(a.dtype)
+
+    def _finish(self, z_ln: Tensor, x: Tensor) -> Tensor:
+        """sigmoid(Linear_g(LN(z))) * Linear_o(LN(x)), per position (rows independent)."""
+        return torch.sigmoid(self.linear_g(z_ln)) * self.linear_o(self.norm_out(x))
+
+    def _slices(self) -> list[slice]:
+        step = max(1, -(-self.c_hidden // _CHANNEL_CHUNKS))
+        return [slice(s, min(s + step, self.c_hidden)) for s in range(0, self.c_hidden, step)]
+
+    def _row_chunk(self, n: int) -> int:
+        return self.mem.pair_chunk or max(1, -(-n // _ROW_CHUNKS))
+
+    def _channels(self, z_ln: Tensor, pair_mask: Tensor, start: int, stop: int) -> Tensor:
+        sl = slice(start, stop)
+        return self._combine(self._project(z_ln, pair_mask, "a", sl), self._project(z_ln, pair_mask, "b", sl))
+
+    def _low_memory_train(self, z: Tensor, pair_mask: Tensor) -> Tensor:
+        z_ln = self.norm_in(z)
+        parts = [recompute(self._channels, z_ln, pair_mask, sl.start, sl.stop) for sl in self._slices()]
+        x = torch.cat(parts, dim=-1)
+        return chunk_rows(self._finish, [z_ln, x], [-3, -3], self._row_chunk(z.shape[-3]), out_dim=-3)
+
+    def _low_memory_infer(self, z: Tensor, pair_mask: Tensor) -> Tensor:
+        rows = self._row_chunk(z.shape[-3])
+        x: Tensor | None = None
+        for sl in self._slices():
+            a, b = (
+                chunk_rows(lambda zr, mr, e=edge: self._project(self.norm_in(zr), mr, e, sl), [z, pair_mask],
+                           [-3, -2], rows, out_dim=-3)
+                for edge in ("a", "b")
+            )
+            part = self._combine(a, b)
+            del a, b
+            if x is None:
+                x = part.new_empty(*part.shape[:-1], self.c_hidden)
+            x[..., sl] = part
+            del part
+        assert x is not None
+        same = x.shape[-1] == z.shape[-1]
+        out = x if same else None  # the output overwrites x row chunk by row chunk when widths agree
+        for start in range(0, z.shape[-3], rows):
+            n = min(rows, z.shape[-3] - start)
+            res = self._finish(self.norm_in(z.narrow(-3, start, n)), x.narrow(-3, start, n))
+            if out is None:
+                out = res.new_empty(z.shape)
+            out.narrow(-3, start, n).copy_(res)
+        return out  # type: ignore[return-value]
+
+
+class TriangleAttention(nn.Module):
+    """AF2 supplement, Algorithm 13 (starting=True) and Algorithm 14 (starting=False, around the ending node).
+
+    z: [*, N_res, N_res, c_z], pair_mask: [*, N_res, N_res] -> [*, N_res, N_res, c_z]. The ending-node
+    form is the starting-node form on zᵀ. Chunked over rows i with `mem.pair_chunk`; the bias b_jk from
+    z is shared by all rows, and its gradient is accumulated across chunks.
+    """
+
+    def __init__(self, *, c_z: int, c_hidden: int, n_heads: int, starting: bool, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.mem = mem
+        self.starting = starting
+        self.norm = nn.LayerNorm(c_z)
+        self.linear_b = Linear(c_z, n_heads, bias=False)
+        self.attention = Attention(c_q=c_z, c_kv=c_z, c_hidden=c_hidden, n_heads=n_heads, mem=mem)
+
+    def forward(self, z: Tensor, pair_mask: Tensor) -> Tensor:
+        if not self.starting:
+            z, pair_mask = z.transpose(-2, -3), pair_mask.transpose(-1, -2)
+        z_ln = self.norm(z)
+        bias = self.linear_b(z_ln).movedim(-1, -3)  # [*, H, N, N]
+        out = row_attention(None, self.attention, z_ln, pair_mask, bias, self.mem.pair_chunk)
+        return out if self.starting else out.transpose(-2, -3)
