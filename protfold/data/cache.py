@@ -13,6 +13,7 @@ Keys of an entry (what `read_entry` returns; L residues, N_msa alignment rows, r
   deletion_matrix     int32   [N_msa, L]
   method, source      str     experimental method, structure file the entry came from
   msa_files           list[str] alignment files merged into `msa` (empty without MSA)
+  msa_rejected        list[str] alignment files left out, each 'file: reason'
   fingerprint         str     what `prepare` compares on re-runs (structure file size/mtime, MSA files)
 
 On disk the mask is uint8, residue_index int32 and deletion_matrix the smallest unsigned type that
@@ -47,7 +48,8 @@ SUFFIX = ".npz"
 _TMP_PREFIX = ".tmp-"
 _ARRAY_KEYS = ("aatype", "all_atom_positions", "all_atom_mask", "residue_index", "msa", "deletion_matrix")
 _STR_KEYS = ("id", "sequence", "method", "source", "fingerprint")
-_ON_DISK_KEYS = _ARRAY_KEYS + _STR_KEYS + ("resolution", "msa_files", "cache_version")
+_LIST_KEYS = ("msa_files", "msa_rejected")
+_ON_DISK_KEYS = _ARRAY_KEYS + _STR_KEYS + _LIST_KEYS + ("resolution", "cache_version")
 
 # byte value of an upper-case alignment letter or '-' -> MSA class id (others -> X)
 _MSA_LUT = np.array([rc.msa_letter_to_id(chr(b)) for b in range(256)], dtype=np.int8)
@@ -89,6 +91,7 @@ def make_entry(
     method: str = "",
     source: str = "",
     msa_files: list[str] | None = None,
+    msa_rejected: list[str] | None = None,
     fingerprint: str = "",
 ) -> dict[str, Any]:
     """An entry dict in the in-memory dtypes; without `msa` the query alone is the alignment."""
@@ -111,6 +114,7 @@ def make_entry(
         "method": method,
         "source": source,
         "msa_files": list(msa_files or []),
+        "msa_rejected": list(msa_rejected or []),
         "fingerprint": fingerprint,
     }
     _check_shapes(entry, source or entry_id)
@@ -189,6 +193,7 @@ def _to_disk(entry: dict[str, Any]) -> dict[str, np.ndarray]:
         "method": np.array(entry.get("method", "")),
         "source": np.array(entry.get("source", "")),
         "msa_files": np.array(json.dumps(list(entry.get("msa_files", [])))),
+        "msa_rejected": np.array(json.dumps(list(entry.get("msa_rejected", [])))),
         "fingerprint": np.array(entry.get("fingerprint", "")),
         "cache_version": np.array(CACHE_VERSION, dtype=np.int32),
     }
@@ -211,7 +216,7 @@ def _from_disk(raw: dict[str, np.ndarray]) -> dict[str, Any]:
             entry[key] = str(value)
         elif key == "resolution":
             entry[key] = np.float32(value)
-        elif key == "msa_files":
+        elif key in _LIST_KEYS:
             entry[key] = list(json.loads(str(value)))
     return entry
 

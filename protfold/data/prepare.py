@@ -66,7 +66,7 @@ class PrepareReport:
 
     @property
     def n_cached(self) -> int:
-        return sum(r["status"] == OK and r["reason"] == CACHED for r in self.rows)
+        return sum(r["status"] == OK and r["reason"].startswith(CACHED) for r in self.rows)
 
     @property
     def n_skipped(self) -> int:
@@ -247,16 +247,19 @@ def _prepare_chain(chain, chains, rel: str, file_stamp: str, out_dir: str, msa_d
     row = _ok_row(rel, chain)
     if target.exists():
         try:
-            previous = cache.read_entry(target, keys=("fingerprint", "msa_files", "msa"))
+            previous = cache.read_entry(target, keys=("fingerprint", "msa_files", "msa_rejected", "msa"))
         except ProtfoldInputError:
             previous = None  # unreadable: prepare it again
         if previous is not None and previous["fingerprint"] == fingerprint:
-            row.update(reason=CACHED, msa_depth=len(previous["msa"]), msa_files=";".join(previous["msa_files"]))
+            rejected = previous["msa_rejected"]
+            reason = "; ".join([CACHED] + [f"MSA rejected: {r}" for r in rejected])
+            row.update(reason=reason, msa_depth=len(previous["msa"]), msa_files=";".join(previous["msa_files"]))
+            row["_rejected"] = rejected
             return row
     notes, rejected = [], []
     msa, deletions, used = None, None, []
     if msa_paths:
-        msa, deletions, used, rejected = _load_msas(chain.sequence, msa_paths)
+        msa, deletions, used, rejected = _load_msas(chain.sequence, msa_paths, msa_dir)
         if borrowed_from and used:
             notes.append(f"MSA of {borrowed_from} (identical sequence)")
     entry = cache.make_entry(
@@ -272,6 +275,7 @@ def _prepare_chain(chain, chains, rel: str, file_stamp: str, out_dir: str, msa_d
         method=chain.method,
         source=rel,
         msa_files=[_display(p, msa_dir) for p in used],
+        msa_rejected=rejected,
         fingerprint=fingerprint,
     )
     cache.write_entry(out_dir, entry)
@@ -302,7 +306,7 @@ def _msa_files(folder: Path | None) -> list[Path]:
     return sorted(Path(p) for p in find_msa_files(folder))
 
 
-def _load_msas(query: str, paths: list[Path]) -> tuple[np.ndarray | None, np.ndarray | None, list[Path], list[str]]:
+def _load_msas(query: str, paths: list[Path], msa_dir: str | None) -> tuple[np.ndarray | None, np.ndarray | None, list[Path], list[str]]:
     """Merge the usable MSA files; a file the MSA reader rejects is dropped and the rest retried.
 
     Returns (msa int8 [N, L] or None, deletion_matrix int32 [N, L] or None, files used, rejection reasons).
@@ -316,9 +320,9 @@ def _load_msas(query: str, paths: list[Path]) -> tuple[np.ndarray | None, np.nda
         except ProtfoldInputError as exc:
             bad = next((p for p in remaining if os.path.samefile(p, exc.path)), None) if os.path.exists(exc.path) else None
             if bad is None:  # the error does not name one file: none of them can be trusted
-                rejected += [f"{p.name}: {exc.reason}" for p in remaining]
+                rejected += [f"{_display(p, msa_dir)}: {exc.reason}" for p in remaining]
                 return None, None, [], rejected
-            rejected.append(f"{bad.name}: {exc.reason}")
+            rejected.append(f"{_display(bad, msa_dir)}: {exc.reason}")
             remaining.remove(bad)
             continue
         ids = cache.msa_to_ids(list(msa.sequences), len(query))

@@ -1,0 +1,90 @@
+"""Shared fixtures for the whole test suite."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# ------------------------------------------------------------------ prepared sample cache (data/prepare)
+
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
+
+
+@dataclass(frozen=True)
+class PreparedSamples:
+    """The shipped samples run once through `protfold prepare` (the console command, in a subprocess)."""
+
+    cache_dir: Path
+    elapsed_s: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_protfold(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `protfold` command (the installed console script, else `python -m protfold.cli`)."""
+    exe = shutil.which("protfold")
+    cmd = [exe] if exe else [sys.executable, "-m", "protfold.cli"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def prepared_samples(tmp_path_factory: pytest.TempPathFactory) -> PreparedSamples:
+    """`protfold prepare data/samples --out CACHE --msa-dir data/samples/msas`, once per session."""
+    cache_dir = tmp_path_factory.mktemp("prepared_samples")
+    start = time.perf_counter()
+    proc = run_protfold("prepare", SAMPLES_DIR, "--out", cache_dir, "--msa-dir", SAMPLES_DIR / "msas")
+    elapsed = time.perf_counter() - start
+    return PreparedSamples(cache_dir, elapsed, proc.returncode, proc.stdout, proc.stderr)
+
+
+# Bad inputs added to a copy of the samples: file (relative to the input or MSA root) -> what is wrong.
+BAD_STRUCTURES = {
+    "bad/empty.cif": "empty file",
+    "bad/truncated.cif": "mmCIF cut in the middle of the atom table",
+    "bad/garbage.pdb.gz": "binary garbage",
+    "bad/dnaonly.pdb": "DNA-only structure",
+    "bad/noatoms.cif": "mmCIF without atom records",
+}
+BAD_MSAS = {
+    "1aki_A/other_query.a3m": "query of another protein",
+    "1psm_A/zz_malformed.a3m": "record without sequence",
+}
+
+
+def make_bad_input_tree(root: Path) -> tuple[Path, Path]:
+    """Copy the samples to root/input and root/msas and add BAD_STRUCTURES and BAD_MSAS; returns both roots."""
+    inputs, msas = root / "input", root / "msas"
+    shutil.copytree(SAMPLES_DIR / "mmcif", inputs / "mmcif")
+    shutil.copytree(SAMPLES_DIR / "pdb", inputs / "pdb")
+    shutil.copytree(SAMPLES_DIR / "msas", msas)
+    (inputs / "bad").mkdir()
+    (inputs / "bad/empty.cif").write_bytes(b"")
+    text = (SAMPLES_DIR / "mmcif/1aki.cif").read_text()
+    start = text.index("_atom_site.")
+    atom_rows = text.index("\nATOM", start)
+    cut = atom_rows + (len(text) - atom_rows) // 2
+    (inputs / "bad/truncated.cif").write_text(text[:cut])  # mid-row, mid-table
+    (inputs / "bad/garbage.pdb.gz").write_bytes(bytes(range(256)) * 40)
+    dna = [
+        "HEADER    DNA                                     01-JAN-00   9DNA              ",
+        "SEQRES   1 B    3   DA  DC  DG",
+    ]
+    for i, (res, x) in enumerate((("DA", 0.0), ("DC", 6.0), ("DG", 12.0)), start=1):
+        for j, atom in enumerate(("P", "C1'", "N1")):
+            serial = 3 * (i - 1) + j + 1
+            dna.append(
+                f"ATOM  {serial:5d}  {atom:<3s} {res:>3s} B{i:4d}    {x + j:8.3f}{1.0:8.3f}{2.0:8.3f}  1.00 20.00           {atom[0]}"
+            )
+    (inputs / "bad/dnaonly.pdb").write_text("\n".join(dna + ["END", ""]))
+    (inputs / "bad/noatoms.cif").write_text(text[: text.index("loop_\n_atom_site.")] + "#\n")
+    (msas / "1aki_A").mkdir()
+    (msas / "1aki_A/other_query.a3m").write_text(">query\nMKTAYIAKQRQISFVKSHFSRQ\n>hit\nMKTAYIAKQRQISFVKSHFSRQ\n")
+    (msas / "1psm_A/zz_malformed.a3m").write_text(">query\n>hit without a sequence line\n")
+    return inputs, msas
