@@ -35,14 +35,20 @@ __all__ = [
     "recompute",
     "run_blocks",
     "saved_activation_bytes",
+    "upcast",
 ]
 
 
 @contextlib.contextmanager
 def fp32_island(x: Tensor) -> Iterator[None]:
-    """Disable autocast for `x`'s own device type (never a hard-coded "cuda"); callers cast inputs with `.float()`."""
+    """Disable autocast for `x`'s own device type (never a hard-coded "cuda"); callers cast inputs with `upcast`."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         yield
+
+
+def upcast(x: Tensor) -> Tensor:
+    """x in at least fp32 (half types become fp32; fp32 and fp64 are kept, so float64 gradchecks stay exact)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def recompute(fn: Callable[..., Any], *args: Any, enabled: bool = True) -> Any:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protfold.config import MemoryConfig
-from protfold.model.memory import chunk_rows, fp32_island
+from protfold.model.memory import chunk_rows, fp32_island, upcast
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ def _naive_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) 
     # The q kᵀ product runs in the autocast dtype (tensor cores); logits, biases and softmax are fp32.
     logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     with fp32_island(logits):
-        logits = logits.float()
+        logits = upcast(logits)
         for b in biases:
-            logits = logits + b.float()
+            logits = logits + upcast(b)
         probs = torch.softmax(logits, dim=-1)
     return torch.matmul(probs.to(v.dtype), v)
 

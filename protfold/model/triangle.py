@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protfold.config import MemoryConfig
-from protfold.model.memory import chunk_rows, fp32_island, recompute
+from protfold.model.memory import chunk_rows, fp32_island, recompute, upcast
 from protfold.model.primitives import Attention, Linear, row_attention
 
 __all__ = ["PairTransition", "TriangleAttention", "TriangleMultiplication", "Transition"]
@@ -94,7 +94,7 @@ class TriangleMultiplication(nn.Module):
         """Outgoing: x_ij = sum_k a_ik b_jk; incoming: x_ij = sum_k a_ki b_kj. [*, N, N, c] each, fp32 sum."""
         eq = "...ikc,...jkc->...ijc" if self.outgoing else "...kic,...kjc->...ijc"
         with fp32_island(a):
-            x = torch.einsum(eq, a.float(), b.float())
+            x = torch.einsum(eq, upcast(a), upcast(b))
         return x.to(a.dtype)
 
     def _finish(self, z_ln: Tensor, x: Tensor) -> Tensor:

@@ -1,0 +1,179 @@
+"""Linear initialisers, the attention dispatch point (naive / sdpa / flex), Attention, GlobalAttention, fp32 island."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import pytest
+import torch
+
+from protfold.config import MemoryConfig
+from protfold.model import primitives
+from protfold.model.memory import fp32_island
+from protfold.model.primitives import Attention, GlobalAttention, Linear, attention, mask_bias
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# ------------------------------------------------------------------ Linear
+
+
+def test_linear_inits() -> None:
+    final = Linear(9, 5, init="final")
+    assert final.weight.abs().sum() == 0 and final.bias.abs().sum() == 0
+    gating = Linear(9, 5, init="gating")
+    assert gating.weight.abs().sum() == 0 and torch.equal(gating.bias, torch.ones(5))
+    assert Linear(9, 5, bias=False).bias is None
+    for init, scale in (("default", 1.0), ("relu", 2.0)):
+        layer = Linear(400, 300, init=init)
+        assert layer.bias.abs().sum() == 0
+        # the truncated normal is rescaled so that the std is sqrt(scale / fan_in)
+        assert layer.weight.std().item() == pytest.approx(math.sqrt(scale / 400), rel=0.05)
+        assert layer.weight.abs().max() <= 2 * math.sqrt(scale / 400) / 0.8796 + 1e-6
+    glorot = Linear(400, 300, init="glorot")
+    assert glorot.weight.abs().max() <= math.sqrt(6 / 700) + 1e-6
+    with pytest.raises(ValueError, match="unknown Linear init"):
+        Linear(3, 3, init="nope")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ attention dispatch
+
+
+def _reference(q, k, v, biases):
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    for b in biases:
+        logits = logits + b
+    return torch.softmax(logits, -1) @ v
+
+
+def _attention_inputs(mask_factory, dtype=torch.float32):
+    """MSA-row-attention-like shapes: [B, S, H, Q, c]; a mask bias per row and a pair bias shared by rows."""
+    B, S, H, N, c = 2, 5, 3, 7, 4
+    q, k, v = (torch.randn(B, S, H, N, c, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = mask_factory(B, S, N).to(dtype)
+    pair = torch.randn(B, 1, H, N, N, dtype=dtype, requires_grad=True)
+    return q, k, v, [mask_bias(mask)[:, :, None, None, :], pair], mask
+
+
+def test_naive_attention_matches_reference_and_masks_keys(mask_factory) -> None:
+    q, k, v, biases, mask = _attention_inputs(mask_factory)
+    out = attention(q, k, v, biases, MemoryConfig())
+    torch.testing.assert_close(out, _reference(q, k, v, biases), rtol=RTOL, atol=ATOL)
+    # values at masked key positions must not matter
+    v2 = v.detach().clone()
+    v2[mask[:, :, None, :].expand_as(v2[..., 0]) == 0] = 1e3
+    out2 = attention(q, k, v2, biases, MemoryConfig())
+    torch.testing.assert_close(out2, out, rtol=RTOL, atol=1e-5)
+
+
+def _out_and_grads(kind, q, k, v, biases):
+    for t in (q, k, v, biases[1]):
+        t.grad = None
+    out = attention(q, k, v, biases, MemoryConfig(attention=kind))
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), [t.grad.clone() for t in (q, k, v, biases[1])]
+
+
+def test_sdpa_matches_naive_including_pair_bias_gradient(mask_factory) -> None:
+    q, k, v, biases, _ = _attention_inputs(mask_factory)
+    ref, ref_grads = _out_and_grads("naive", q, k, v, biases)
+    out, grads = _out_and_grads("sdpa", q, k, v, biases)
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    for name, g, r in zip("qkvb", grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=name)
+    assert grads[3].shape == (2, 1, 3, 7, 7)  # the broadcast pair bias keeps its own shape
+
+
+def test_sdpa_without_bias_and_in_4d(mask_factory) -> None:
+    q, k, v = (torch.randn(3, 2, 5, 4) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, [], MemoryConfig(attention="sdpa")), _reference(q, k, v, []),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_flex_falls_back_on_cpu_with_a_warning(mask_factory, caplog) -> None:
+    q, k, v, biases, _ = _attention_inputs(mask_factory)
+    primitives._flex_warned.clear()
+    with caplog.at_level(logging.WARNING, logger="protfold.model.primitives"):
+        out = attention(q, k, v, biases, MemoryConfig(attention="flex"))
+    assert "needs CUDA" in caplog.text
+    torch.testing.assert_close(out, attention(q, k, v, biases, MemoryConfig()), rtol=0, atol=0)
+
+
+def test_flex_kernel_eager_matches_naive(mask_factory) -> None:
+    """The flex path itself, eager (what CPU can run): bias indexing and the broadcast pair bias gradient.
+
+    CPU FlexAttention has no backward for q, k, v, so only the bias requires grad here.
+    """
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v, biases, _ = _attention_inputs(mask_factory)
+    q, k, v = (t.detach() for t in (q, k, v))
+    grads = []
+    for run in (lambda: attention(q, k, v, biases, MemoryConfig()),
+                lambda: primitives._flex_attention(q, k, v, biases, compiled=False)):
+        biases[1].grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+            out = run()
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((out.detach(), biases[1].grad.clone()))
+    (ref, ref_grad), (got, got_grad) = grads
+    torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=RTOL, atol=ATOL)
+    assert got_grad.shape == (2, 1, 3, 7, 7)
+
+
+def test_logits_are_fp32_under_autocast() -> None:
+    """Under bf16 autocast the softmax sees fp32 logits (checked through the island's dtype)."""
+    x = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+        with fp32_island(x):
+            assert (x @ x).dtype == torch.float32
+        q = torch.randn(2, 3, 5, 4).to(torch.bfloat16)
+        out = attention(q, q, q, [torch.zeros(3, 5, 5)], MemoryConfig())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _reference(q.float(), q.float(), q.float(), []), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------ modules
+
+
+def test_attention_module_contract(mask_factory) -> None:
+    att = Attention(c_q=6, c_kv=5, c_hidden=3, n_heads=2, mem=MemoryConfig())
+    assert att.linear_o.weight.abs().sum() == 0  # final init: the block starts as identity
+    torch.nn.init.normal_(att.linear_o.weight)
+    q_x, kv_x = torch.randn(2, 7, 6), torch.randn(2, 9, 5)
+    bias = mask_bias(mask_factory(2, 9))[:, None, None, :]
+    out = att(q_x, kv_x, [bias])
+    assert out.shape == (2, 7, 6) and torch.isfinite(out).all()
+
+
+def test_global_attention_contract_and_masking(mask_factory) -> None:
+    ga = GlobalAttention(c_in=6, c_hidden=3, n_heads=2, mem=MemoryConfig())
+    with torch.no_grad():
+        for p in ga.parameters():
+            p.normal_(0, 0.5)
+    x, mask = torch.randn(7, 5, 6), mask_factory(7, 5)
+    out = ga(x, mask)
+    assert out.shape == x.shape
+    # masked rows do not change the output of the unmasked rows (they only receive the gate)
+    x2 = torch.where(mask[..., None] == 0, torch.randn_like(x) * 10, x)
+    out2 = ga(x2, mask)
+    torch.testing.assert_close(out2[mask == 1], out[mask == 1], rtol=RTOL, atol=1e-5)
+
+
+def test_gradcheck_attention_and_global_attention(mask_factory) -> None:
+    mem = MemoryConfig()
+    att = Attention(c_q=4, c_kv=4, c_hidden=2, n_heads=2, mem=mem).double()
+    ga = GlobalAttention(c_in=4, c_hidden=2, n_heads=2, mem=mem).double()
+    for mod in (att, ga):
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.normal_(0, 0.5)
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    mask = mask_factory(2, 5).double()
+    bias = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x_, b_: att(x_, x_, [b_, mask_bias(mask)[:, None, None]]), (x, bias))
+    assert torch.autograd.gradcheck(lambda x_: ga(x_, mask), (x,))
