@@ -88,3 +88,25 @@ def make_bad_input_tree(root: Path) -> tuple[Path, Path]:
     (msas / "1aki_A/other_query.a3m").write_text(">query\nMKTAYIAKQRQISFVKSHFSRQ\n>hit\nMKTAYIAKQRQISFVKSHFSRQ\n")
     (msas / "1psm_A/zz_malformed.a3m").write_text(">query\n>hit without a sequence line\n")
     return inputs, msas
+
+
+@dataclass(frozen=True)
+class PrepareKit:
+    """Helpers of the prepare tests, as a fixture (test modules cannot import a conftest reliably)."""
+
+    samples_dir: Path = SAMPLES_DIR
+    bad_structures: dict = None  # type: ignore[assignment]
+    bad_msas: dict = None  # type: ignore[assignment]
+
+    @staticmethod
+    def make_bad_input_tree(root: Path) -> tuple[Path, Path]:
+        return make_bad_input_tree(root)
+
+    @staticmethod
+    def run_protfold(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+        return run_protfold(*args, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def prepare_kit() -> PrepareKit:
+    return PrepareKit(bad_structures=dict(BAD_STRUCTURES), bad_msas=dict(BAD_MSAS))
