@@ -49,6 +49,7 @@ _TMP_PREFIX = ".tmp-"
 _ARRAY_KEYS = ("aatype", "all_atom_positions", "all_atom_mask", "residue_index", "msa", "deletion_matrix")
 _STR_KEYS = ("id", "sequence", "method", "source", "fingerprint")
 _LIST_KEYS = ("msa_files", "msa_rejected")
+_METADATA_DEFAULTS = {"method": "", "source": "", "fingerprint": "", "msa_files": "[]", "msa_rejected": "[]"}
 _ON_DISK_KEYS = _ARRAY_KEYS + _STR_KEYS + _LIST_KEYS + ("resolution", "cache_version")
 
 # byte value of an upper-case alignment letter or '-' -> MSA class id (others -> X)
@@ -145,10 +146,11 @@ def read_entry(path: str | os.PathLike[str], keys: tuple[str, ...] | None = None
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in (keys or _ON_DISK_KEYS) if k not in npz.files]
+            wanted = keys or _ON_DISK_KEYS
+            missing = [k for k in wanted if k not in npz.files and k not in _METADATA_DEFAULTS]
             if missing:
                 raise ProtfoldInputError(path, f"not a protfold cache entry (missing {', '.join(missing)})")
-            raw = {k: npz[k] for k in (keys or _ON_DISK_KEYS)}
+            raw = {k: npz[k] if k in npz.files else np.array(_METADATA_DEFAULTS[k]) for k in wanted}
     except ProtfoldInputError:
         raise
     except FileNotFoundError:
