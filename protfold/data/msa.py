@@ -32,6 +32,15 @@ def deletion_value(d: np.ndarray | Tensor) -> Tensor:
     return torch.atan(torch.as_tensor(d, dtype=torch.float32) / 3.0) * (2.0 / math.pi)
 
 
+def _deletion_channels(d: np.ndarray) -> tuple[Tensor, Tensor]:
+    """has_deletion and deletion_value of integer deletion counts [R, N], via a lookup over 0..max(d)."""
+    d = np.asarray(d).astype(np.int64, copy=False)
+    top = int(d.max()) if d.size else 0
+    table = deletion_value(np.arange(top + 1, dtype=np.float32))
+    idx = torch.from_numpy(d)
+    return (idx > 0).float(), table[idx]
+
+
 def msa_profile(msa: np.ndarray) -> np.ndarray:
     """Per-column class frequencies over all rows (AF2 `make_hhblits_profile`): [N_msa, N] -> [N, 23]."""
     n_rows, n_res = msa.shape
@@ -129,6 +138,9 @@ def cluster_summary(
     return counts / members[:, None, None], (del_sum / members[:, None]).astype(np.float32)
 
 
+_EXTRA_TABLE = torch.cat([torch.eye(N_CLASSES), torch.zeros(N_CLASSES, 2)], dim=-1)  # one-hot + 2 deletion slots
+
+
 def _one_hot(msa: np.ndarray) -> Tensor:
     return torch.nn.functional.embedding(torch.from_numpy(msa).long(), torch.eye(N_CLASSES))
 
@@ -152,21 +164,15 @@ def make_msa_features(
     assignment = nearest_clusters(masked, rest)
     cluster_profile, cluster_del = cluster_summary(masked, centre_del, rest, rest_del, assignment)
 
-    centre_del_t = torch.from_numpy(centre_del)
-    msa_feat = torch.cat(
-        [
-            _one_hot(masked),
-            (centre_del_t > 0).float()[..., None],
-            deletion_value(centre_del_t)[..., None],
-            torch.from_numpy(cluster_profile),
-            deletion_value(cluster_del)[..., None],
-        ],
-        dim=-1,
-    )
-    extra, extra_del = rest[: cfg.max_extra_msa], torch.from_numpy(rest_del[: cfg.max_extra_msa].astype(np.float32))
-    extra_feat = torch.cat(
-        [_one_hot(extra), (extra_del > 0).float()[..., None], deletion_value(extra_del)[..., None]], dim=-1
-    )
+    msa_feat = torch.empty(*masked.shape, 2 * N_CLASSES + 3)
+    msa_feat[..., :N_CLASSES] = _one_hot(masked)
+    msa_feat[..., N_CLASSES], msa_feat[..., N_CLASSES + 1] = _deletion_channels(deletion_matrix[centre_rows])
+    msa_feat[..., N_CLASSES + 2 : 2 * N_CLASSES + 2] = torch.from_numpy(cluster_profile)
+    msa_feat[..., -1] = deletion_value(cluster_del)
+
+    extra = rest[: cfg.max_extra_msa]
+    extra_feat = torch.nn.functional.embedding(torch.from_numpy(extra).long(), _EXTRA_TABLE)
+    extra_feat[..., N_CLASSES], extra_feat[..., N_CLASSES + 1] = _deletion_channels(rest_del[: cfg.max_extra_msa])
     extra_mask = torch.ones(extra.shape, dtype=torch.float32)
     if extra.shape[0] == 0:
         extra_feat = torch.zeros(1, msa.shape[1], N_CLASSES + 2)

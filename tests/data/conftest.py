@@ -64,29 +64,49 @@ def _read_pdb_chain(path: Path, chain_id: str) -> dict[str, np.ndarray]:
     return {"aatype": aatype, "all_atom_positions": pos, "all_atom_mask": mask, "resnum": resnum, "helices": helices}
 
 
-def _load_structure(pdb_id: str, chain_id: str) -> dict[str, np.ndarray]:
-    path = SAMPLES / "pdb" / f"{pdb_id}.pdb"
-    try:  # the real parser once it has landed
-        from protfold.io.structure import parse_structure  # type: ignore
+def _helix_positions(helices: list[tuple[int, int]], numbers: list[int | None]) -> list[np.ndarray]:
+    """HELIX ranges (author numbers) -> array positions of the observed residues inside each range."""
+    out = []
+    for first, last in helices:
+        pos = [i for i, n in enumerate(numbers) if n is not None and first <= n <= last]
+        if pos:
+            out.append(np.asarray(pos))
+    return out
 
-        chain = parse_structure(path, chain_id)[0]
-        own = _read_pdb_chain(path, chain_id)
-        observed = np.asarray(chain.atom_mask)[:, rc.atom_order["CA"]] > 0
+
+def _author_number(label: str) -> int | None:
+    digits = label.rstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    return int(digits) if digits and label == digits else None  # residues with insertion codes are skipped
+
+
+def _load_structure(pdb_id: str, chain_id: str) -> dict:
+    """One sample chain as arrays, via protfold.io when it is there (else the tiny reader above)."""
+    path = SAMPLES / "pdb" / f"{pdb_id}.pdb"
+    own = _read_pdb_chain(path, chain_id)
+    try:
+        from protfold.io.structure import parse_structure
+    except ImportError:
+        parse_structure = None
+    if parse_structure is None:
+        numbers = [int(n) for n in own["resnum"]]
         return {
-            "aatype": np.asarray(chain.aatype, dtype=np.int64),
-            "all_atom_positions": np.asarray(chain.atom_positions, dtype=np.float32),
-            "all_atom_mask": np.asarray(chain.atom_mask, dtype=np.float32),
-            "residue_index": np.asarray(chain.residue_index, dtype=np.int64),
-            "resolution": np.float32(chain.resolution if chain.resolution is not None else np.nan),
-            "helices": own["helices"],
-            "observed": observed,
+            "aatype": own["aatype"],
+            "all_atom_positions": own["all_atom_positions"],
+            "all_atom_mask": own["all_atom_mask"],
+            "residue_index": own["resnum"] - 1,
+            "resolution": np.float32(np.nan),
+            "helices": _helix_positions(own["helices"], numbers),
         }
-    except (ImportError, AttributeError, TypeError):
-        own = _read_pdb_chain(path, chain_id)
-        own["residue_index"] = own.pop("resnum") - 1
-        own["resolution"] = np.float32(np.nan)
-        own["observed"] = own["all_atom_mask"][:, rc.atom_order["CA"]] > 0
-        return own
+    chain = parse_structure(path, chain_id)[0]
+    numbers = [_author_number(n) if n else None for n in chain.author_numbering] or [None] * len(chain.aatype)
+    return {
+        "aatype": np.asarray(chain.aatype, dtype=np.int64),
+        "all_atom_positions": np.asarray(chain.atom_positions, dtype=np.float32),
+        "all_atom_mask": np.asarray(chain.atom_mask, dtype=np.float32),
+        "residue_index": np.asarray(chain.residue_index, dtype=np.int64),
+        "resolution": np.float32(np.nan if chain.resolution is None else chain.resolution),
+        "helices": _helix_positions(own["helices"], numbers),
+    }
 
 
 def synthetic_msa(aatype: np.ndarray, n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,14 +188,12 @@ def raw_6ehb() -> dict:
 
 @pytest.fixture(scope="session")
 def real_msa_3zee() -> tuple[np.ndarray, np.ndarray]:
-    """The real 3zee_A HHblits alignment (837 rows)."""
+    """The real 3zee_A HHblits alignment (837 rows) as 23-class ids and deletions."""
     path = SAMPLES / "msas" / "3zee_A" / "bfd_uniclust_hits.a3m"
     try:
-        from protfold.io.msa import load_msas  # type: ignore
-
-        first = path.read_text().splitlines()[1].strip()
-        m = load_msas([path], first)
-        msa = np.array([[rc.msa_letter_to_id(c) for c in s] for s in m.sequences], dtype=np.int8)
-        return msa, np.asarray(m.deletion_matrix, dtype=np.int32)
-    except (ImportError, AttributeError, TypeError):
+        from protfold.io.msa import parse_a3m
+    except ImportError:
         return _read_a3m(path)
+    m = parse_a3m(path)
+    msa = np.array([[rc.msa_letter_to_id(c) for c in seq.upper()] for seq in m.sequences], dtype=np.int8)
+    return msa, np.asarray(m.deletion_matrix, dtype=np.int32)
