@@ -27,6 +27,11 @@ from protfold.model.primitives import Linear
 _MASK_LOGIT = -1e9  # fp32 logits only; a fully masked row becomes uniform, never NaN
 
 
+def _fp32(x: Tensor) -> Tensor:
+    """Up-cast half-precision tensors to fp32; fp32 and fp64 (gradcheck) stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class InvariantPointAttention(nn.Module):
     """AF2 supplement, Algorithm 22: attention over scalar features, frame-local 3D points and the pair bias.
 
@@ -53,8 +58,8 @@ class InvariantPointAttention(nn.Module):
         k, v = rearrange(self.kv(s), "b j (two h c) -> two b h j c", two=2, h=h).unbind(0)
         bias = rearrange(self.pair_bias(z), "b i j h -> b h i j")
         with fp32_island(s):
-            q_pts, k_pts, v_pts = self._points(s.float(), frames)
-            logits = self._logits(q.float(), k.float(), bias.float(), q_pts, k_pts, mask.float())
+            q_pts, k_pts, v_pts = self._points(_fp32(s), frames)
+            logits = self._logits(_fp32(q), _fp32(k), _fp32(bias), q_pts, k_pts, _fp32(mask))
             attn = torch.softmax(logits, dim=-1)  # [B, H, N, N]
             o_pts = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts)
             o_pts = frames.unsqueeze(-1).unsqueeze(-1).invert_apply(o_pts)  # back to each frame i
@@ -70,7 +75,7 @@ class InvariantPointAttention(nn.Module):
         h, p_qk = self.heads, self.qk_points
         q_pts = rearrange(self.q_pts(s), "b i (h p x) -> b i h p x", h=h, x=3)
         kv_pts = rearrange(self.kv_pts(s), "b i (h p x) -> b i h p x", h=h, x=3)
-        local = frames.to(torch.float32).unsqueeze(-1).unsqueeze(-1)
+        local = frames.map(_fp32).unsqueeze(-1).unsqueeze(-1)
         q_pts, kv_pts = local.apply(q_pts), local.apply(kv_pts)
         return q_pts, kv_pts[..., :p_qk, :], kv_pts[..., p_qk:, :]
 
@@ -78,13 +83,13 @@ class InvariantPointAttention(nn.Module):
         """Alg. 22 line 7: [B, H, N, N] fp32 attention logits with the residue mask applied."""
         w_l = math.sqrt(1.0 / 3.0)
         w_c = math.sqrt(2.0 / (9.0 * self.qk_points))
-        gamma = nn.functional.softplus(self.head_weights.float()).view(1, -1, 1, 1)
+        gamma = nn.functional.softplus(_fp32(self.head_weights)).view(1, -1, 1, 1)
         scalar = torch.einsum("bhic,bhjc->bhij", q, k) / math.sqrt(self.head_dim)
         diff = q_pts[:, :, None] - k_pts[:, None, :]  # [B, N, N, H, P, 3]
         dist2 = rearrange(torch.sum(diff**2, dim=(-1, -2)), "b i j h -> b h i j")
         logits = w_l * (scalar + bias - 0.5 * gamma * w_c * dist2)
         pair_mask = mask[:, None, :, None] * mask[:, None, None, :]
-        return logits + (1.0 - pair_mask) * _MASK_LOGIT
+        return logits.masked_fill(pair_mask == 0, _MASK_LOGIT)
 
 
 class BackboneUpdate(nn.Module):
@@ -97,7 +102,7 @@ class BackboneUpdate(nn.Module):
     def forward(self, s: Tensor) -> Rigid:
         """s: [B, N, c_s] -> Rigid [B, N] (fp32)"""
         with fp32_island(s):
-            return rigid_from_quaternion_update(self.linear(s.float()))
+            return rigid_from_quaternion_update(self.linear(_fp32(s)))
 
 
 class StructureTransition(nn.Module):
@@ -140,7 +145,7 @@ class AngleResnet(nn.Module):
         a = self.linear_s(torch.relu(s)) + self.linear_initial(torch.relu(s_initial))
         for block in self.blocks:
             a = a + block(a)
-        alpha = rearrange(self.out(torch.relu(a)), "b n (k two) -> b n k two", two=2).float()
+        alpha = _fp32(rearrange(self.out(torch.relu(a)), "b n (k two) -> b n k two", two=2))
         norm = torch.sqrt(torch.clamp(torch.sum(alpha**2, dim=-1, keepdim=True), min=self.eps))
         return alpha, alpha / norm
 
@@ -179,7 +184,7 @@ class StructureModule(nn.Module):
         z = self.norm_z(z)
         s = self.embed_s(s_initial)
         if frames is None:
-            frames = Rigid.identity(tuple(s.shape[:2]), device=s.device)
+            frames = Rigid.identity(tuple(s.shape[:2]), dtype=_fp32(s).dtype, device=s.device)
         per_layer: list[dict[str, Tensor]] = []
         for layer in range(self.cfg.n_structure_layers):
             s, frames, out = self.layer(s, s_initial, z, frames, aatype, mask)
