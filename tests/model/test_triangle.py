@@ -1,0 +1,143 @@
+"""Triangle multiplicative updates, triangle attention, pair transition: contracts, definitions, gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protfold.config import MemoryConfig
+from protfold.model.triangle import PairTransition, TriangleAttention, TriangleMultiplication
+
+MEM = MemoryConfig()
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _pair_modules(c_z: int, mem: MemoryConfig = MEM, c_hidden: int = 5) -> dict[str, torch.nn.Module]:
+    return {
+        "mul_out": TriangleMultiplication(c_z=c_z, c_hidden=c_hidden, outgoing=True, mem=mem),
+        "mul_in": TriangleMultiplication(c_z=c_z, c_hidden=c_hidden, outgoing=False, mem=mem),
+        "att_start": TriangleAttention(c_z=c_z, c_hidden=3, n_heads=2, starting=True, mem=mem),
+        "att_end": TriangleAttention(c_z=c_z, c_hidden=3, n_heads=2, starting=False, mem=mem),
+        "transition": PairTransition(c_z=c_z, factor=2, mem=mem),
+    }
+
+
+def _pair_mask(mask_factory, *lead: int, n: int) -> torch.Tensor:
+    seq = mask_factory(*lead, n, p=0.2)
+    return seq[..., :, None] * seq[..., None, :]
+
+
+@pytest.mark.parametrize("name", ["mul_out", "mul_in", "att_start", "att_end", "transition"])
+def test_pair_module_contracts(name, randomize, mask_factory) -> None:
+    mod = randomize(_pair_modules(6)[name])
+    z, mask = torch.randn(2, 7, 7, 6), _pair_mask(mask_factory, 2, n=7)
+    out = mod(z, mask)
+    assert out.shape == z.shape and torch.isfinite(out).all()
+    if name != "transition":  # the transition acts per position; the others must see the i/j orientation
+        assert not torch.allclose(out, mod(z.transpose(1, 2), mask.transpose(1, 2)).transpose(1, 2))
+
+
+def test_pair_modules_start_as_zero_updates(mask_factory) -> None:
+    z, mask = torch.randn(1, 5, 5, 6), _pair_mask(mask_factory, 1, n=5)
+    for name, mod in _pair_modules(6).items():
+        assert mod(z, mask).abs().max() == 0, name
+
+
+def _edges(mod: TriangleMultiplication, z, mask):
+    z_ln = mod.norm_in(z)
+    a = torch.sigmoid(mod.linear_a_g(z_ln)) * mod.linear_a_p(z_ln) * mask[..., None]
+    b = torch.sigmoid(mod.linear_b_g(z_ln)) * mod.linear_b_p(z_ln) * mask[..., None]
+    return z_ln, a, b
+
+
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_triangle_multiplication_matches_definition(outgoing, randomize, mask_factory) -> None:
+    """Algorithm 11: x_ij = sum_k a_ik * b_jk; Algorithm 12: x_ij = sum_k a_ki * b_kj (loops, not einsum)."""
+    mod = randomize(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing, mem=MEM))
+    z, mask = torch.randn(7, 7, 6), _pair_mask(mask_factory, n=7)
+    z_ln, a, b = _edges(mod, z, mask)
+    x = torch.zeros(7, 7, 5)
+    for i in range(7):
+        for j in range(7):
+            for k in range(7):
+                x[i, j] += a[i, k] * b[j, k] if outgoing else a[k, i] * b[k, j]
+    expected = torch.sigmoid(mod.linear_g(z_ln)) * mod.linear_o(mod.norm_out(x))
+    torch.testing.assert_close(mod(z, mask), expected, rtol=RTOL, atol=1e-5)
+
+
+def test_triangle_attention_ending_is_starting_on_transpose(randomize, mask_factory) -> None:
+    start = randomize(TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=True, mem=MEM))
+    end = TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=False, mem=MEM)
+    end.load_state_dict(start.state_dict())
+    z, mask = torch.randn(2, 7, 7, 6), _pair_mask(mask_factory, 2, n=7)
+    expected = start(z.transpose(1, 2), mask.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(end(z, mask), expected, rtol=0, atol=0)
+
+
+def test_triangle_attention_starting_node_definition(randomize, mask_factory) -> None:
+    """Algorithm 13 for one (i, j): attend over k with q_ij . k_ik + b_jk, keys masked by pair_mask[i, k]."""
+    mod = randomize(TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=True, mem=MEM))
+    z, mask = torch.randn(7, 7, 6), _pair_mask(mask_factory, n=7)
+    out = mod(z, mask)
+    z_ln = mod.norm(z)
+    att = mod.attention
+    q = att.linear_q(z_ln).unflatten(-1, (2, 3))
+    k = att.linear_k(z_ln).unflatten(-1, (2, 3))
+    v = att.linear_v(z_ln).unflatten(-1, (2, 3))
+    bias = mod.linear_b(z_ln)  # [j, k, H]
+    i, j = 2, 4
+    logits = torch.einsum("hc,khc->hk", q[i, j], k[i]) / 3**0.5 + bias[j].T + (mask[i] - 1) * 1e9
+    o = torch.einsum("hk,khc->hc", torch.softmax(logits, -1), v[i]).flatten()
+    expected = att.linear_o(o * torch.sigmoid(att.linear_g(z_ln[i, j])))
+    torch.testing.assert_close(out[i, j], expected, rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("c_hidden", [6, 5])  # equal to c_z (output written over x) and not
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_low_memory_inference_matches(outgoing, c_hidden, randomize, mask_factory) -> None:
+    ref = randomize(TriangleMultiplication(c_z=6, c_hidden=c_hidden, outgoing=outgoing, mem=MEM))
+    for mem in (MemoryConfig(low_memory_triangle=True), MemoryConfig(low_memory_triangle=True, pair_chunk=2)):
+        low = TriangleMultiplication(c_z=6, c_hidden=c_hidden, outgoing=outgoing, mem=mem)
+        low.load_state_dict(ref.state_dict())
+        z, mask = torch.randn(2, 7, 7, 6), _pair_mask(mask_factory, 2, n=7)
+        with torch.no_grad():
+            torch.testing.assert_close(low(z, mask), ref(z, mask), rtol=RTOL, atol=ATOL)
+
+
+def test_triangle_einsum_runs_in_fp32_under_autocast(randomize, mask_factory) -> None:
+    mod = randomize(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=True, mem=MEM))
+    z, mask = torch.randn(7, 7, 6), _pair_mask(mask_factory, n=7)
+    seen = []
+    original = torch.einsum
+
+    def spy(eq, *ops):
+        seen.append(tuple(o.dtype for o in ops))
+        return original(eq, *ops)
+
+    torch.einsum = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mod(z, mask)
+    finally:
+        torch.einsum = original
+    assert seen == [(torch.float32, torch.float32)]
+    torch.testing.assert_close(out.float(), mod(z, mask), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize(
+    ("name", "low"),
+    [(n, False) for n in ("mul_out", "mul_in", "att_start", "att_end", "transition")]
+    + [("mul_out", True), ("mul_in", True)],  # low_memory_triangle only changes the multiplicative updates
+)
+def test_gradcheck_pair_modules(name, low, mask_factory) -> None:
+    mem = MemoryConfig(low_memory_triangle=low, pair_chunk=2 if low else None)
+    mod = _pair_modules(3, mem=mem, c_hidden=3)[name].double()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0, 0.5)
+    z = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
+    # A real mask, but no fully masked attention row: there every logit carries the -1e9 mask bias, whose
+    # float64 rounding (~1e-7) swamps the finite differences (the analytic gradient is fine).
+    mask = mask_factory(4, 4).double().fill_diagonal_(1.0)
+    # fast mode (random projections of the Jacobian) keeps the nested-recompute cases quick
+    assert torch.autograd.gradcheck(lambda z_: mod(z_, mask), (z,), fast_mode=low)
