@@ -33,8 +33,8 @@ def lddt(pred: Tensor, true: Tensor, mask: Tensor, *, cutoff: float = 15.0, per_
     stays under. per_residue: [*, N] (residues without scored pairs get 0 when unobserved, 1 otherwise, as
     AF2's eps-normalisation gives); else the pair-weighted global score [*].
     """
-    d_true = torch.cdist(true, true)
-    d_pred = torch.cdist(pred, pred)
+    d_true = torch.cdist(true, true, compute_mode="donot_use_mm_for_euclid_dist")
+    d_pred = torch.cdist(pred, pred, compute_mode="donot_use_mm_for_euclid_dist")
     n = mask.shape[-1]
     eye = torch.eye(n, dtype=mask.dtype, device=mask.device)
     scored = (d_true < cutoff).to(mask.dtype) * mask[..., :, None] * mask[..., None, :] * (1.0 - eye)

@@ -64,7 +64,8 @@ def synthetic_batch(chain, n: int = N_RES, batch: int = 2) -> dict[str, torch.Te
         "all_atom_positions": atom37, "all_atom_mask": exists37 * seq_mask[..., None],
         "atom14_gt_positions": atom14, "atom14_gt_exists": exists14 * seq_mask[..., None],
         "atom14_alt_gt_positions": alt14, "atom14_alt_gt_exists": exists14 * seq_mask[..., None],
-        "atom14_atom_exists": exists14, "atom14_atom_is_ambiguous": torch.as_tensor(rc.restype_atom14_is_ambiguous)[aatype],
+        "atom14_atom_exists": exists14,
+        "atom14_atom_is_ambiguous": torch.as_tensor(rc.restype_atom14_is_ambiguous)[aatype],
         "atom37_atom_exists": exists37,
         "residx_atom14_to_atom37": torch.as_tensor(rc.restype_atom14_to_atom37)[aatype],
         "backbone_rigid_tensor": backbone.to_tensor_4x4(), "backbone_rigid_mask": seq_mask,
@@ -238,7 +239,8 @@ def test_violations_zero_on_real_structure_and_positive_when_broken(chain) -> No
 def test_alphafold_loss_perfect_prediction_and_gradients(chain) -> None:
     batch = synthetic_batch(chain)
     cfg = LossConfig(violation=1.0, experimentally_resolved=0.01)
-    total, terms = losses.alphafold_loss(perfect_outputs(batch), batch, cfg, use_clamped_fape=torch.tensor([True, False]))
+    clamp_flags = torch.tensor([True, False])
+    total, terms = losses.alphafold_loss(perfect_outputs(batch), batch, cfg, use_clamped_fape=clamp_flags)
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
     assert set(terms) == {"fape_backbone", "fape_sidechain", "torsion", "distogram", "masked_msa", "plddt",
                           "experimentally_resolved", "violation"}

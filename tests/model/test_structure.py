@@ -14,7 +14,8 @@ B, N = 2, 7
 
 
 def random_rigid(*shape: int, dtype=torch.float32, scale: float = 1.0) -> Rigid:
-    return Rigid(quaternion_to_rotation(torch.randn(*shape, 4, dtype=dtype)), scale * torch.randn(*shape, 3, dtype=dtype))
+    rot = quaternion_to_rotation(torch.randn(*shape, 4, dtype=dtype))
+    return Rigid(rot, scale * torch.randn(*shape, 3, dtype=dtype))
 
 
 @pytest.fixture
