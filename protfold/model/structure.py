@@ -154,6 +154,7 @@ class StructureModule(nn.Module):
     """AF2 supplement, Algorithm 20 (with Alg. 22-24): shared weights over `n_structure_layers` iterations.
 
     The rotation gradient is stopped between layers; reported frames and atoms are in Angstrom.
+    `mem` is kept for the shared constructor contract: no MemoryConfig switch acts on this module yet.
     """
 
     def __init__(self, *, cfg: ModelConfig, mem: MemoryConfig) -> None:
