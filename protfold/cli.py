@@ -43,6 +43,9 @@ def _prepare(argv: list[str]) -> int:
     except ProtfoldInputError as exc:
         print(f"protfold prepare: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("protfold prepare: interrupted; finished entries are kept, run it again to continue", file=sys.stderr)
+        return 130
     print(f"protfold prepare: {report.summary()}")
     if report.n_ok == 0:
         print("protfold prepare: nothing could be prepared", file=sys.stderr)

@@ -143,7 +143,7 @@ def prepare(
 
 def _run(jobs: list[tuple], workers: int | None, progress: bool | None):
     """Yield (relative file, rows) per job as they finish."""
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    workers = max(1, min(workers or _cores(), len(jobs) or 1))
     bar = tqdm(total=len(jobs), unit="file", desc="prepare", disable=False if progress else None if progress is None else True)
     try:
         if workers == 1:
@@ -407,6 +407,14 @@ def _suffix(path: Path) -> str:
 
 def _name_key(path: Path) -> str:
     return path.name.lower()[: -len(_suffix(path))]
+
+
+def _cores() -> int:
+    """Cores this process may use (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _size(path: str) -> int:
