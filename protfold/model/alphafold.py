@@ -1,0 +1,89 @@
+"""The whole network: embedders, extra MSA stack, Evoformer, structure module, heads, recycling."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from protfold import constants as rc
+from protfold.config import MemoryConfig, ModelConfig
+from protfold.model.embedders import ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder
+from protfold.model.evoformer import EvoformerStack, ExtraMSAStack
+from protfold.model.heads import AuxiliaryHeads
+from protfold.model.structure import StructureModule
+
+_CA, _CB = rc.atom_order["CA"], rc.atom_order["CB"]
+_GLY = rc.restype_order["G"]
+
+
+def pseudo_beta(aatype: Tensor, atom37: Tensor) -> Tensor:
+    """CB position (CA for glycine): aatype [*, N], atom37 [*, N, 37, 3] -> [*, N, 3]."""
+    is_gly = (aatype == _GLY)[..., None]
+    return torch.where(is_gly, atom37[..., _CA, :], atom37[..., _CB, :])
+
+
+class AlphaFold(nn.Module):
+    """AF2 supplement, Algorithm 2 without templates.
+
+    Recycling (supplement 1.10): `n_recycles` extra passes run without gradient, each feeding m[0], z and
+    the predicted pseudo-beta positions (detached) into the next; only the last pass builds a graph.
+    forward(batch) reads target_feat [B, N, 22], residue_index [B, N], seq_mask [B, N], msa_feat
+    [B, S, N, 49], msa_mask [B, S, N], extra_msa_feat [B, E, N, 25], extra_msa_mask [B, E, N], aatype [B, N].
+    """
+
+    def __init__(self, *, cfg: ModelConfig, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mem = mem
+        self.input_embedder = InputEmbedder.from_config(cfg, mem=mem)
+        self.recycling_embedder = RecyclingEmbedder.from_config(cfg, mem=mem)
+        self.extra_msa_embedder = ExtraMSAEmbedder.from_config(cfg, mem=mem)
+        self.extra_msa_stack = ExtraMSAStack(cfg, mem=mem)
+        self.evoformer = EvoformerStack(cfg, mem=mem)
+        self.structure_module = StructureModule(cfg=cfg, mem=mem)
+        self.heads = AuxiliaryHeads(cfg=cfg)
+
+    def set_memory(self, mem: MemoryConfig) -> None:
+        """Switch the memory settings of every submodule (e.g. inference chunking after training)."""
+        for module in self.modules():
+            if hasattr(module, "mem"):
+                module.mem = mem
+
+    def forward(self, batch: dict[str, Tensor], *, n_recycles: int = 0) -> dict[str, Tensor]:
+        prev = self._initial_recycling_inputs(batch)
+        grad_on = torch.is_grad_enabled()
+        for i in range(n_recycles + 1):
+            last = i == n_recycles
+            with torch.set_grad_enabled(grad_on and last):
+                outputs = self.iteration(batch, prev)
+            if not last:
+                prev = (outputs["msa_first_row"].detach(), outputs["pair"].detach(),
+                        pseudo_beta(batch["aatype"], outputs["final_atom37"]).detach())
+        outputs["n_recycles"] = torch.tensor(n_recycles)
+        return outputs
+
+    def _initial_recycling_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        b, n = batch["aatype"].shape
+        ref = batch["msa_feat"]
+        return (ref.new_zeros(b, n, self.cfg.c_m), ref.new_zeros(b, n, n, self.cfg.c_z), ref.new_zeros(b, n, 3))
+
+    def iteration(self, batch: dict[str, Tensor], prev: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+        """One pass of Algorithm 2 (lines 5-19)."""
+        seq_mask = batch["seq_mask"]
+        pair_mask = seq_mask[..., :, None] * seq_mask[..., None, :]
+        m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
+        m0_update, z_update = self.recycling_embedder(*prev)
+        m = torch.cat([m[..., :1, :, :] + m0_update[..., None, :, :], m[..., 1:, :, :]], dim=-3)
+        z = z + z_update
+        e = self.extra_msa_embedder(batch["extra_msa_feat"])
+        z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask)
+        m, z, s = self.evoformer(m, z, batch["msa_mask"], pair_mask)
+        outputs = self.structure_module(s, z, batch["aatype"], seq_mask)
+        outputs.update(self.heads(m, z, outputs["single"]))
+        outputs["msa_first_row"] = m[..., 0, :, :]
+        outputs["pair"] = z
+        return outputs
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,86 @@
+"""Lightning plug-ins: atomic checkpoint writes and the training-curve plot written at the end of a run."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in the target folder, fsyncs it, then renames it over the
+    target: an interrupted write leaves the previous checkpoint intact and no partial file behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+class TrainingCurvePlot(pl.Callback):
+    """At the end of fit, plots the logged training loss and validation scores to `<log_dir>/curves.png`."""
+
+    PANELS = (("train/loss", "val/loss"), ("val/lddt_ca", "val/gdt_ts", "val/tm"), ("val/rmsd_ca",))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
+            return
+        trainer.logger.save()
+        metrics_file = Path(trainer.logger.log_dir) / "metrics.csv"
+        if not metrics_file.exists():
+            return
+        out = plot_curves(metrics_file, Path(trainer.logger.log_dir) / "curves.png")
+        log.info("training curves written to %s", out)
+
+
+def plot_curves(metrics_file: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _read_metrics(metrics_file)
+    fig, axes = plt.subplots(1, len(TrainingCurvePlot.PANELS), figsize=(5 * len(TrainingCurvePlot.PANELS), 3.6))
+    for ax, keys in zip(axes, TrainingCurvePlot.PANELS):
+        for key in keys:
+            points = series.get(key) or series.get(f"{key}_epoch") or series.get(f"{key}_step")
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if key.startswith("val") else None, ms=3, label=key)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

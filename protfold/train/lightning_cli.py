@@ -1,0 +1,123 @@
+"""`protfold fit | validate | test` on LightningCLI, and the argument parser of `protfold predict`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from protfold.config import model_preset
+from protfold.data.datamodule import ProteinDataModule
+from protfold.train.callbacks import AtomicCheckpointIO, TrainingCurvePlot
+from protfold.train.module import ProtfoldModule
+
+
+class ProtfoldCLI(LightningCLI):
+    """LightningCLI with protfold's defaults: best-by-val/lddt_ca and last checkpoints (written atomically),
+    CSV logs under the run folder, the training-curve plot, and config checks before any work."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
+        parser.add_argument("--logger_kind", default="csv", choices=["csv", "tensorboard"],
+                            help="logger used when trainer.logger is not set (CSV by default)")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _check_config(config)
+        trainer = config.trainer
+        if trainer.logger is None or trainer.logger is True:
+            root = trainer.default_root_dir or "runs"
+            kind = "CSVLogger" if config.logger_kind == "csv" else "TensorBoardLogger"
+            trainer.logger = {"class_path": f"lightning.pytorch.loggers.{kind}",
+                              "init_args": {"save_dir": root, "name": "protfold"}}
+
+
+def _check_config(config: Any) -> None:
+    """Fail before any work on settings that cannot run, with what to change."""
+    model, data = config.model, config.data
+    try:
+        cfg = model_preset(model.preset, **(model.model_overrides or {}))
+    except ValueError as err:
+        raise SystemExit(f"protfold: config error: {err} (model.preset / model.model_overrides)") from None
+    if data.crop_size > cfg.max_crop:
+        raise SystemExit(
+            f"protfold: config error: data.crop_size={data.crop_size} is beyond the model's limit "
+            f"max_crop={cfg.max_crop}; lower data.crop_size or raise model.model_overrides.max_crop"
+        )
+
+
+def trainer_defaults() -> dict[str, Any]:
+    best = ModelCheckpoint(monitor="val/lddt_ca", mode="max", save_last=True, save_top_k=1,
+                           filename="best-{step}", auto_insert_metric_name=False)
+    return {"callbacks": [best, TrainingCurvePlot()], "plugins": [AtomicCheckpointIO()]}
+
+
+def run_lightning(argv: list[str]) -> int:
+    """Entry for fit/validate/test: argv starts with the subcommand."""
+    ProtfoldCLI(
+        ProtfoldModule,
+        ProteinDataModule,
+        args=argv,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+    return 0
+
+
+def run_predict_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="protfold predict",
+        description="Predict structures: writes OUT/<id>/<id>.pdb, <id>.cif (pLDDT x 100 in B-factors) and "
+        "<id>_confidence.json. Existing outputs are skipped unless --overwrite.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `protfold fit`")
+    parser.add_argument("--input", required=True, help="FASTA file, folder of FASTA files, or a prepared cache")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--msa_dir", help="MSAs: MSA_DIR/<id>/ (a3m, sto, fasta) or MSA_DIR/<id>.a3m")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--memory", default=None, help="inference memory preset (configs/memory/NAME.yaml) or YAML file")
+    parser.add_argument("--max_msa_clusters", type=int, default=128)
+    parser.add_argument("--max_extra_msa", type=int, default=1024)
+    args = parser.parse_args(argv)
+
+    from protfold.errors import ProtfoldInputError
+    from protfold.train.predict import run_predict
+
+    memory = load_memory_preset(args.memory) if args.memory else None
+    try:
+        written = run_predict(ckpt_path=args.ckpt_path, source=args.input, out=args.out, msa_dir=args.msa_dir,
+                              overwrite=args.overwrite, device=args.device, memory=memory,
+                              max_msa_clusters=args.max_msa_clusters, max_extra_msa=args.max_extra_msa)
+    except ProtfoldInputError as err:
+        print(f"protfold predict: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"protfold predict: wrote {path}")
+    if not written:
+        print("protfold predict: nothing new written (outputs exist; use --overwrite)")
+    return 0
+
+
+def load_memory_preset(name_or_path: str):
+    """A MemoryConfig from configs/memory/NAME.yaml (or any YAML file with a `memory:` mapping or bare fields)."""
+    from pathlib import Path
+
+    import yaml
+
+    from protfold.config import MemoryConfig
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = Path(__file__).resolve().parents[2] / "configs" / "memory" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"protfold: unknown memory preset {name_or_path!r} (no configs/memory/{name_or_path}.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    fields = data.get("model", {}).get("memory", data.get("memory", data))
+    try:
+        return MemoryConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"protfold: {path}: {err}") from None

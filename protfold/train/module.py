@@ -1,0 +1,288 @@
+"""The LightningModule: owns the network, the losses, the optimiser recipe and the EMA. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from protfold import metrics
+from protfold.errors import ProtfoldInputError
+from protfold.config import LossConfig, MemoryConfig, OptimConfig, model_preset
+from protfold.losses import alphafold_loss
+from protfold.model.alphafold import AlphaFold
+from protfold.train.ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteStepsError(RuntimeError):
+    """Raised after too many consecutive optimiser steps with non-finite loss or gradients."""
+
+
+def warmup_step_decay(optim: OptimConfig):
+    """AF2 schedule (supplement 1.11.3): linear warm-up, then x decay_factor every decay_every steps."""
+
+    def factor(step: int) -> float:
+        if optim.warmup_steps > 0 and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        return optim.decay_factor ** (max(step - optim.warmup_steps, 0) // optim.decay_every)
+
+    return factor
+
+
+class ProtfoldModule(pl.LightningModule):
+    """AlphaFold2 training recipe on Lightning (manual optimisation, so bad steps can be skipped).
+
+    Args:
+        preset: model preset name (`tiny`, `small`, `af2`).
+        model_overrides: ModelConfig fields to change on top of the preset.
+        memory: memory switches used in training.
+        inference_memory: switches used in validation and prediction (defaults to `memory`).
+        loss, optim: loss weights and optimiser recipe.
+        accumulate_grad_batches: micro-batches per optimiser step.
+        max_bad_steps: stop after this many consecutive non-finite steps.
+        seed: seeds the per-step draws (recycling count, FAPE clamping), identical on every rank.
+        init_from: fine-tuning: a checkpoint whose weights start this run (its optimizer, step and config
+            are not taken). Parameters whose names or shapes differ are reported and left as initialised.
+        init_weights: which of the checkpoint's weights to load: "ema" (the averaged ones) or "raw".
+        freeze_trunk: fine-tuning: train only the structure module and heads.
+    """
+
+    def __init__(
+        self,
+        *,
+        preset: str = "small",
+        model_overrides: dict[str, Any] | None = None,
+        memory: MemoryConfig = MemoryConfig(),
+        inference_memory: MemoryConfig | None = None,
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+        accumulate_grad_batches: int = 1,
+        max_bad_steps: int = 5,
+        seed: int = 0,
+        init_from: str | None = None,
+        init_weights: str = "ema",
+        freeze_trunk: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.model_cfg = model_preset(preset, **(model_overrides or {}))
+        self.train_memory = memory
+        self.inference_memory = inference_memory or memory
+        self.loss_cfg = loss
+        self.optim_cfg = optim
+        self.accumulate = accumulate_grad_batches
+        self.max_bad_steps = max_bad_steps
+        self.seed = seed
+        self.model = AlphaFold(cfg=self.model_cfg, mem=memory)
+        self.finetune_report: FinetuneReport | None = None
+        if init_from:
+            self.finetune_report = load_weights(self.model, init_from, which=init_weights)
+            log.info("%s", self.finetune_report)
+        if freeze_trunk:
+            for name, p in self.model.named_parameters():
+                if not name.startswith(("structure_module.", "heads.")):
+                    p.requires_grad_(False)
+        # the average restarts from the (possibly loaded) weights, never from a stale one (OpenFold #426)
+        self.ema = EMA(self.model, decay=optim.ema_decay)
+        self.bad_steps_in_row = 0
+        self.bad_steps_total = 0
+        self._ema_stack: ExitStack | None = None
+
+    # ----- per-step random draws, identical on every rank -----
+    def _step_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+
+    def draw_step_settings(self) -> tuple[int, bool]:
+        """Recycling iterations (0..max_recycles) and whether FAPE is clamped this step."""
+        gen = self._step_generator()
+        n_recycles = int(torch.randint(0, self.model_cfg.max_recycles + 1, (1,), generator=gen))
+        clamped = bool(torch.rand((), generator=gen) < self.loss_cfg.fape_clamp_prob)
+        return n_recycles, clamped
+
+    # ----- training -----
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        n_recycles, clamped = self.draw_step_settings()
+        self.model.set_memory(self.train_memory)
+        outputs = self.model(batch, n_recycles=n_recycles)
+        loss, terms = alphafold_loss(outputs, batch, self.loss_cfg, use_clamped_fape=clamped)
+        self.manual_backward(loss / self.accumulate)
+        if (batch_idx + 1) % self.accumulate == 0:
+            self._finish_step(opt, loss)
+        bsz = batch["aatype"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bsz)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=bsz)
+        self.log("train/recycles", float(n_recycles), batch_size=bsz)
+        return loss.detach()
+
+    def _finish_step(self, opt, loss: Tensor) -> None:
+        if self._step_is_finite(loss):
+            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            self.lr_schedulers().step()
+            self.ema.update()
+            self.bad_steps_in_row = 0
+        else:
+            self.bad_steps_in_row += 1
+            self.bad_steps_total += 1
+            log.warning("skipped a step with non-finite loss or gradients (%d in a row)", self.bad_steps_in_row)
+            if self.bad_steps_in_row >= self.max_bad_steps:
+                raise NonFiniteStepsError(
+                    f"{self.bad_steps_in_row} consecutive steps had non-finite loss or gradients; lower the "
+                    "learning rate, check the input data, or use precision 32 to find the first bad operation"
+                )
+        opt.zero_grad(set_to_none=True)
+        self.log("train/skipped_steps", float(self.bad_steps_total))
+
+    def _step_is_finite(self, loss: Tensor) -> bool:
+        ok = torch.isfinite(loss.detach()).all()
+        for p in self.model.parameters():
+            if p.grad is not None:
+                ok = ok & torch.isfinite(p.grad).all()
+        flag = ok.float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() > 0.5)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=self.optim_cfg.lr,
+            betas=tuple(self.optim_cfg.betas),
+            eps=self.optim_cfg.eps,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_step_decay(self.optim_cfg))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----- evaluation with EMA weights -----
+    def _enter_ema(self) -> None:
+        self.model.set_memory(self.inference_memory)
+        self._ema_stack = ExitStack()
+        self._ema_stack.enter_context(self.ema.swapped_in())
+
+    def _exit_ema(self) -> None:
+        if self._ema_stack is not None:
+            self._ema_stack.close()
+            self._ema_stack = None
+        self.model.set_memory(self.train_memory)
+
+    on_validation_epoch_start = _enter_ema
+    on_validation_epoch_end = _exit_ema
+    on_test_epoch_start = _enter_ema
+    on_test_epoch_end = _exit_ema
+
+    def on_predict_epoch_start(self) -> None:
+        self._enter_ema()
+
+    def on_predict_epoch_end(self) -> None:
+        self._exit_ema()
+
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        outputs = self.model(batch, n_recycles=self.model_cfg.eval_recycles)
+        loss, _ = alphafold_loss(outputs, batch, self.loss_cfg, use_clamped_fape=True)
+        scores = structure_scores(outputs, batch)
+        bsz = batch["aatype"].shape[0]
+        self.log(f"{stage}/loss", loss, batch_size=bsz, sync_dist=True)
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "lddt_ca", batch_size=bsz, sync_dist=True)
+        return scores
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self.model(batch, n_recycles=self.model_cfg.eval_recycles)
+
+    # ----- checkpoint extras: EMA and the random state -----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["torch_rng"] = torch.get_rng_state()
+        checkpoint["bad_steps_total"] = self.bad_steps_total
+        checkpoint["model_config"] = asdict(self.model_cfg)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("model_config")
+        if saved is not None and saved != asdict(self.model_cfg):
+            diff = sorted(k for k in saved if saved[k] != asdict(self.model_cfg).get(k))
+            raise ValueError(
+                f"checkpoint was trained with another model configuration (differs in {diff[:6]}); resume with "
+                f"the same preset ({self.hparams.preset!r} now), or fine-tune from it with --model.init_from"
+            )
+        if "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        if "torch_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng"])
+        self.bad_steps_total = int(checkpoint.get("bad_steps_total", 0))
+
+
+@dataclass
+class FinetuneReport:
+    """What loading a checkpoint into a (possibly different) model did."""
+
+    source: str
+    loaded: int
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+    def __str__(self) -> str:
+        lines = [f"fine-tuning from {self.source}: {self.loaded} tensors loaded"]
+        for title, items in (("missing (kept initialised)", self.missing), ("unexpected (ignored)", self.unexpected)):
+            if items:
+                lines.append(f"  {len(items)} {title}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
+        for name, ours, theirs in self.mismatched[:8]:
+            lines.append(f"  shape mismatch (kept initialised): {name} model {ours} vs checkpoint {theirs}")
+        return "\n".join(lines)
+
+
+def load_weights(model: torch.nn.Module, path: str, *, which: str = "ema") -> FinetuneReport:
+    """Copy a checkpoint's weights into `model` where names and shapes match, and report the rest."""
+    if which not in ("ema", "raw"):
+        raise ValueError(f"init_weights must be 'ema' or 'raw', got {which!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ProtfoldInputError(path, f"cannot read checkpoint: {err}") from None
+    if which == "ema" and "ema" in ckpt:
+        weights = dict(ckpt["ema"]["shadow"])
+    else:
+        weights = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
+    if not weights:
+        raise ProtfoldInputError(path, "checkpoint holds no model weights")
+    own = model.state_dict()
+    take = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    mismatched = [(k, tuple(own[k].shape), tuple(v.shape)) for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    model.load_state_dict(take, strict=False)
+    return FinetuneReport(
+        source=str(path), loaded=len(take), missing=sorted(k for k in own if k not in weights),
+        unexpected=sorted(k for k in weights if k not in own), mismatched=mismatched,
+    )
+
+
+def structure_scores(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """lDDT-Cα, Cα RMSD, GDT-TS, TM-score of the final structure, on observed residues only."""
+    ca = 1  # atom37 index of CA
+    pred = outputs["final_atom37"][..., ca, :].float()
+    true = batch["all_atom_positions"][..., ca, :].float()
+    mask = batch["all_atom_mask"][..., ca] * batch["seq_mask"]
+    return {
+        "lddt_ca": metrics.lddt(pred, true, mask, per_residue=False).mean(),
+        "rmsd_ca": metrics.rmsd(pred, true, mask).mean(),
+        "gdt_ts": metrics.gdt_ts(pred, true, mask).mean(),
+        "tm": metrics.tm_score(pred, true, mask).mean(),
+    }
+
+
+__all__ = ["FinetuneReport", "NonFiniteStepsError", "ProtfoldModule", "load_weights", "structure_scores", "warmup_step_decay"]
