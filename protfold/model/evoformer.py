@@ -43,8 +43,12 @@ class MSARowAttentionWithPairBias(nn.Module):
         self.linear_z = Linear(c_z, n_heads, bias=False)
         self.attention = Attention(c_q=c_m, c_kv=c_m, c_hidden=c_hidden, n_heads=n_heads, mem=mem)
 
+    def _pair_bias(self, z: Tensor) -> Tensor:
+        return self.linear_z(self.norm_z(z)).movedim(-1, -3)  # [*, H, N, N]
+
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor) -> Tensor:
-        bias = self.linear_z(self.norm_z(z)).movedim(-1, -3)  # [*, H, N, N]
+        # When chunking, the small bias is recomputed in backward too, so LN(z) [*, N, N, c_z] is not kept.
+        bias = recompute(self._pair_bias, z, enabled=self.mem.msa_chunk is not None)
         return row_attention(self.norm_m, self.attention, m, msa_mask, bias, self.mem.msa_chunk)
 
 

@@ -164,7 +164,15 @@ class TriangleAttention(nn.Module):
     def forward(self, z: Tensor, pair_mask: Tensor) -> Tensor:
         if not self.starting:
             z, pair_mask = z.transpose(-2, -3), pair_mask.transpose(-1, -2)
-        z_ln = self.norm(z)
-        bias = self.linear_b(z_ln).movedim(-1, -3)  # [*, H, N, N]
-        out = row_attention(None, self.attention, z_ln, pair_mask, bias, self.mem.pair_chunk)
+        chunk = self.mem.pair_chunk
+        if chunk is None:
+            z_ln = self.norm(z)
+            out = row_attention(None, self.attention, z_ln, pair_mask, self._bias(z_ln), None)
+        else:
+            # Chunked: LN runs inside each chunk and the bias is recomputed, so only z is kept for backward.
+            bias = recompute(lambda z_: self._bias(self.norm(z_)), z)
+            out = row_attention(self.norm, self.attention, z, pair_mask, bias, chunk)
         return out if self.starting else out.transpose(-2, -3)
+
+    def _bias(self, z_ln: Tensor) -> Tensor:
+        return self.linear_b(z_ln).movedim(-1, -3)  # [*, H, N, N]

@@ -16,8 +16,13 @@ B, N_SEQ, N_RES, N_EXTRA = 2, 5, 7, 3
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_one_thread():
+    """Seeded RNG; one intra-op thread (tiny tensors: extra threads only add contention on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
