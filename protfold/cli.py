@@ -1,8 +1,8 @@
 """The `protfold` command: `protfold <subcommand> ...`.
 
 Subcommands are a table of name -> handler(argv) -> exit code, so others can be added in one line.
-`fit`, `validate`, `test` and `predict` will be routed to LightningCLI, and `bench` to the memory-mode
-comparison; until those land they answer with a clear "not available yet" message.
+`fit`, `validate` and `test` run LightningCLI (protfold.train.lightning_cli), `predict` writes structures
+from a checkpoint, and `bench` runs the memory-mode comparison (protfold.bench).
 Heavy modules are imported inside the handlers, so `protfold --help` and `protfold prepare` stay quick.
 """
 
@@ -54,29 +54,38 @@ def _prepare(argv: list[str]) -> int:
     return 0 if report.succeeded else 1
 
 
-def _not_available(name: str, what: str) -> Handler:
-    def handler(argv: list[str]) -> int:
-        print(f"protfold {name}: not available yet ({what})", file=sys.stderr)
-        return 2
+def _lightning(argv: list[str], name: str) -> int:
+    from protfold.train.lightning_cli import run_lightning
 
-    return handler
+    return run_lightning([name, *argv])
 
 
-_LIGHTNING = "will run LightningCLI once protfold.train lands"
+def _predict(argv: list[str]) -> int:
+    from protfold.train.lightning_cli import run_predict_cli
+
+    return run_predict_cli(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from protfold.bench.runner import main as bench_main
+
+    return bench_main(argv)
+
+
 SUBCOMMANDS: dict[str, Handler] = {
     "prepare": _prepare,
-    "fit": _not_available("fit", _LIGHTNING),
-    "validate": _not_available("validate", _LIGHTNING),
-    "test": _not_available("test", _LIGHTNING),
-    "predict": _not_available("predict", _LIGHTNING),
-    "bench": _not_available("bench", "the memory-mode comparison lands with protfold.bench"),
+    "fit": lambda argv: _lightning(argv, "fit"),
+    "validate": lambda argv: _lightning(argv, "validate"),
+    "test": lambda argv: _lightning(argv, "test"),
+    "predict": _predict,
+    "bench": _bench,
 }
 _HELP = {
     "prepare": "structure files + MSAs -> prepared cache",
     "fit": "train (LightningCLI)",
     "validate": "validate a checkpoint (LightningCLI)",
     "test": "test a checkpoint (LightningCLI)",
-    "predict": "predict structures (LightningCLI)",
+    "predict": "predict structures from FASTA / a prepared cache with a checkpoint",
     "bench": "compare memory modes",
 }
 

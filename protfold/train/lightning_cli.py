@@ -56,15 +56,23 @@ def trainer_defaults() -> dict[str, Any]:
 
 def run_lightning(argv: list[str]) -> int:
     """Entry for fit/validate/test: argv starts with the subcommand."""
-    ProtfoldCLI(
+    saved_argv = sys.argv
+    sys.argv = ["protfold", *argv]  # LightningCLI reads sys.argv; passing args= as well makes it warn
+    try:
+        _make_cli()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def _make_cli() -> ProtfoldCLI:
+    return ProtfoldCLI(
         ProtfoldModule,
         ProteinDataModule,
-        args=argv,
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
-    return 0
 
 
 def run_predict_cli(argv: list[str]) -> int:
