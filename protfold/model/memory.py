@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
 from protfold.config import MemoryConfig
@@ -32,6 +35,7 @@ __all__ = [
     "boundary_storage",
     "chunk_rows",
     "fp32_island",
+    "peak_new_bytes",
     "recompute",
     "run_blocks",
     "saved_activation_bytes",
@@ -194,3 +198,45 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks bytes of storages created by ATen ops while active, freed through storage finalizers."""
+
+    def __init__(self, existing: set[int]) -> None:
+        super().__init__()
+        self.current = self.peak = 0
+        self.live: set[int] = set()
+        self.existing = existing
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, n = storage.data_ptr(), storage.nbytes()
+            if n == 0 or key in self.live or key in self.existing:
+                continue
+            self.live.add(key)
+            self.current += n
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key, n)
+        return out
+
+    def _free(self, key: int, n: int) -> None:
+        self.current -= n
+        self.live.discard(key)
+
+
+def peak_new_bytes(fn: Callable[[], Any], existing: Sequence[Tensor] = ()) -> int:
+    """Peak bytes of tensors allocated by `fn()` and alive at the same time, on any device (CPU included).
+
+    Storages of `existing` tensors (inputs, parameters) are not counted, nor are views of them. What `fn`
+    returns counts as long as it lives inside the call. Meant for tests and benchmarks, not for training.
+    """
+    mode = _LiveBytes({t.untyped_storage().data_ptr() for t in existing})
+    with mode:
+        result = fn()
+    del result
+    return mode.peak

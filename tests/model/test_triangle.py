@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from protfold.config import MemoryConfig
+from protfold.model.memory import peak_new_bytes
 from protfold.model.triangle import PairTransition, TriangleAttention, TriangleMultiplication
 
 MEM = MemoryConfig()
@@ -141,3 +142,17 @@ def test_gradcheck_pair_modules(name, low, mask_factory) -> None:
     mask = mask_factory(4, 4).double().fill_diagonal_(1.0)
     # fast mode (random projections of the Jacobian) keeps the nested-recompute cases quick
     assert torch.autograd.gradcheck(lambda z_: mod(z_, mask), (z,), fast_mode=low)
+
+
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_low_memory_inference_peak_is_near_2_5_pair_tensors(outgoing) -> None:
+    """Without grad, beyond the input z the low-memory path allocates at most ~1.5 pair tensors at once."""
+    N, c = 64, 16
+    z, mask = torch.randn(N, N, c), torch.ones(N, N)
+    pair = z.numel() * z.element_size()
+    peaks = {}
+    for low in (False, True):
+        mod = TriangleMultiplication(c_z=c, c_hidden=c, outgoing=outgoing, mem=MemoryConfig(low_memory_triangle=low))
+        with torch.no_grad():
+            peaks[low] = peak_new_bytes(lambda: mod(z, mask), [z, mask, *mod.parameters()]) / pair
+    assert peaks[True] <= 1.5 < 4.0 <= peaks[False], peaks
