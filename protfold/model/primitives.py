@@ -64,19 +64,20 @@ def mask_bias(mask: Tensor) -> Tensor:
     return (mask - 1.0) * INF
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], mem: MemoryConfig) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Sequence[Tensor], mem: MemoryConfig) -> Tensor:
     """softmax(q kᵀ / √c + Σ biases) v through the kernel chosen by `mem.attention`.
 
-    q: [*, H, Q, c], k and v: [*, H, K, c], each bias broadcastable to [*, H, Q, K] -> [*, H, Q, c].
+    q: [*, H, Q, c], k and v: [*, H, K, c], `bias` a list of tensors each broadcastable to [*, H, Q, K]
+    (kept apart so that a bias shared by many rows is never expanded) -> [*, H, Q, c].
     q is scaled here (callers pass it unscaled).
     """
     if mem.attention == "sdpa":
-        return _sdpa_attention(q, k, v, biases)
+        return _sdpa_attention(q, k, v, bias)
     if mem.attention == "flex":
         if q.device.type == "cuda":
-            return _flex_attention(q, k, v, biases, compiled=True)
+            return _flex_attention(q, k, v, bias, compiled=True)
         _warn_flex_fallback(q.device.type)
-    return _naive_attention(q, k, v, biases)
+    return _naive_attention(q, k, v, bias)
 
 
 def _naive_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -> Tensor:
@@ -133,7 +134,9 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], *
     from torch.nn.attention.flex_attention import flex_attention
 
     if compiled and _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        # Default dynamic handling: after a shape changes once (chunk remainders, MSA rows vs columns vs
+        # triangle rows) the sizes are made symbolic instead of recompiling for every shape.
+        _flex_compiled = torch.compile(flex_attention)
     kernel = _flex_compiled if compiled else flex_attention
     lead = q.shape[:-3]
     full = (*lead, q.shape[-3], q.shape[-2], k.shape[-2])
@@ -153,7 +156,7 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], *
 class Attention(nn.Module):
     """Gated multi-head attention, the core of AF2 supplement Algorithms 7, 8, 13 and 14.
 
-    q_x: [*, Q, c_q], kv_x: [*, K, c_kv], biases broadcastable to [*, H, Q, K] -> [*, Q, c_q].
+    q_x: [*, Q, c_q], kv_x: [*, K, c_kv], bias: list of tensors broadcastable to [*, H, Q, K] -> [*, Q, c_q].
     q, k, v have no bias; the gate is Linear(init="gating") + sigmoid; the output projection is init "final".
     """
 
@@ -172,9 +175,9 @@ class Attention(nn.Module):
         """[*, L, H*c] -> [*, H, L, c]"""
         return x.unflatten(-1, (self.n_heads, self.c_hidden)).transpose(-2, -3)
 
-    def forward(self, q_x: Tensor, kv_x: Tensor, biases: Sequence[Tensor]) -> Tensor:
+    def forward(self, q_x: Tensor, kv_x: Tensor, bias: Sequence[Tensor]) -> Tensor:
         q, k, v = self._heads(self.linear_q(q_x)), self._heads(self.linear_k(kv_x)), self._heads(self.linear_v(kv_x))
-        o = attention(q, k, v, biases, self.mem).transpose(-2, -3).flatten(-2)  # [*, Q, H*c]
+        o = attention(q, k, v, bias, self.mem).transpose(-2, -3).flatten(-2)  # [*, Q, H*c]
         if self.linear_g is not None:
             o = o * torch.sigmoid(self.linear_g(q_x))
         return self.linear_o(o)

@@ -166,3 +166,16 @@ def test_chunked_paths_keep_substantially_less_for_backward(mask_factory) -> Non
     assert chunked["tri_att"] < 0.25 * none["tri_att"], saved
     # low-memory triangle multiplication keeps z only (no [N, N, c_hidden] projections or gates)
     assert low["tri_mul"] <= N * N * 8 * 4 < 0.2 * none["tri_mul"], saved
+
+
+def test_recompute_switches_keep_less_for_backward(tiny_cfg, inputs_factory) -> None:
+    """Whole stack: block-level and in-block recompute keep far less than keeping everything."""
+    t = inputs_factory(tiny_cfg, batch=1, n_seq=8, n_res=24, n_extra=3).leaves()
+    saved = {}
+    for label, mem in (("none", MemoryConfig()), ("inside", MemoryConfig(recompute_inside_block=True)),
+                       ("blocks", MemoryConfig(blocks_per_checkpoint=1)), ("low", LOW)):
+        model = EvoformerStack(tiny_cfg, mem=mem).train()
+        saved[label] = saved_activation_bytes(lambda: model(t.m, t.z, t.msa_mask, t.pair_mask))
+    assert saved["inside"] < 0.25 * saved["none"], saved
+    assert saved["blocks"] < 0.1 * saved["none"], saved
+    assert saved["low"] <= saved["blocks"], saved
