@@ -6,13 +6,13 @@ msa_mask [*, N_seq, N_res], pair_mask [*, N_res, N_res], masks float 0/1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from protfold.config import MemoryConfig, ModelConfig
-from protfold.model.memory import chunk_rows, recompute, run_blocks
+from protfold.model.memory import chunk_rows, fp32_island, recompute, run_blocks, upcast
 from protfold.model.primitives import Attention, GlobalAttention, Linear, row_attention
 from protfold.model.triangle import PairTransition, Transition, TriangleAttention, TriangleMultiplication
 
@@ -116,7 +116,8 @@ class OuterProductMean(nn.Module):
         m = self.norm(m)
         mask = msa_mask[..., None]
         a, b = self.linear_a(m) * mask, self.linear_b(m) * mask
-        count = torch.einsum("...si,...sj->...ij", msa_mask, msa_mask)[..., None]
+        with fp32_island(msa_mask):  # counts up to N_seq: exact in fp32, not in bf16
+            count = torch.einsum("...si,...sj->...ij", upcast(msa_mask), upcast(msa_mask))[..., None]
         return chunk_rows(self._rows, [a, b, count], [-2, None, -3], self.mem.pair_chunk, out_dim=-3)
 
 
@@ -200,23 +201,18 @@ class EvoformerBlock(nn.Module):
 
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor) -> tuple[Tensor, Tensor]:
         fine = self.mem.recompute_inside_block
-
-        def step(fn: Callable[..., Tensor], *args: object) -> Tensor:
-            return recompute(fn, *args, enabled=fine)
-
-        m = step(self._msa_row_step, m, z, msa_mask)
-        m = step(lambda m_, mask: self._msa_step(self.msa_col, m_, mask), m, msa_mask)
-        m = step(lambda m_, mask: self._msa_step(self.msa_trans, m_, mask), m, msa_mask)
-        z = step(self._opm_step, m, z, msa_mask)
+        m = recompute(self._msa_row_step, m, z, msa_mask, enabled=fine)
+        m = recompute(partial(self._msa_step, self.msa_col), m, msa_mask, enabled=fine)
+        m = recompute(partial(self._msa_step, self.msa_trans), m, msa_mask, enabled=fine)
+        z = recompute(self._opm_step, m, z, msa_mask, enabled=fine)
         for module, dropout in (
             (self.tri_mul_out, self.pair_dropout_row),
             (self.tri_mul_in, self.pair_dropout_col),
             (self.tri_att_start, self.pair_dropout_row),
             (self.tri_att_end, self.pair_dropout_col),
-            (self.pair_trans, None),
+            (self.pair_trans, nn.Identity()),
         ):
-            z = step(lambda z_, mask, mod=module, drop=dropout: self._pair_step(mod, drop or nn.Identity(), z_, mask),
-                     z, pair_mask)
+            z = recompute(partial(self._pair_step, module, dropout), z, pair_mask, enabled=fine)
         return m, z
 
 

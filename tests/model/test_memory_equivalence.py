@@ -179,3 +179,24 @@ def test_recompute_switches_keep_less_for_backward(tiny_cfg, inputs_factory) -> 
     assert saved["inside"] < 0.25 * saved["none"], saved
     assert saved["blocks"] < 0.1 * saved["none"], saved
     assert saved["low"] <= saved["blocks"], saved
+
+
+@pytest.mark.parametrize("mem", [MemoryConfig(), LOW, MemoryConfig(blocks_per_checkpoint=1, checkpoint_storage="bf16")],
+                         ids=["reference", "low", "bf16 storage"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_bf16_autocast_runs_and_stays_close(mem, grad, tiny_cfg_no_dropout, trunk_inputs, randomize) -> None:
+    """Under bf16 autocast (as on the GPU) every path runs, with and without grad, close to fp32."""
+    ref = randomize(_build("evoformer", tiny_cfg_no_dropout, MemoryConfig()), std=0.1)
+    model = _build("evoformer", tiny_cfg_no_dropout, mem)
+    model.load_state_dict(ref.state_dict())
+    t = trunk_inputs.leaves()
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = model(t.m, t.z, t.msa_mask, t.pair_mask)
+        if grad:
+            sum(o.float().square().mean() for o in outs).backward()
+    with torch.no_grad():
+        expected = ref(t.m, t.z, t.msa_mask, t.pair_mask)
+    for o, e in zip(outs, expected):
+        assert ((o.float() - e).norm() / e.norm()).item() < 2e-2
+    if grad:
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
