@@ -110,6 +110,8 @@ class OuterProductMean(nn.Module):
     def _rows(self, a: Tensor, b: Tensor, count: Tensor) -> Tensor:
         """a: [*, S, I, c] (a row chunk), b: [*, S, N, c], count: [*, I, N, 1] -> [*, I, N, c_z]"""
         outer = torch.einsum("...sic,...sjd->...ijcd", a, b).flatten(-2)
+        # AF2-DIFF (from the supplement's text, as in AF2's released code): project the masked sum, then
+        # divide by the pair count, instead of projecting the mean; the output bias is divided too.
         return self.linear_o(outer) / (self.eps + count)
 
     def forward(self, m: Tensor, msa_mask: Tensor) -> Tensor:

@@ -11,6 +11,9 @@ With grad each chunk is wrapped in a non-reentrant checkpoint, so only the chunk
 backward and, in backward, only one chunk's logits exist at a time. A tensor passed whole to every chunk
 (the pair bias shared by all MSA rows) receives its gradient as a sum accumulated chunk by chunk by autograd,
 never as a tensor at the full broadcast shape [N_seq, H, N_res, N_res].
+
+Measuring (CPU or GPU, for tests and `protfold bench`): `saved_activation_bytes(fn)` counts what autograd
+keeps for backward; `peak_new_bytes(fn, existing)` tracks the peak of tensors allocated and alive at once.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Sequence[Tensor], mem: Memo
 
 
 def _naive_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -> Tensor:
-    # The q kᵀ product runs in the autocast dtype (tensor cores); logits, biases and softmax are fp32.
+    # The q kᵀ product runs in the autocast dtype (tensor cores, fp32 accumulation) and is rounded to it once;
+    # the bias sum and the softmax are fp32. sdpa and flex keep their own fp32 softmax inside the kernel.
     logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     with fp32_island(logits):
         logits = upcast(logits)
