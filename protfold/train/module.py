@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -107,14 +108,30 @@ class ProtfoldModule(pl.LightningModule):
         clamped = bool(torch.rand((), generator=gen) < self.loss_cfg.fape_clamp_prob)
         return n_recycles, clamped
 
+    @contextmanager
+    def _dropout_rng(self, batch_idx: int) -> Iterator[None]:
+        """Dropout draws from the global generator seeded by (seed, step, micro-batch, rank), restored after.
+
+        Loaders and Lightning hooks also draw from the global generator, and a resumed run does not draw as
+        often between a checkpoint and its next step as the run that wrote it did; seeding each step keeps a
+        resumed run's dropout masks those of the uninterrupted run.
+        """
+        micro = batch_idx % self.accumulate
+        seed = np.random.SeedSequence([self.seed, self.global_step, micro, self.global_rank]).generate_state(1)[0]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            yield
+
     # ----- training -----
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
         n_recycles, clamped = self.draw_step_settings()
         self.model.set_memory(self.train_memory)
-        outputs = self.model(batch, n_recycles=n_recycles)
-        loss, terms = alphafold_loss(outputs, batch, self.loss_cfg, use_clamped_fape=clamped)
-        self.manual_backward(loss / self.accumulate)
+        with self._dropout_rng(batch_idx):
+            outputs = self.model(batch, n_recycles=n_recycles)
+            loss, terms = alphafold_loss(outputs, batch, self.loss_cfg, use_clamped_fape=clamped)
+            self.manual_backward(loss / self.accumulate)
         if (batch_idx + 1) % self.accumulate == 0:
             self._finish_step(opt, loss)
         bsz = batch["aatype"].shape[0]
