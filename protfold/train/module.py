@@ -237,11 +237,26 @@ class ProtfoldModule(pl.LightningModule):
                 f"checkpoint was trained with another model configuration (differs in {diff[:6]}); resume with "
                 f"the same preset ({self.hparams.preset!r} now), or fine-tune from it with --model.init_from"
             )
+        _start_next_epoch_at_first_batch(checkpoint)
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
         if "torch_rng" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng"])
         self.bad_steps_total = int(checkpoint.get("bad_steps_total", 0))
+
+
+def _start_next_epoch_at_first_batch(checkpoint: dict[str, Any]) -> None:
+    """Fix the loop state of a checkpoint written after its epoch had finished (at the end of fit, when no
+    validation wrote it earlier): Lightning 2.6 restores that epoch's batch counter into the next epoch, which
+    then starts at batch_idx = the old epoch's length and ends early (and accumulation goes out of step).
+    Module hooks run before Lightning restores the loops, so zeroing the counter here is enough."""
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = fit.get("epoch_progress", {}).get("current"), fit.get("epoch_loop.batch_progress")
+    if not epochs or not batches or not batches.get("is_last_batch"):
+        return
+    if epochs["ready"] == epochs["started"] == epochs["processed"] == epochs["completed"]:
+        batches["current"] = {key: 0 for key in batches["current"]}
+        batches["is_last_batch"] = False
 
 
 @dataclass
