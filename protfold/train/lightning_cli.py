@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,6 +15,9 @@ from protfold.config import model_preset
 from protfold.data.datamodule import ProteinDataModule
 from protfold.train.callbacks import AtomicCheckpointIO, TrainingCurvePlot
 from protfold.train.module import ProtfoldModule
+
+log = logging.getLogger(__name__)
+RUN_NAME = "protfold"  # runs go to <trainer.default_root_dir>/protfold/version_N/
 
 
 class ProtfoldCLI(LightningCLI):
@@ -31,7 +36,20 @@ class ProtfoldCLI(LightningCLI):
             root = trainer.default_root_dir or "runs"
             kind = "CSVLogger" if config.logger_kind == "csv" else "TensorBoardLogger"
             trainer.logger = {"class_path": f"lightning.pytorch.loggers.{kind}",
-                              "init_args": {"save_dir": root, "name": "protfold"}}
+                              "init_args": {"save_dir": root, "name": RUN_NAME}}
+        _resolve_last_checkpoint(config)
+
+
+def _resolve_last_checkpoint(config: Any) -> None:
+    """`--ckpt_path last`: Lightning looks for last.ckpt in *this* run's checkpoint folder, a new and empty
+    version_N, and silently starts from scratch; resume from the newest last.ckpt of the earlier runs instead."""
+    if getattr(config, "ckpt_path", None) != "last":
+        return
+    root = Path(config.trainer.default_root_dir or "runs") / RUN_NAME
+    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+    if found:
+        config.ckpt_path = str(found[-1])
+        log.info("--ckpt_path last: resuming from %s", found[-1])
 
 
 def _check_config(config: Any) -> None:
