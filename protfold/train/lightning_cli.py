@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from protfold.config import model_preset
 from protfold.data.datamodule import ProteinDataModule
-from protfold.train.callbacks import AtomicCheckpointIO, TrainingCurvePlot
+from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, TrainingCurvePlot
 from protfold.train.module import ProtfoldModule
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def _check_config(config: Any) -> None:
 
 
 def trainer_defaults() -> dict[str, Any]:
-    best = ModelCheckpoint(monitor="val/lddt_ca", mode="max", save_last=True, save_top_k=1,
+    best = BestAndLastCheckpoint(monitor="val/lddt_ca", mode="max", save_last=True, save_top_k=1,
                            filename="best-{step}", auto_insert_metric_name=False)
     return {"callbacks": [best, TrainingCurvePlot()], "plugins": [AtomicCheckpointIO()]}
 
