@@ -246,17 +246,23 @@ class ProtfoldModule(pl.LightningModule):
 
 
 def _start_next_epoch_at_first_batch(checkpoint: dict[str, Any]) -> None:
-    """Fix the loop state of a checkpoint written after its epoch had finished (at the end of fit, when no
-    validation wrote it earlier): Lightning 2.6 restores that epoch's batch counter into the next epoch, which
-    then starts at batch_idx = the old epoch's length and ends early (and accumulation goes out of step).
-    Module hooks run before Lightning restores the loops, so zeroing the counter here is enough."""
+    """Fix the loop state of a checkpoint written after its epoch's batches had all run (at the training-epoch
+    end or the end of fit, not at a validation). Lightning 2.6 restores that epoch's batch counter into the
+    next epoch, which then starts at batch_idx = the old epoch's length and ends early (accumulation goes out
+    of step); from a training-epoch-end checkpoint it also runs one more batch inside the finished epoch and
+    the epoch counter lags by one. Such a checkpoint is marked as a finished epoch whose batch counter is
+    zero; module hooks run before Lightning restores the loops, so editing the dict here is enough."""
     fit = checkpoint.get("loops", {}).get("fit_loop", {})
-    epochs, batches = fit.get("epoch_progress", {}).get("current"), fit.get("epoch_loop.batch_progress")
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
     if not epochs or not batches or not batches.get("is_last_batch"):
         return
-    if epochs["ready"] == epochs["started"] == epochs["processed"] == epochs["completed"]:
-        batches["current"] = {key: 0 for key in batches["current"]}
-        batches["is_last_batch"] = False
+    for progress in (epochs["current"], epochs["total"]):
+        if not progress["ready"] == progress["started"] == progress["processed"]:
+            return  # saved inside the epoch (e.g. at a validation): Lightning handles it
+    for progress in (epochs["current"], epochs["total"]):
+        progress["completed"] = progress["processed"]
+    batches["current"] = {key: 0 for key in batches["current"]}
+    batches["is_last_batch"] = False
 
 
 @dataclass
