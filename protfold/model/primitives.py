@@ -74,9 +74,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Sequence[Tensor], mem: Memo
     if mem.attention == "sdpa":
         return _sdpa_attention(q, k, v, bias)
     if mem.attention == "flex":
-        if q.device.type == "cuda":
+        if q.device.type == "cuda" and q.shape[-1] >= 16:
             return _flex_attention(q, k, v, bias, compiled=True)
-        _warn_flex_fallback(q.device.type)
+        _warn_flex_fallback(q.device.type if q.device.type != "cuda" else f"head dim {q.shape[-1]} < 16")
     return _naive_attention(q, k, v, bias)
 
 
@@ -111,7 +111,8 @@ _flex_compiled: Callable[..., Tensor] | None = None
 def _warn_flex_fallback(device_type: str) -> None:
     if device_type not in _flex_warned:
         _flex_warned.add(device_type)
-        log.warning("MemoryConfig.attention='flex' needs CUDA; running the naive kernel on %s", device_type)
+        log.warning("MemoryConfig.attention='flex' needs CUDA and head dims >= 16; running the naive kernel "
+                    "for %s", device_type)
 
 
 def _bias_reader(bias: Tensor, full: Sequence[int]) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:

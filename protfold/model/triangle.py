@@ -15,7 +15,8 @@ from protfold.model.primitives import Attention, Linear, row_attention
 
 __all__ = ["PairTransition", "TriangleAttention", "TriangleMultiplication", "Transition"]
 
-_CHANNEL_CHUNKS = 8  # low-memory triangle multiplication: hidden channels are processed in this many slices
+_CHANNEL_CHUNKS = 8  # low-memory triangle multiplication (no grad): hidden channels in this many slices
+_TRAIN_SLICE_BYTES = 512 * 2**20  # training: channel slices of at most this many bytes per [N, N, slice] edge
 # ... and rows of z in this many slices when MemoryConfig.pair_chunk is unset (training / no-grad inference)
 _ROW_CHUNKS_TRAIN, _ROW_CHUNKS_INFER = 4, 16
 
@@ -56,9 +57,9 @@ class TriangleMultiplication(nn.Module):
     z: [*, N_res, N_res, c_z], pair_mask: [*, N_res, N_res] -> [*, N_res, N_res, c_z]. The sum over the
     third edge k runs in fp32 (`fp32_island`) whatever the autocast dtype.
 
-    With `mem.low_memory_triangle`: in training the whole update is recomputed in backward (only z is kept),
-    and inside it the [N, N, c_hidden] projections and gates are made one channel slice at a time and
-    recomputed per slice, the output gate per row chunk. Without grad: a, b are built channels-first one
+    With `mem.low_memory_triangle`: in training the whole update is recomputed in backward (only z is kept);
+    inside it, for large N, the [N, N, c_hidden] projections and gates are made one channel slice at a time
+    (slices of at most 512 MiB) and recomputed per slice, the output gate per row chunk. Without grad: a, b are built channels-first one
     slice of c_hidden/8 channels at a time from row chunks of z (so the k-sum is a batched matmul with no
     permuted copies), and the output overwrites the combined-edge tensor x row chunk by row chunk: the peak
     is z + x + about three channel slices, about 2.4x the pair tensor when c_hidden = c_z (tested on CPU).
@@ -103,9 +104,18 @@ class TriangleMultiplication(nn.Module):
         """sigmoid(Linear_g(LN(z))) * Linear_o(LN(x)), per position (rows independent)."""
         return torch.sigmoid(self.linear_g(z_ln)) * self.linear_o(self.norm_out(x))
 
-    def _slices(self) -> list[slice]:
-        step = max(1, -(-self.c_hidden // _CHANNEL_CHUNKS))
+    def _slices(self, parts: int = _CHANNEL_CHUNKS) -> list[slice]:
+        step = max(1, -(-self.c_hidden // parts))
         return [slice(s, min(s + step, self.c_hidden)) for s in range(0, self.c_hidden, step)]
+
+    def _train_slices(self, z: Tensor) -> list[slice]:
+        """As few channel slices as keep each fp32 [N, N, slice] edge under _TRAIN_SLICE_BYTES.
+
+        Slicing is exact but costs kernel launches, which dominate at small N on a GPU (measured: 8 fixed
+        slices made an af2 training step 2.9x slower at N=256), so small pair tensors are not sliced.
+        """
+        per_channel = z.shape[-3] * z.shape[-2] * 4
+        return self._slices(max(1, -(-per_channel * self.c_hidden // _TRAIN_SLICE_BYTES)))
 
     def _row_chunk(self, n: int, parts: int) -> int:
         return self.mem.pair_chunk or max(1, -(-n // parts))
@@ -116,8 +126,12 @@ class TriangleMultiplication(nn.Module):
 
     def _low_memory_train(self, z: Tensor, pair_mask: Tensor) -> Tensor:
         z_ln = self.norm_in(z)
-        parts = [recompute(self._channels, z_ln, pair_mask, sl.start, sl.stop) for sl in self._slices()]
-        x = torch.cat(parts, dim=-1)
+        slices = self._train_slices(z)
+        if len(slices) == 1:
+            x = self._channels(z_ln, pair_mask, 0, self.c_hidden)
+        else:
+            parts = [recompute(self._channels, z_ln, pair_mask, sl.start, sl.stop) for sl in slices]
+            x = torch.cat(parts, dim=-1)
         rows = self._row_chunk(z.shape[-3], _ROW_CHUNKS_TRAIN)
         return chunk_rows(self._finish, [z_ln, x], [-3, -3], rows, out_dim=-3)
 

@@ -156,3 +156,27 @@ def test_low_memory_inference_peak_is_near_2_5_pair_tensors(outgoing) -> None:
         with torch.no_grad():
             peaks[low] = peak_new_bytes(lambda: mod(z, mask), [z, mask, *mod.parameters()]) / pair
     assert peaks[True] <= 1.5 < 4.0 <= peaks[False], peaks
+
+
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_low_memory_training_channel_slices_match(outgoing, randomize, mask_factory, monkeypatch) -> None:
+    """Large pair tensors are sliced over hidden channels in training; force that path at a small N."""
+    import protfold.model.triangle as triangle
+
+    ref = randomize(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing, mem=MemoryConfig()))
+    low = TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing, mem=MemoryConfig(low_memory_triangle=True))
+    low.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(triangle, "_TRAIN_SLICE_BYTES", 7 * 7 * 4 * 2)  # two channels per slice -> 3 slices
+    assert len(low._train_slices(torch.zeros(7, 7, 6))) == 3
+    z = torch.randn(7, 7, 6)
+    mask = mask_factory(7, 7)
+    outs, grads = [], []
+    for module in (ref, low):
+        zz = z.clone().requires_grad_(True)
+        out = module(zz, mask)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([zz.grad] + [p.grad for p in module.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for g_low, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_low, g_ref, rtol=1e-5, atol=1e-6)
