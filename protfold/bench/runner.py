@@ -1,0 +1,290 @@
+"""`protfold bench`: memory modes compared on one training step (or the Evoformer alone, or one inference block).
+
+For each preset x precision x crop x MSA rows x extra rows, every memory mode runs on the same weights (built
+once per preset with a fixed seed), the same synthetic batch and the same RNG seed, and is compared with mode
+`none` (or, when `none` does not fit, with the lowest-memory mode that does). See benchmarks/NOTES.md.
+
+    python3 -m protfold.bench.runner --model tiny --modes none,recompute,low --crops 32,64 --device cpu --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from protfold.bench import report
+from protfold.bench.measure import environment, free_memory, parse_bytes, relative_diff
+from protfold.bench.synthetic import synthetic_batch
+from protfold.bench.workloads import ModeResult, Point, Settings, build_reference_state, probe_peak, run_mode
+from protfold.config import PRESET_NAMES, MemoryConfig, model_preset
+
+log = logging.getLogger(__name__)
+
+__all__ = ["budget_search", "load_mode", "main"]
+
+MEMORY_DIR = Path(__file__).resolve().parents[2] / "configs" / "memory"
+BUDGET_STEP, BUDGET_RESOLUTION = 128, 32
+
+
+def load_mode(name_or_path: str) -> MemoryConfig:
+    """MemoryConfig of configs/memory/NAME.yaml (or a YAML path): `model: memory: {fields}` or bare fields.
+
+    (The same format as `protfold.train.lightning_cli.load_memory_preset`, read here without importing
+    Lightning, which would add ~10 s to every bench start.)
+    """
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = MEMORY_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in MEMORY_DIR.glob("*.yaml")))
+        raise SystemExit(f"protfold bench: unknown memory mode {name_or_path!r} (known: {known})")
+    data = yaml.safe_load(path.read_text()) or {}
+    fields = data.get("model", {}).get("memory", data.get("memory", data)) or {}
+    try:
+        return MemoryConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"protfold bench: {path}: {err}") from None
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _skip_rule(text: str) -> tuple[str, str | None, int]:
+    """'none=384' or 'none/fp32=384': skip that mode (in that precision) at crops above 384."""
+    try:
+        key, crop = text.split("=")
+        mode, _, prec = key.partition("/")
+        return mode, prec or None, int(crop)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--skip-above wants MODE[/PRECISION]=CROP, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="protfold bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help=f"preset(s), comma separated: {', '.join(PRESET_NAMES)}")
+    p.add_argument("--modes", default="none,recompute,chunked,triangle,low",
+                   help="memory presets (configs/memory/NAME.yaml) or YAML paths, comma separated")
+    p.add_argument("--crops", default="32,64", help="crop sizes (residues), comma separated")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=None, help="write results.json, results.csv, memory_time.png here")
+    p.add_argument("--precisions", default="fp32", help="fp32 and/or bf16 (torch.autocast), comma separated")
+    p.add_argument("--rows", default="128", help="MSA cluster rows N_seq, comma separated")
+    p.add_argument("--extra-rows", default="1024", help="extra MSA rows, comma separated")
+    p.add_argument("--recycles", type=int, default=0, help="no-grad passes before the grad pass")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the seeded comparison step is one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for this run (restored afterwards); 1 is steadiest on a busy machine")
+    p.add_argument("--no-infer", action="store_true", help="skip the no-grad inference measurement")
+    p.add_argument("--skip-above", type=_skip_rule, action="append", default=[], metavar="MODE[/PREC]=CROP",
+                   help="do not run MODE (in PREC) at crops above CROP; recorded as skipped (repeatable)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds; start no new run after this (the rest is recorded as skipped)")
+    p.add_argument("--budget", default=None, help="e.g. 80GB: per mode, the largest crop whose peak fits")
+    p.add_argument("--budget-cap", type=int, default=None,
+                   help="largest crop the budget search tries (default: the model's max_crop on CUDA, "
+                        "4x the largest measured crop on CPU)")
+    p.add_argument("--budget-time", type=float, default=None,
+                   help="seconds per mode for the budget search; when exceeded, max_crop is a lower bound")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--evoformer-only", action="store_true",
+                      help="the Evoformer stack alone, forward + backward, fp32 inputs m, z (OpenFold's table)")
+    what.add_argument("--inference-block", action="store_true",
+                      help="no-grad inference of one Evoformer block (inputs in the run precision)")
+    return p
+
+
+def _skipped(rules: list[tuple[str, str | None, int]], mode: str, point: Point) -> bool:
+    return any(m == mode and (p is None or p == point.precision) and point.crop > c for m, p, c in rules)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _compare(results: dict[str, ModeResult]) -> None:
+    """Fill loss_diff, grad_diff and reference: each mode against `none`, else the lowest-memory mode that ran."""
+    ok = {name: r for name, r in results.items() if r.fields.get("status") == "ok"}
+    if not ok:
+        return
+    if "none" in ok:
+        ref_name, note = "none", "none"
+    else:
+        ref_name = min(ok, key=lambda n: ok[n].fields["peak_bytes"])
+        why = results["none"].fields["status"] if "none" in results else "not run"
+        note = f"{ref_name} (none: {why})"
+    ref = ok[ref_name]
+    for r in ok.values():
+        r.fields["reference"] = note
+        if ref.outputs:  # inference block: the largest relative output difference
+            r.fields["loss_diff"] = max(relative_diff(a, b) for a, b in zip(r.outputs, ref.outputs))
+            r.fields["grad_diff"] = None
+            continue
+        r.fields["loss_diff"] = relative_diff(r.loss, ref.loss)
+        names = set(ref.grads) | set(r.grads)
+        r.fields["grad_diff"] = max((relative_diff(r.grads.get(n), ref.grads.get(n)) for n in names), default=0.0)
+
+
+def budget_search(fits: Callable[[int], bool], *, known: dict[int, bool], cap: int, step: int = BUDGET_STEP,
+                  resolution: int = BUDGET_RESOLUTION, deadline: float | None = None) -> dict[str, Any]:
+    """The largest crop with fits(crop): upward in `step`s from the largest known fitting crop until one fails
+    (or `cap`), then bisection down to `resolution`. `known` holds already measured crops."""
+    lo = max((c for c, ok in known.items() if ok), default=0)
+    hi = min((c for c, ok in known.items() if not ok and c > lo), default=None)
+    probes: list[int] = []
+    complete = True
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
+    def probe(crop: int) -> bool:
+        probes.append(crop)
+        return fits(crop)
+
+    crop = lo + step
+    while hi is None and lo < cap:
+        if out_of_time():
+            complete = False
+            break
+        crop = min(crop, cap)
+        if probe(crop):
+            lo, crop = crop, crop + step
+        else:
+            hi = crop
+    while hi is not None and hi - lo > resolution:
+        mid = lo + max(resolution, (hi - lo) // 2 // resolution * resolution)
+        if mid >= hi:
+            break
+        if out_of_time():
+            complete = False
+            break
+        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
+    return {"max_crop": lo, "first_failing_crop": hi, "capped": hi is None and lo >= cap, "complete": complete,
+            "probes": probes}
+
+
+def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryConfig], cfg, state, s: Settings,
+                records: list[dict[str, Any]], env: dict[str, str]) -> list[dict[str, Any]]:
+    budget = parse_bytes(args.budget)
+    same = [r for r in records if r.get("kind") == point.kind and r["preset"] == point.preset
+            and r["precision"] == point.precision and r["rows"] == point.rows
+            and r["extra_rows"] == point.extra_rows]
+    largest = max((r["crop"] for r in same), default=point.crop)
+    cap = args.budget_cap or (cfg.max_crop if s.device.type == "cuda" else min(cfg.max_crop, 4 * largest))
+    out = []
+    for name, mem in modes.items():
+        known = {r["crop"]: r["peak_bytes"] is not None and r["peak_bytes"] <= budget
+                 for r in same if r["mode"] == name and r["status"] in ("ok", "oom")}
+        probed: dict[int, int | None] = {}
+
+        def fits(crop: int, mem: MemoryConfig = mem, probed: dict = probed) -> bool:
+            at = Point(**{**point.__dict__, "crop": crop})
+            batch = _to_device(synthetic_batch(crop, at.rows, at.extra_rows, seed=s.seed), s.device) \
+                if at.kind == "train" else None
+            probed[crop] = probe_peak(at, mem, cfg, state, s, batch)
+            del batch
+            free_memory(s.device)
+            return probed[crop] is not None and probed[crop] <= budget
+
+        deadline = time.monotonic() + args.budget_time if args.budget_time else None
+        found = budget_search(fits, known=known, cap=cap, deadline=deadline)
+        found["probes"] = [[c, probed[c]] for c in found["probes"]]  # [crop, peak bytes or None (OOM)]
+        rec = {"kind": "budget", "preset": point.preset, "mode": name, "precision": point.precision,
+               "crop": found["max_crop"], "rows": point.rows, "extra_rows": point.extra_rows,
+               "recycles": point.recycles, "status": "ok", "budget_bytes": budget, "budget_kind": point.kind,
+               "budget_cap": cap, **found, **env}
+        for r in same:
+            if r["mode"] == name:
+                r["max_crop"] = found["max_crop"]
+        out.append(rec)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `protfold bench`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _bench(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    device = torch.device(args.device)
+    precisions = _names(args.precisions)
+    bad = set(precisions) - {"fp32", "bf16"}
+    if bad:
+        raise SystemExit(f"protfold bench: unknown precision(s) {sorted(bad)}; use fp32 and/or bf16")
+    presets = _names(args.model)
+    modes = {name: load_mode(name) for name in _names(args.modes)}
+    kind = "evoformer" if args.evoformer_only else "inference_block" if args.inference_block else "train"
+    extras = [0] if kind != "train" else _ints(args.extra_rows)
+    crops, rows_list = _ints(args.crops), _ints(args.rows)
+    s = Settings(device=device, steps=args.steps, warmup=args.warmup, seed=args.seed, infer=not args.no_infer)
+    env = environment(device, argv)
+    start = time.monotonic()
+    records: list[dict[str, Any]] = []
+    combos = list(itertools.product(precisions, crops, rows_list, extras))
+    bar = tqdm(total=len(presets) * len(combos) * len(modes), desc="protfold bench", unit="run",
+               file=sys.stderr, dynamic_ncols=True)
+    for preset in presets:
+        cfg = model_preset(preset)
+        state = build_reference_state(kind, cfg, args.seed)
+        for precision, crop, rows, extra in combos:
+            point = Point(kind=kind, preset=preset, precision=precision, crop=crop, rows=rows, extra_rows=extra,
+                          recycles=args.recycles)
+            batch = _to_device(synthetic_batch(crop, rows, extra, seed=args.seed), device) if kind == "train" else None
+            results: dict[str, ModeResult] = {}
+            for name, mem in modes.items():
+                bar.set_postfix_str(f"{preset} {precision} crop {crop} {name}")
+                if _skipped(args.skip_above, name, point):
+                    results[name] = ModeResult(fields={"status": "skipped"})
+                elif args.time_limit is not None and time.monotonic() - start > args.time_limit:
+                    results[name] = ModeResult(fields={"status": "skipped (time limit)"})
+                else:
+                    results[name] = run_mode(point, mem, cfg, state, s, batch)
+                bar.update()
+            _compare(results)
+            for name, r in results.items():
+                records.append({**{k: None for k in report.REQUIRED}, **point.__dict__, "mode": name,
+                                "memory": dict(modes[name].__dict__), **r.fields, **env})
+            del batch, results
+            free_memory(device)
+            if args.out:
+                report.write_outputs(args.out, records, plot=False)
+        if args.budget:
+            for precision, rows, extra in itertools.product(precisions, rows_list, extras):
+                point = Point(kind=kind, preset=preset, precision=precision, crop=max(crops), rows=rows,
+                              extra_rows=extra, recycles=args.recycles)
+                records.extend(_run_budget(args, point, modes, cfg, state, s, records, env))
+    bar.close()
+    print(report.format_table(records, env))
+    if args.out:
+        report.write_outputs(args.out, records)
+        print(f"# wrote {args.out / 'results.json'}, results.csv, memory_time.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

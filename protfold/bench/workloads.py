@@ -1,0 +1,282 @@
+"""What is measured for one memory mode: the full training step, the Evoformer stack alone, one block's inference.
+
+Each `run_*` function builds its module with the given `MemoryConfig`, loads the shared weights, and returns a
+`ModeResult`: the record fields it measured plus what the runner needs to compare modes (loss, gradients or
+outputs, kept on the CPU). Out-of-memory errors are caught per phase (training, inference) and reported as
+status "oom"; the caller frees memory afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from protfold.bench.measure import Peak, free_memory, median, peak_of, resident_bytes, saved_bytes, timed_peak
+from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig
+from protfold.losses import alphafold_loss
+from protfold.model.alphafold import AlphaFold
+from protfold.model.evoformer import EvoformerBlock, EvoformerStack
+
+__all__ = ["KINDS", "ModeResult", "Point", "Settings", "build_reference_state", "probe_peak", "run_mode"]
+
+KINDS = ("train", "evoformer", "inference_block")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One shape / precision point of the sweep."""
+
+    kind: str  # one of KINDS
+    preset: str
+    precision: str  # "fp32" | "bf16"
+    crop: int
+    rows: int
+    extra_rows: int
+    recycles: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    steps: int = 3
+    warmup: int = 1
+    seed: int = 0
+    infer: bool = True
+
+
+@dataclass
+class ModeResult:
+    fields: dict[str, Any]
+    loss: Tensor | None = None
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    outputs: list[Tensor] = field(default_factory=list)
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    """bf16: torch.autocast(device type, bfloat16); fp32: autocast off."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _module(kind: str, cfg: ModelConfig, mem: MemoryConfig) -> nn.Module:
+    if kind == "train":
+        return AlphaFold(cfg=cfg, mem=mem)
+    if kind == "evoformer":
+        return EvoformerStack(cfg, mem=mem)
+    return EvoformerBlock.from_config(cfg, mem=mem)
+
+
+def build_reference_state(kind: str, cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
+    """The weights every mode of this preset starts from (built once on the CPU with a fixed seed)."""
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in _module(kind, cfg, MemoryConfig()).state_dict().items()}
+
+
+def _evo_inputs(cfg: ModelConfig, point: Point, device: torch.device, dtype: torch.dtype, grad: bool,
+                seed: int) -> dict[str, Tensor]:
+    """Random m [1, S, N, c_m], z [1, N, N, c_z] (drawn on the device) and all-ones masks."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    s, n = point.rows, point.crop
+    m = torch.randn(1, s, n, cfg.c_m, device=device, generator=gen).to(dtype).requires_grad_(grad)
+    z = torch.randn(1, n, n, cfg.c_z, device=device, generator=gen).to(dtype).requires_grad_(grad)
+    return {"m": m, "z": z, "msa_mask": torch.ones(1, s, n, device=device, dtype=dtype),
+            "pair_mask": torch.ones(1, n, n, device=device, dtype=dtype)}
+
+
+def _oom_guard(fn: Callable[[], Any]) -> tuple[str, Any]:
+    """("ok", fn()) or ("oom", None); the exception (and the frames holding tensors) is dropped on return."""
+    try:
+        return "ok", fn()
+    except torch.OutOfMemoryError:
+        return "oom", None
+
+
+class _Trainer:
+    """A training-style step on `module`: forward + loss + backward (+ clip 0.1 and Adam when `optimize`)."""
+
+    def __init__(self, module: nn.Module, loss_fn: Callable[[], Tensor], leaves: list[Tensor], *,
+                 optimize: bool) -> None:
+        self.module, self.loss_fn, self.leaves = module, loss_fn, leaves
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.opt = None
+        if optimize:
+            optim = OptimConfig()
+            self.opt = torch.optim.Adam(self.params, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+            self._prime()
+
+    def _prime(self) -> None:
+        """Allocate Adam's state with an all-zero gradient (an exact no-op update), so every measured step,
+        the first one included, sees the steady-state memory of weights + optimizer state."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        self.opt.step()  # type: ignore[union-attr]
+        self.module.zero_grad(set_to_none=True)
+
+    def _finish(self) -> None:
+        if self.opt is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, OptimConfig().grad_clip)
+            self.opt.step()
+        self.module.zero_grad(set_to_none=True)
+        for t in self.leaves:
+            t.grad = None
+
+    def step(self) -> None:
+        self.loss_fn().backward()
+        self._finish()
+
+    def reference_step(self, seed: int) -> tuple[Tensor, dict[str, Tensor], int]:
+        """A seeded step (dropout masks identical across modes) that also counts saved activation bytes and
+        returns (loss, gradients before clipping, saved bytes), copied to the CPU."""
+        torch.manual_seed(seed)
+        loss, n_saved = saved_bytes(self.loss_fn)
+        loss.backward()
+        grads = {name: p.grad.detach().to("cpu", copy=True) for name, p in self.module.named_parameters()
+                 if p.grad is not None}
+        value = loss.detach().to("cpu", copy=True)
+        del loss
+        self._finish()
+        return value, grads, n_saved
+
+
+def _train_phase(trainer: _Trainer, s: Settings, resident: Callable[[], int]) -> dict[str, Any]:
+    loss, grads, n_saved = trainer.reference_step(s.seed)  # counts as the first warm-up step
+    times, peak = timed_peak(trainer.step, s.device, steps=s.steps, warmup=max(s.warmup - 1, 0), resident=resident)
+    return {"loss": loss, "grads": grads, "saved": n_saved, "times": times, "peak": peak}
+
+
+def _infer_phase(forward: Callable[[], Any], s: Settings, resident: Callable[[], int], *,
+                 keep: bool) -> dict[str, Any]:
+    """A first (untimed, seeded) call whose outputs are copied to the CPU when `keep`, then timed calls that
+    drop their outputs at once (so no step's peak holds the previous step's outputs)."""
+    torch.manual_seed(s.seed)
+    with torch.no_grad():
+        out = forward()
+        kept = [o.detach().float().cpu() for o in out] if keep else []
+        del out
+
+    def step() -> None:
+        with torch.no_grad():
+            forward()
+
+    times, peak = timed_peak(step, s.device, steps=max(s.steps, 1), warmup=max(s.warmup - 1, 0),
+                             resident=resident)
+    return {"times": times, "peak": peak, "out": kept}
+
+
+def _peak_fields(prefix: str, peak: Peak | None, times: list[float] | None) -> dict[str, Any]:
+    return {
+        f"{prefix}peak_bytes": peak.absolute if peak else None,
+        f"{prefix}peak_above_start_bytes": peak.above_start if peak else None,
+        f"{prefix}time_s" if prefix else "step_time_s": median(times) if times else None,
+        f"{prefix}times_s" if prefix else "step_times_s": times,
+    }
+
+
+def run_mode(point: Point, mem: MemoryConfig, cfg: ModelConfig, state: dict[str, Tensor], s: Settings,
+             batch: dict | None = None, *, train: bool = True) -> ModeResult:
+    """Measure one mode at one point. `batch` (already on the device) is needed for kind "train".
+
+    train=False skips the training phase (budget probes for inference, or the inference-block kind).
+    """
+    torch.manual_seed(s.seed)
+    module = _module(point.kind, cfg, mem)
+    module.load_state_dict(state)
+    module.to(s.device)
+    dtype = torch.bfloat16 if point.precision == "bf16" and point.kind == "inference_block" else torch.float32
+    inputs = batch if point.kind == "train" else _evo_inputs(cfg, point, s.device, dtype,
+                                                             grad=point.kind == "evoformer", seed=s.seed + 1)
+    leaves = [t for t in inputs.values() if isinstance(t, Tensor) and t.requires_grad]
+
+    def forward() -> Any:
+        with autocast(s.device, point.precision):
+            if point.kind == "train":
+                return module(inputs, n_recycles=point.recycles)
+            return module(inputs["m"], inputs["z"], inputs["msa_mask"], inputs["pair_mask"])
+
+    def loss_fn() -> Tensor:
+        out = forward()
+        with autocast(s.device, point.precision):
+            if point.kind == "train":
+                return alphafold_loss(out, inputs, LossConfig(), use_clamped_fape=True)[0]
+            return sum(o.float().square().mean() for o in out)
+
+    result = ModeResult(fields={"n_params": sum(p.numel() for p in module.parameters())})
+    status, trained = "skipped", None
+    if train and point.kind != "inference_block":
+        module.train()
+        trainer = _Trainer(module, loss_fn, leaves, optimize=point.kind == "train")
+        status, trained = _oom_guard(lambda: _train_phase(
+            trainer, s, lambda: resident_bytes(module, trainer.opt, inputs)))
+        del trainer
+        free_memory(s.device)
+    result.fields["status"] = status
+    result.fields["saved_bytes"] = trained["saved"] if trained else None
+    result.fields.update(_peak_fields("", trained["peak"] if trained else None, trained and trained["times"]))
+    if trained:
+        result.loss, result.grads = trained["loss"], trained["grads"]
+        result.fields["loss"] = float(trained["loss"])
+    del trained
+
+    infer_status, inferred = "skipped", None
+    block = point.kind == "inference_block"
+    if s.infer or block:
+        module.eval()
+        module.zero_grad(set_to_none=True)
+        for t in leaves:
+            t.requires_grad_(False)
+            t.grad = None
+        infer_status, inferred = _oom_guard(lambda: _infer_phase(
+            forward, s, lambda: resident_bytes(module, None, inputs), keep=block))
+    result.fields["infer_status"] = infer_status
+    result.fields.update(_peak_fields("infer_", inferred["peak"] if inferred else None,
+                                      inferred and inferred["times"]))
+    if block:  # the measured step of this kind *is* the inference call
+        result.fields.update(status=infer_status, saved_bytes=0, loss=None)
+        result.fields.update(_peak_fields("", inferred["peak"] if inferred else None, inferred and inferred["times"]))
+        result.outputs = inferred["out"] if inferred else []
+    del inferred, module, inputs, leaves
+    free_memory(s.device)
+    return result
+
+
+def probe_peak(point: Point, mem: MemoryConfig, cfg: ModelConfig, state: dict[str, Tensor], s: Settings,
+               batch: dict | None = None) -> int | None:
+    """Absolute peak bytes of one measured step (training, or the no-grad call for "inference_block"), with
+    Adam's state already allocated; None when it runs out of memory. Used by the budget search."""
+    torch.manual_seed(s.seed)
+    module = _module(point.kind, cfg, mem)
+    module.load_state_dict(state)
+    module.to(s.device)
+    block = point.kind == "inference_block"
+    dtype = torch.bfloat16 if point.precision == "bf16" and block else torch.float32
+    inputs = batch if point.kind == "train" else _evo_inputs(cfg, point, s.device, dtype,
+                                                             grad=point.kind == "evoformer", seed=s.seed + 1)
+    leaves = [t for t in inputs.values() if isinstance(t, Tensor) and t.requires_grad]
+
+    def loss_fn() -> Tensor:
+        with autocast(s.device, point.precision):
+            if point.kind == "train":
+                return alphafold_loss(module(inputs, n_recycles=point.recycles), inputs, LossConfig(),
+                                      use_clamped_fape=True)[0]
+            return sum(o.float().square().mean() for o in module(*inputs.values()))
+
+    def infer() -> None:
+        with torch.no_grad(), autocast(s.device, point.precision):
+            module(*inputs.values())
+
+    def measure() -> Peak:
+        if block:
+            module.eval()
+            return peak_of(infer, s.device, resident=lambda: resident_bytes(module, None, inputs))
+        module.train()
+        trainer = _Trainer(module, loss_fn, leaves, optimize=point.kind == "train")
+        return peak_of(trainer.step, s.device, resident=lambda: resident_bytes(module, trainer.opt, inputs))
+
+    status, peak = _oom_guard(measure)
+    del module, inputs, leaves
+    free_memory(s.device)
+    return peak.absolute if status == "ok" else None
