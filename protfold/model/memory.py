@@ -84,6 +84,8 @@ def chunk_rows(
     if chunk is None:
         return fn(*args)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None and a is not None)
+    if chunk >= size:  # one chunk: no slicing and no extra recompute (launches dominate small shapes)
+        return fn(*args)
     grad = torch.is_grad_enabled()
     outs: list[Tensor] = []
     out: Tensor | None = None
