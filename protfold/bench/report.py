@@ -120,7 +120,7 @@ def write_outputs(out_dir: Path, records: Sequence[dict[str, Any]], *, plot: boo
 
 
 def plot_memory_time(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """Two panels against crop: peak memory (GiB) and step time (s), one line per mode (x precision, rows)."""
+    """Two panels against crop: peak memory (GiB or MiB) and step time (s), one line per mode (x precision, rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,15 +134,17 @@ def plot_memory_time(records: Sequence[dict[str, Any]], path: Path) -> None:
         label = r["mode"] + (f" {r['precision']}" if multi_prec else "")
         label += f" {r['rows']}/{r['extra_rows']}" if multi_rows else ""
         series.setdefault(label, []).append(r)
+    top = max((r["peak_bytes"] for r in runs), default=0)
+    unit, scale = ("GiB", 2**30) if top >= 2**30 else ("MiB", 2**20)
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["crop"])
         crops = [r["crop"] for r in rs]
-        ax_mem.plot(crops, [r["peak_bytes"] / 2**30 for r in rs], marker="o", label=label)
+        ax_mem.plot(crops, [r["peak_bytes"] / scale for r in rs], marker="o", label=label)
         ax_time.plot(crops, [r["step_time_s"] for r in rs], marker="o", label=label)
     card = records[0]["card"] if records else "?"
     kind = runs[0]["kind"] if runs else "train"
-    ax_mem.set(xlabel="crop (residues)", ylabel="peak memory (GiB)", title=f"peak memory, {kind} ({card})")
+    ax_mem.set(xlabel="crop (residues)", ylabel=f"peak memory ({unit})", title=f"peak memory, {kind} ({card})")
     ax_time.set(xlabel="crop (residues)", ylabel="time per step (s, median)", title=f"step time, {kind}")
     for ax in (ax_mem, ax_time):
         ax.grid(alpha=0.3)

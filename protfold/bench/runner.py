@@ -56,6 +56,12 @@ def load_mode(name_or_path: str) -> MemoryConfig:
         raise SystemExit(f"protfold bench: {path}: {err}") from None
 
 
+def _mode_name(name_or_path: str) -> str:
+    """A preset name as given; a YAML path by its file stem (so tables stay narrow)."""
+    path = Path(name_or_path)
+    return path.stem if path.suffix in (".yaml", ".yml") and path.is_file() else name_or_path
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -237,7 +243,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     if bad:
         raise SystemExit(f"protfold bench: unknown precision(s) {sorted(bad)}; use fp32 and/or bf16")
     presets = _names(args.model)
-    modes = {name: load_mode(name) for name in _names(args.modes)}
+    modes = {_mode_name(name): load_mode(name) for name in _names(args.modes)}
     kind = "evoformer" if args.evoformer_only else "inference_block" if args.inference_block else "train"
     extras = [0] if kind != "train" else _ints(args.extra_rows)
     crops, rows_list = _ints(args.crops), _ints(args.rows)

@@ -1,0 +1,147 @@
+"""`protfold bench` on the CPU with the tiny preset: outputs, exactness of every mode, saved bytes, budget search.
+
+Sizes are odd where they can be (5 MSA rows, 7 extra rows) so transposition bugs show; one torch thread keeps
+timings steady on a busy machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from protfold.bench.measure import cpu_profiler_peak, parse_bytes, relative_diff
+from protfold.bench.report import REQUIRED
+from protfold.bench.runner import budget_search, main
+from protfold.bench.synthetic import synthetic_batch
+
+MODES = ("none", "recompute", "chunked", "triangle", "low")
+COMMON = ["--model", "tiny", "--device", "cpu", "--rows", "5", "--extra-rows", "7", "--steps", "1",
+          "--warmup", "1", "--threads", "1"]
+EXACT = 1e-5  # fp32: every mode computes the same function
+
+
+def run_main(argv: list[str]) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    return code, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[int, str, Path]:
+    """All five presets plus one YAML with chunks small enough to split these shapes (so chunking really runs)."""
+    out = tmp_path_factory.mktemp("bench")
+    small = out / "low_small.yaml"
+    small.write_text("model:\n  memory:\n    blocks_per_checkpoint: 1\n    recompute_inside_block: true\n"
+                     "    msa_chunk: 3\n    pair_chunk: 9\n    low_memory_triangle: true\n")
+    code, text = run_main([*COMMON, "--modes", ",".join([*MODES, str(small)]), "--crops", "16,24",
+                           "--out", str(out)])
+    return code, text, out
+
+
+def records(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_sweep_prints_table_and_writes_outputs(sweep) -> None:
+    code, text, out = sweep
+    assert code == 0
+    header = next(line for line in text.splitlines() if line.startswith("mode"))
+    for column in ("peak", "saved", "step s", "inf peak", "inf s", "loss_diff", "grad_diff", "status"):
+        assert column in header
+    assert "card: cpu" in text and torch.__version__ in text and "--crops 16,24" in text
+    recs = records(out)
+    assert len(recs) == 2 * (len(MODES) + 1)
+    assert {r["mode"] for r in recs} == {*MODES, "low_small"}
+    for r in recs:
+        assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
+        assert r["status"] == "ok" and r["infer_status"] == "ok", r
+        assert r["card"] == "cpu" and r["torch"] == torch.__version__ and "protfold bench" in r["command"]
+        assert r["date"] and r["device"] == "cpu" and r["preset"] == "tiny"
+        assert (r["rows"], r["extra_rows"]) == (5, 7)
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(recs) and set(REQUIRED) <= set(rows[0])
+    png = (out / "memory_time.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_every_mode_matches_none(sweep) -> None:
+    for r in records(sweep[2]):
+        assert r["reference"] == "none"
+        assert r["loss_diff"] < EXACT and r["grad_diff"] < EXACT, (r["mode"], r["crop"], r["loss_diff"], r["grad_diff"])
+        assert torch.isfinite(torch.tensor(r["loss"]))
+
+
+def test_peaks_are_positive_and_include_the_resident_state(sweep) -> None:
+    for r in records(sweep[2]):
+        assert r["peak_bytes"] > r["peak_above_start_bytes"] > 0
+        assert r["infer_peak_bytes"] > 0 and r["step_time_s"] > 0 and r["infer_time_s"] > 0
+
+
+def test_recompute_and_low_save_fewer_activations(sweep) -> None:
+    by = {(r["mode"], r["crop"]): r["saved_bytes"] for r in records(sweep[2])}
+    for crop in (16, 24):
+        assert by[("none", crop)] > 0
+        for mode in ("recompute", "low", "low_small"):
+            assert by[(mode, crop)] < by[("none", crop)], (mode, crop, by)
+    assert by[("none", 24)] > by[("none", 16)]
+
+
+def test_budget_search_on_cpu_gives_a_crop_per_mode(tmp_path) -> None:
+    code, text = run_main([*COMMON, "--modes", "none,low", "--crops", "16", "--no-infer", "--budget", "6MB",
+                           "--out", str(tmp_path)])
+    assert code == 0 and "max_crop" in text
+    recs = records(tmp_path)
+    budget = {r["mode"]: r for r in recs if r["kind"] == "budget"}
+    assert set(budget) == {"none", "low"}
+    for mode, b in budget.items():
+        assert b["budget_bytes"] == 6_000_000 and b["probes"], b
+        assert 16 <= b["max_crop"] <= b["budget_cap"] == 64
+        fitting = [c for c, peak in b["probes"] if peak is not None and peak <= 6_000_000]
+        assert all(c <= b["max_crop"] for c in fitting)
+        run = next(r for r in recs if r["kind"] == "train" and r["mode"] == mode)
+        assert run["max_crop"] == b["max_crop"]
+
+
+def test_budget_search_steps_then_bisects() -> None:
+    found = budget_search(lambda crop: crop <= 300, known={256: True}, cap=4096)
+    assert found["probes"][0] == 384 and found["first_failing_crop"] - found["max_crop"] <= 32
+    assert found["max_crop"] <= 300 < found["first_failing_crop"]
+    capped = budget_search(lambda crop: True, known={16: True}, cap=100)
+    assert capped["max_crop"] == 100 and capped["capped"]
+    nothing = budget_search(lambda crop: False, known={64: False}, cap=1000)
+    assert nothing["max_crop"] == 0
+
+
+@pytest.mark.parametrize("flag", ["--evoformer-only", "--inference-block"])
+def test_evoformer_only_and_inference_block(tmp_path, flag: str) -> None:
+    code, text = run_main([*COMMON, flag, "--modes", "none,low", "--crops", "13", "--out", str(tmp_path)])
+    assert code == 0
+    recs = records(tmp_path)
+    kind = "evoformer" if flag == "--evoformer-only" else "inference_block"
+    assert [r["mode"] for r in recs] == ["none", "low"] and all(r["kind"] == kind for r in recs)
+    for r in recs:
+        assert r["status"] == "ok" and r["peak_bytes"] > 0 and r["loss_diff"] < EXACT
+    if kind == "evoformer":
+        assert recs[1]["grad_diff"] < EXACT and recs[1]["saved_bytes"] < recs[0]["saved_bytes"]
+
+
+def test_helpers() -> None:
+    assert parse_bytes("80GB") == 80_000_000_000 and parse_bytes("1.5GiB") == 3 * 2**29
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+    a = torch.tensor([1.0, -2.0])
+    assert relative_diff(a, a) == 0.0 and relative_diff(a * 1.5, a) == pytest.approx(0.5)
+    assert relative_diff(None, a) == pytest.approx(1.0)
+    _, peak = cpu_profiler_peak(lambda: torch.ones(1000, 250).sum())
+    assert peak >= 1_000_000
+    batch = synthetic_batch(9, 3, 4)
+    assert batch["msa_feat"].shape[1:3] == (3, 9) and batch["extra_msa_feat"].shape[1:3] == (4, 9)
+    assert torch.isfinite(batch["all_atom_positions"]).all() and batch["seq_mask"].sum() == 9
