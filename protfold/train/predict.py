@@ -145,7 +145,8 @@ def run_predict(*, ckpt_path: str, source: str, out: str, msa_dir: str | None = 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not Path(ckpt_path).is_file():
         raise ProtfoldInputError(ckpt_path, "checkpoint not found")
-    module = ProtfoldModule.load_from_checkpoint(ckpt_path, map_location=dev)
+    # the checkpoint holds every weight: a fine-tuned run's `init_from` source is not read again (it may be gone)
+    module = ProtfoldModule.load_from_checkpoint(ckpt_path, map_location=dev, init_from=None)
     module.eval().to(dev)
     if memory is not None:
         module.inference_memory = memory
