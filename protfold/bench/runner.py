@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for this run (restored afterwards); 1 is steadiest on a busy machine")
     p.add_argument("--no-infer", action="store_true", help="skip the no-grad inference measurement")
+    p.add_argument("--infer-steps", type=int, default=None, help="timed inference calls (default: --steps)")
     p.add_argument("--skip-above", type=_skip_rule, action="append", default=[], metavar="MODE[/PREC]=CROP",
                    help="do not run MODE (in PREC) at crops above CROP; recorded as skipped (repeatable)")
     p.add_argument("--time-limit", type=float, default=None,
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "4x the largest measured crop on CPU)")
     p.add_argument("--budget-time", type=float, default=None,
                    help="seconds per mode for the budget search; when exceeded, max_crop is a lower bound")
+    p.add_argument("--budget-only", action="store_true",
+                   help="skip the sweep: the budget search starts by probing the largest of --crops")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--evoformer-only", action="store_true",
                       help="the Evoformer stack alone, forward + backward, fp32 inputs m, z (OpenFold's table)")
@@ -149,11 +152,11 @@ def _compare(results: dict[str, ModeResult]) -> None:
 
 
 def budget_search(fits: Callable[[int], bool], *, known: dict[int, bool], cap: int, step: int = BUDGET_STEP,
-                  resolution: int = BUDGET_RESOLUTION, deadline: float | None = None) -> dict[str, Any]:
+                  resolution: int = BUDGET_RESOLUTION, deadline: float | None = None,
+                  start: int | None = None) -> dict[str, Any]:
     """The largest crop with fits(crop): upward in `step`s from the largest known fitting crop until one fails
-    (or `cap`), then bisection down to `resolution`. `known` holds already measured crops."""
-    lo = max((c for c, ok in known.items() if ok), default=0)
-    hi = min((c for c, ok in known.items() if not ok and c > lo), default=None)
+    (or `cap`), then bisection down to `resolution`. `known` holds already measured crops; `start`, when not
+    known, is probed first (the search then continues from it)."""
     probes: list[int] = []
     complete = True
 
@@ -164,6 +167,11 @@ def budget_search(fits: Callable[[int], bool], *, known: dict[int, bool], cap: i
         probes.append(crop)
         return fits(crop)
 
+    known = dict(known)
+    if start is not None and start not in known:
+        known[min(start, cap)] = probe(min(start, cap))
+    lo = max((c for c, ok in known.items() if ok), default=0)
+    hi = min((c for c, ok in known.items() if not ok and c > lo), default=None)
     crop = lo + step
     while hi is None and lo < cap:
         if out_of_time():
@@ -189,6 +197,7 @@ def budget_search(fits: Callable[[int], bool], *, known: dict[int, bool], cap: i
 def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryConfig], cfg, state, s: Settings,
                 records: list[dict[str, Any]], env: dict[str, str]) -> list[dict[str, Any]]:
     budget = parse_bytes(args.budget)
+    bar = tqdm(desc=f"budget {args.budget} probes", unit="probe", file=sys.stderr, dynamic_ncols=True)
     same = [r for r in records if r.get("kind") == point.kind and r["preset"] == point.preset
             and r["precision"] == point.precision and r["rows"] == point.rows
             and r["extra_rows"] == point.extra_rows]
@@ -200,7 +209,9 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
                  for r in same if r["mode"] == name and r["status"] in ("ok", "oom")}
         probed: dict[int, int | None] = {}
 
-        def fits(crop: int, mem: MemoryConfig = mem, probed: dict = probed) -> bool:
+        def fits(crop: int, mem: MemoryConfig = mem, probed: dict = probed, name: str = name) -> bool:
+            bar.set_postfix_str(f"{name} crop {crop}")
+            bar.update()
             at = Point(**{**point.__dict__, "crop": crop})
             batch = _to_device(synthetic_batch(crop, at.rows, at.extra_rows, seed=s.seed), s.device) \
                 if at.kind == "train" else None
@@ -210,7 +221,8 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
             return probed[crop] is not None and probed[crop] <= budget
 
         deadline = time.monotonic() + args.budget_time if args.budget_time else None
-        found = budget_search(fits, known=known, cap=cap, deadline=deadline)
+        found = budget_search(fits, known=known, cap=cap, deadline=deadline,
+                              start=max(_ints(args.crops)) if args.budget_only else None)
         found["probes"] = [[c, probed[c]] for c in found["probes"]]  # [crop, peak bytes or None (OOM)]
         rec = {"kind": "budget", "preset": point.preset, "mode": name, "precision": point.precision,
                "crop": found["max_crop"], "rows": point.rows, "extra_rows": point.extra_rows,
@@ -220,6 +232,9 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
             if r["mode"] == name:
                 r["max_crop"] = found["max_crop"]
         out.append(rec)
+        if args.out:
+            report.write_outputs(args.out, [*records, *out], plot=False)
+    bar.close()
     return out
 
 
@@ -243,21 +258,24 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     if bad:
         raise SystemExit(f"protfold bench: unknown precision(s) {sorted(bad)}; use fp32 and/or bf16")
     presets = _names(args.model)
+    if args.budget_only and not args.budget:
+        raise SystemExit("protfold bench: --budget-only needs --budget")
     modes = {_mode_name(name): load_mode(name) for name in _names(args.modes)}
     kind = "evoformer" if args.evoformer_only else "inference_block" if args.inference_block else "train"
     extras = [0] if kind != "train" else _ints(args.extra_rows)
     crops, rows_list = _ints(args.crops), _ints(args.rows)
-    s = Settings(device=device, steps=args.steps, warmup=args.warmup, seed=args.seed, infer=not args.no_infer)
+    s = Settings(device=device, steps=args.steps, warmup=args.warmup, seed=args.seed, infer=not args.no_infer,
+                 infer_steps=args.infer_steps)
     env = environment(device, argv)
     start = time.monotonic()
     records: list[dict[str, Any]] = []
     combos = list(itertools.product(precisions, crops, rows_list, extras))
-    bar = tqdm(total=len(presets) * len(combos) * len(modes), desc="protfold bench", unit="run",
+    bar = tqdm(total=0 if args.budget_only else len(presets) * len(combos) * len(modes), desc="protfold bench", unit="run",
                file=sys.stderr, dynamic_ncols=True)
     for preset in presets:
         cfg = model_preset(preset)
         state = build_reference_state(kind, cfg, args.seed)
-        for precision, crop, rows, extra in combos:
+        for precision, crop, rows, extra in [] if args.budget_only else combos:
             point = Point(kind=kind, preset=preset, precision=precision, crop=crop, rows=rows, extra_rows=extra,
                           recycles=args.recycles)
             batch = _to_device(synthetic_batch(crop, rows, extra, seed=args.seed), device) if kind == "train" else None

@@ -47,6 +47,7 @@ class Settings:
     warmup: int = 1
     seed: int = 0
     infer: bool = True
+    infer_steps: int | None = None  # timed inference calls (default: `steps`)
 
 
 @dataclass
@@ -162,7 +163,8 @@ def _infer_phase(forward: Callable[[], Any], s: Settings, resident: Callable[[],
         with torch.no_grad():
             forward()
 
-    times, peak = timed_peak(step, s.device, steps=max(s.steps, 1), warmup=max(s.warmup - 1, 0),
+    n = s.steps if s.infer_steps is None else s.infer_steps
+    times, peak = timed_peak(step, s.device, steps=max(n, 1), warmup=max(s.warmup - 1, 0),
                              resident=resident)
     return {"times": times, "peak": peak, "out": kept}
 
