@@ -74,7 +74,9 @@ def trainer_defaults() -> dict[str, Any]:
 def run_lightning(argv: list[str]) -> int:
     """Entry for fit/validate/test: argv starts with the subcommand."""
     saved_argv = sys.argv
-    sys.argv = ["protfold", *argv]  # LightningCLI reads sys.argv; passing args= as well makes it warn
+    # LightningCLI reads sys.argv (passing args= as well makes it warn). Keep argv[0], the running script:
+    # Lightning's DDP launcher starts the other ranks as `python <argv[0]> <argv[1:]>`.
+    sys.argv = [saved_argv[0] if saved_argv else "protfold", *argv]
     try:
         _make_cli()
     finally:
