@@ -91,6 +91,11 @@ class ProtfoldModule(pl.LightningModule):
             for name, p in self.model.named_parameters():
                 if not name.startswith(("structure_module.", "heads.")):
                     p.requires_grad_(False)
+        head = self.model.heads.experimentally_resolved
+        if head is not None and loss.experimentally_resolved == 0:
+            # no loss term reaches it (AF2 trains it only in fine-tuning): keep it out of the optimiser, as
+            # DDP stops at the second step on parameters that get no gradient
+            head.requires_grad_(False)
         # the average restarts from the (possibly loaded) weights, never from a stale one (OpenFold #426)
         self.ema = EMA(self.model, decay=optim.ema_decay)
         self.bad_steps_in_row = 0
