@@ -9,7 +9,6 @@ on a shared 2-core machine two intra-op threads that compete with other processe
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,8 +135,3 @@ def cwd_repo(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(REPO)
     return REPO
 
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
