@@ -25,7 +25,7 @@ from tqdm import tqdm
 from protfold.bench import report
 from protfold.bench.measure import environment, free_memory, parse_bytes, relative_diff
 from protfold.bench.synthetic import synthetic_batch
-from protfold.bench.workloads import ModeResult, Point, Settings, build_reference_state, probe_peak, run_mode
+from protfold.bench.workloads import ModeResult, Network, Point, Settings, probe_peak, run_mode
 from protfold.config import PRESET_NAMES, MemoryConfig, model_preset
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def budget_search(fits: Callable[[int], bool], *, known: dict[int, bool], cap: i
             "probes": probes}
 
 
-def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryConfig], cfg, state, s: Settings,
+def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryConfig], net: Network, s: Settings,
                 records: list[dict[str, Any]], env: dict[str, str]) -> list[dict[str, Any]]:
     budget = parse_bytes(args.budget)
     bar = tqdm(desc=f"budget {args.budget} probes", unit="probe", file=sys.stderr, dynamic_ncols=True)
@@ -202,7 +202,8 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
             and r["precision"] == point.precision and r["rows"] == point.rows
             and r["extra_rows"] == point.extra_rows]
     largest = max((r["crop"] for r in same), default=point.crop)
-    cap = args.budget_cap or (cfg.max_crop if s.device.type == "cuda" else min(cfg.max_crop, 4 * largest))
+    max_crop = net.cfg.max_crop
+    cap = args.budget_cap or (max_crop if s.device.type == "cuda" else min(max_crop, 4 * largest))
     out = []
     for name, mem in modes.items():
         known = {r["crop"]: r["peak_bytes"] is not None and r["peak_bytes"] <= budget
@@ -215,7 +216,7 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
             at = Point(**{**point.__dict__, "crop": crop})
             batch = _to_device(synthetic_batch(crop, at.rows, at.extra_rows, seed=s.seed), s.device) \
                 if at.kind == "train" else None
-            probed[crop] = probe_peak(at, mem, cfg, state, s, batch)
+            probed[crop] = probe_peak(at, mem, net, s, batch)
             del batch
             free_memory(s.device)
             return probed[crop] is not None and probed[crop] <= budget
@@ -274,7 +275,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                file=sys.stderr, dynamic_ncols=True)
     for preset in presets:
         cfg = model_preset(preset)
-        state = build_reference_state(kind, cfg, args.seed)
+        net = Network.build(kind, cfg, seed=args.seed, device=device)
         for precision, crop, rows, extra in [] if args.budget_only else combos:
             point = Point(kind=kind, preset=preset, precision=precision, crop=crop, rows=rows, extra_rows=extra,
                           recycles=args.recycles)
@@ -287,7 +288,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                 elif args.time_limit is not None and time.monotonic() - start > args.time_limit:
                     results[name] = ModeResult(fields={"status": "skipped (time limit)"})
                 else:
-                    results[name] = run_mode(point, mem, cfg, state, s, batch)
+                    results[name] = run_mode(point, mem, net, s, batch)
                 bar.update()
             _compare(results)
             for name, r in results.items():
@@ -301,7 +302,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             for precision, rows, extra in itertools.product(precisions, rows_list, extras):
                 point = Point(kind=kind, preset=preset, precision=precision, crop=max(crops), rows=rows,
                               extra_rows=extra, recycles=args.recycles)
-                records.extend(_run_budget(args, point, modes, cfg, state, s, records, env))
+                records.extend(_run_budget(args, point, modes, net, s, records, env))
     bar.close()
     print(report.format_table(records, env))
     if args.out:

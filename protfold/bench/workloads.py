@@ -22,7 +22,7 @@ from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.model.evoformer import EvoformerBlock, EvoformerStack
 
-__all__ = ["KINDS", "ModeResult", "Point", "Settings", "build_reference_state", "probe_peak", "run_mode"]
+__all__ = ["KINDS", "ModeResult", "Network", "Point", "Settings", "probe_peak", "run_mode"]
 
 KINDS = ("train", "evoformer", "inference_block")
 
@@ -71,10 +71,31 @@ def _module(kind: str, cfg: ModelConfig, mem: MemoryConfig) -> nn.Module:
     return EvoformerBlock.from_config(cfg, mem=mem)
 
 
-def build_reference_state(kind: str, cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
-    """The weights every mode of this preset starts from (built once on the CPU with a fixed seed)."""
-    torch.manual_seed(seed)
-    return {k: v.clone() for k, v in _module(kind, cfg, MemoryConfig()).state_dict().items()}
+@dataclass
+class Network:
+    """The measured module, built once per preset (fixed seed) and kept on the device, and its initial weights
+    (on the CPU). Every mode starts from `reset(mem)`: the same weights, its own memory settings."""
+
+    kind: str
+    cfg: ModelConfig
+    module: nn.Module
+    state: dict[str, Tensor]
+
+    @classmethod
+    def build(cls, kind: str, cfg: ModelConfig, *, seed: int, device: torch.device) -> Network:
+        torch.manual_seed(seed)
+        module = _module(kind, cfg, MemoryConfig())
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return cls(kind=kind, cfg=cfg, module=module.to(device), state=state)
+
+    def reset(self, mem: MemoryConfig) -> nn.Module:
+        """Switch every submodule's MemoryConfig (as AlphaFold.set_memory does), restore the initial weights."""
+        for sub in self.module.modules():
+            if hasattr(sub, "mem"):
+                sub.mem = mem
+        self.module.load_state_dict(self.state)
+        self.module.zero_grad(set_to_none=True)
+        return self.module
 
 
 def _evo_inputs(cfg: ModelConfig, point: Point, device: torch.device, dtype: torch.dtype, grad: bool,
@@ -178,16 +199,14 @@ def _peak_fields(prefix: str, peak: Peak | None, times: list[float] | None) -> d
     }
 
 
-def run_mode(point: Point, mem: MemoryConfig, cfg: ModelConfig, state: dict[str, Tensor], s: Settings,
-             batch: dict | None = None, *, train: bool = True) -> ModeResult:
+def run_mode(point: Point, mem: MemoryConfig, net: Network, s: Settings, batch: dict | None = None, *,
+             train: bool = True) -> ModeResult:
     """Measure one mode at one point. `batch` (already on the device) is needed for kind "train".
 
     train=False skips the training phase (budget probes for inference, or the inference-block kind).
     """
-    torch.manual_seed(s.seed)
-    module = _module(point.kind, cfg, mem)
-    module.load_state_dict(state)
-    module.to(s.device)
+    module = net.reset(mem)
+    cfg = net.cfg
     dtype = torch.bfloat16 if point.precision == "bf16" and point.kind == "inference_block" else torch.float32
     inputs = batch if point.kind == "train" else _evo_inputs(cfg, point, s.device, dtype,
                                                              grad=point.kind == "evoformer", seed=s.seed + 1)
@@ -240,19 +259,17 @@ def run_mode(point: Point, mem: MemoryConfig, cfg: ModelConfig, state: dict[str,
         result.fields.update(status=infer_status, saved_bytes=0, loss=None)
         result.fields.update(_peak_fields("", inferred["peak"] if inferred else None, inferred and inferred["times"]))
         result.outputs = inferred["out"] if inferred else []
+    module.zero_grad(set_to_none=True)
     del inferred, module, inputs, leaves
     free_memory(s.device)
     return result
 
 
-def probe_peak(point: Point, mem: MemoryConfig, cfg: ModelConfig, state: dict[str, Tensor], s: Settings,
-               batch: dict | None = None) -> int | None:
+def probe_peak(point: Point, mem: MemoryConfig, net: Network, s: Settings, batch: dict | None = None) -> int | None:
     """Absolute peak bytes of one measured step (training, or the no-grad call for "inference_block"), with
     Adam's state already allocated; None when it runs out of memory. Used by the budget search."""
-    torch.manual_seed(s.seed)
-    module = _module(point.kind, cfg, mem)
-    module.load_state_dict(state)
-    module.to(s.device)
+    module = net.reset(mem)
+    cfg = net.cfg
     block = point.kind == "inference_block"
     dtype = torch.bfloat16 if point.precision == "bf16" and block else torch.float32
     inputs = batch if point.kind == "train" else _evo_inputs(cfg, point, s.device, dtype,
@@ -279,6 +296,7 @@ def probe_peak(point: Point, mem: MemoryConfig, cfg: ModelConfig, state: dict[st
         return peak_of(trainer.step, s.device, resident=lambda: resident_bytes(module, trainer.opt, inputs))
 
     status, peak = _oom_guard(measure)
+    module.zero_grad(set_to_none=True)
     del module, inputs, leaves
     free_memory(s.device)
     return peak.absolute if status == "ok" else None
