@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ class ProtfoldCLI(LightningCLI):
         parser.add_argument("--logger_kind", default="csv", choices=["csv", "tensorboard"],
                             help="logger used when trainer.logger is not set (CSV by default)")
 
+    def _parse_ckpt_path(self) -> None:
+        """validate/test: the checkpoint's model settings are used (Lightning's behaviour). fit: the config
+        given is what runs; Lightning would silently replace every model setting by the checkpoint's (the
+        preset, but also memory switches and loss weights the user changed for the resumed run), and a
+        checkpoint of another model configuration is reported by `_check_checkpoint_matches` instead."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _check_config(config)
@@ -37,6 +46,8 @@ class ProtfoldCLI(LightningCLI):
             trainer.logger = {"class_path": f"lightning.pytorch.loggers.{kind}",
                               "init_args": {"save_dir": root, "name": RUN_NAME}}
         _resolve_last_checkpoint(config)
+        if self.subcommand == "fit":
+            _check_checkpoint_matches(config)
 
 
 def _resolve_last_checkpoint(config: Any) -> None:
@@ -63,6 +74,30 @@ def _check_config(config: Any) -> None:
             f"protfold: config error: data.crop_size={data.crop_size} is beyond the model's limit "
             f"max_crop={cfg.max_crop}; lower data.crop_size or raise model.model_overrides.max_crop"
         )
+
+
+def _check_checkpoint_matches(config: Any) -> None:
+    """Resuming (`fit --ckpt_path`) needs the model configuration the checkpoint was trained with."""
+    import torch
+
+    path = getattr(config, "ckpt_path", None)
+    if not path or not Path(path).is_file():
+        return
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("model_config")
+    except Exception:  # noqa: BLE001 - Lightning reports unreadable checkpoints itself
+        return
+    model = config.model
+    ours = asdict(model_preset(model.preset, **(model.model_overrides or {})))
+    if saved is None or saved == ours:
+        return
+    diff = sorted(k for k in saved if saved[k] != ours.get(k))
+    detail = ", ".join(f"{k}={saved[k]!r} (now {ours.get(k)!r})" for k in diff[:6])
+    raise SystemExit(
+        f"protfold: config error: --ckpt_path {path} was trained with another model configuration: {detail}. "
+        "Resume with the settings it was trained with (its run's config.yaml: model.preset, "
+        f"model.model_overrides), or start a new run from its weights with --model.init_from {path}"
+    )
 
 
 def trainer_defaults() -> dict[str, Any]:
