@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from protfold.config import model_preset
+from protfold.config import MemoryConfig, model_preset
 from protfold.data.datamodule import ProteinDataModule
 from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, TrainingCurvePlot
 from protfold.train.module import ProtfoldModule
@@ -69,6 +69,14 @@ def _check_config(config: Any) -> None:
         cfg = model_preset(model.preset, **(model.model_overrides or {}))
     except ValueError as err:
         raise SystemExit(f"protfold: config error: {err} (model.preset / model.model_overrides)") from None
+    for key in ("memory", "inference_memory"):
+        value = getattr(model, key, None)
+        if value is None or isinstance(value, MemoryConfig):
+            continue
+        try:
+            MemoryConfig(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"protfold: config error: model.{key}: {err}") from None
     if data.crop_size > cfg.max_crop:
         raise SystemExit(
             f"protfold: config error: data.crop_size={data.crop_size} is beyond the model's limit "
