@@ -199,104 +199,105 @@ def _peak_fields(prefix: str, peak: Peak | None, times: list[float] | None) -> d
     }
 
 
-def run_mode(point: Point, mem: MemoryConfig, net: Network, s: Settings, batch: dict | None = None, *,
-             train: bool = True) -> ModeResult:
-    """Measure one mode at one point. `batch` (already on the device) is needed for kind "train".
+class _Job:
+    """One mode at one point: the reset module, its inputs (on the device), and the forward and loss calls."""
 
-    train=False skips the training phase (budget probes for inference, or the inference-block kind).
-    """
-    module = net.reset(mem)
-    cfg = net.cfg
-    dtype = torch.bfloat16 if point.precision == "bf16" and point.kind == "inference_block" else torch.float32
-    inputs = batch if point.kind == "train" else _evo_inputs(cfg, point, s.device, dtype,
-                                                             grad=point.kind == "evoformer", seed=s.seed + 1)
-    leaves = [t for t in inputs.values() if isinstance(t, Tensor) and t.requires_grad]
+    def __init__(self, point: Point, mem: MemoryConfig, net: Network, s: Settings, batch: dict | None) -> None:
+        self.point, self.s = point, s
+        self.module = net.reset(mem)
+        self.block = point.kind == "inference_block"
+        dtype = torch.bfloat16 if point.precision == "bf16" and self.block else torch.float32
+        self.inputs = batch if point.kind == "train" else _evo_inputs(
+            net.cfg, point, s.device, dtype, grad=point.kind == "evoformer", seed=s.seed + 1)
+        self.leaves = [t for t in self.inputs.values() if isinstance(t, Tensor) and t.requires_grad]
 
-    def forward() -> Any:
-        with autocast(s.device, point.precision):
-            if point.kind == "train":
-                return module(inputs, n_recycles=point.recycles)
-            return module(inputs["m"], inputs["z"], inputs["msa_mask"], inputs["pair_mask"])
+    def forward(self) -> Any:
+        with autocast(self.s.device, self.point.precision):
+            if self.point.kind == "train":
+                return self.module(self.inputs, n_recycles=self.point.recycles)
+            return self.module(self.inputs["m"], self.inputs["z"], self.inputs["msa_mask"], self.inputs["pair_mask"])
 
-    def loss_fn() -> Tensor:
-        out = forward()
-        with autocast(s.device, point.precision):
-            if point.kind == "train":
-                return alphafold_loss(out, inputs, LossConfig(), use_clamped_fape=True)[0]
+    def loss(self) -> Tensor:
+        out = self.forward()
+        with autocast(self.s.device, self.point.precision):
+            if self.point.kind == "train":
+                return alphafold_loss(out, self.inputs, LossConfig(), use_clamped_fape=True)[0]
             return sum(o.float().square().mean() for o in out)
 
-    result = ModeResult(fields={"n_params": sum(p.numel() for p in module.parameters())})
-    status, trained = "skipped", None
-    if train and point.kind != "inference_block":
-        module.train()
-        trainer = _Trainer(module, loss_fn, leaves, optimize=point.kind == "train")
-        status, trained = _oom_guard(lambda: _train_phase(
-            trainer, s, lambda: resident_bytes(module, trainer.opt, inputs)))
-        del trainer
-        free_memory(s.device)
-    result.fields["status"] = status
-    result.fields["saved_bytes"] = trained["saved"] if trained else None
+    def trainer(self) -> _Trainer:
+        self.module.train()
+        return _Trainer(self.module, self.loss, self.leaves, optimize=self.point.kind == "train")
+
+    def to_inference(self) -> None:
+        self.module.eval()
+        self.module.zero_grad(set_to_none=True)
+        for t in self.leaves:
+            t.requires_grad_(False)
+            t.grad = None
+
+    def resident(self, opt: torch.optim.Optimizer | None = None) -> int:
+        return resident_bytes(self.module, opt, self.inputs)
+
+    def close(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+        del self.module, self.inputs, self.leaves
+        free_memory(self.s.device)
+
+
+def _train_fields(job: _Job, result: ModeResult) -> None:
+    trainer = job.trainer()
+    status, trained = _oom_guard(lambda: _train_phase(trainer, job.s, lambda: job.resident(trainer.opt)))
+    del trainer
+    free_memory(job.s.device)
+    result.fields.update(status=status, saved_bytes=trained["saved"] if trained else None)
     result.fields.update(_peak_fields("", trained["peak"] if trained else None, trained and trained["times"]))
     if trained:
         result.loss, result.grads = trained["loss"], trained["grads"]
         result.fields["loss"] = float(trained["loss"])
-    del trained
 
-    infer_status, inferred = "skipped", None
-    block = point.kind == "inference_block"
-    if s.infer or block:
-        module.eval()
-        module.zero_grad(set_to_none=True)
-        for t in leaves:
-            t.requires_grad_(False)
-            t.grad = None
-        infer_status, inferred = _oom_guard(lambda: _infer_phase(
-            forward, s, lambda: resident_bytes(module, None, inputs), keep=block))
-    result.fields["infer_status"] = infer_status
-    result.fields.update(_peak_fields("infer_", inferred["peak"] if inferred else None,
-                                      inferred and inferred["times"]))
-    if block:  # the measured step of this kind *is* the inference call
-        result.fields.update(status=infer_status, saved_bytes=0, loss=None)
+
+def _infer_fields(job: _Job, result: ModeResult) -> None:
+    job.to_inference()
+    status, inferred = _oom_guard(lambda: _infer_phase(job.forward, job.s, job.resident, keep=job.block))
+    fields = _peak_fields("infer_", inferred["peak"] if inferred else None, inferred and inferred["times"])
+    result.fields.update(infer_status=status, **fields)
+    if job.block:  # for this kind the measured step *is* the inference call
+        result.fields.update(status=status, saved_bytes=0, loss=None)
         result.fields.update(_peak_fields("", inferred["peak"] if inferred else None, inferred and inferred["times"]))
         result.outputs = inferred["out"] if inferred else []
-    module.zero_grad(set_to_none=True)
-    del inferred, module, inputs, leaves
-    free_memory(s.device)
+
+
+def run_mode(point: Point, mem: MemoryConfig, net: Network, s: Settings, batch: dict | None = None) -> ModeResult:
+    """Measure one mode at one point: the training phase (not for "inference_block"), then inference (unless
+    `s.infer` is off). `batch` (already on the device) is needed for kind "train"."""
+    job = _Job(point, mem, net, s, batch)
+    result = ModeResult(fields={"n_params": sum(p.numel() for p in job.module.parameters()),
+                                "status": "skipped", "infer_status": "skipped"})
+    if not job.block:
+        _train_fields(job, result)
+    if s.infer or job.block:
+        _infer_fields(job, result)
+    job.close()
     return result
 
 
 def probe_peak(point: Point, mem: MemoryConfig, net: Network, s: Settings, batch: dict | None = None) -> int | None:
     """Absolute peak bytes of one measured step (training, or the no-grad call for "inference_block"), with
     Adam's state already allocated; None when it runs out of memory. Used by the budget search."""
-    module = net.reset(mem)
-    cfg = net.cfg
-    block = point.kind == "inference_block"
-    dtype = torch.bfloat16 if point.precision == "bf16" and block else torch.float32
-    inputs = batch if point.kind == "train" else _evo_inputs(cfg, point, s.device, dtype,
-                                                             grad=point.kind == "evoformer", seed=s.seed + 1)
-    leaves = [t for t in inputs.values() if isinstance(t, Tensor) and t.requires_grad]
-
-    def loss_fn() -> Tensor:
-        with autocast(s.device, point.precision):
-            if point.kind == "train":
-                return alphafold_loss(module(inputs, n_recycles=point.recycles), inputs, LossConfig(),
-                                      use_clamped_fape=True)[0]
-            return sum(o.float().square().mean() for o in module(*inputs.values()))
-
-    def infer() -> None:
-        with torch.no_grad(), autocast(s.device, point.precision):
-            module(*inputs.values())
+    job = _Job(point, mem, net, s, batch)
 
     def measure() -> Peak:
-        if block:
-            module.eval()
-            return peak_of(infer, s.device, resident=lambda: resident_bytes(module, None, inputs))
-        module.train()
-        trainer = _Trainer(module, loss_fn, leaves, optimize=point.kind == "train")
-        return peak_of(trainer.step, s.device, resident=lambda: resident_bytes(module, trainer.opt, inputs))
+        if job.block:
+            job.to_inference()
+
+            def call() -> None:
+                with torch.no_grad():
+                    job.forward()
+
+            return peak_of(call, s.device, resident=job.resident)
+        trainer = job.trainer()
+        return peak_of(trainer.step, s.device, resident=lambda: job.resident(trainer.opt))
 
     status, peak = _oom_guard(measure)
-    module.zero_grad(set_to_none=True)
-    del module, inputs, leaves
-    free_memory(s.device)
+    job.close()
     return peak.absolute if status == "ok" else None

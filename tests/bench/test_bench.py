@@ -145,3 +145,26 @@ def test_helpers() -> None:
     batch = synthetic_batch(9, 3, 4)
     assert batch["msa_feat"].shape[1:3] == (3, 9) and batch["extra_msa_feat"].shape[1:3] == (4, 9)
     assert torch.isfinite(batch["all_atom_positions"]).all() and batch["seq_mask"].sum() == 9
+
+
+def test_oom_is_recorded_and_others_compare_to_the_lowest_peak(tmp_path, monkeypatch) -> None:
+    from protfold.bench import workloads
+
+    real = workloads._Trainer.reference_step
+
+    def none_runs_out(self, seed):
+        if self.module.mem.blocks_per_checkpoint is None:  # mode none
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, seed)
+
+    monkeypatch.setattr(workloads._Trainer, "reference_step", none_runs_out)
+    code, text = run_main([*COMMON, "--modes", "none,recompute,low", "--crops", "12", "--no-infer",
+                           "--out", str(tmp_path)])
+    assert code == 0 and "oom" in text
+    recs = {r["mode"]: r for r in records(tmp_path)}
+    assert recs["none"]["status"] == "oom" and recs["none"]["peak_bytes"] is None
+    ref = min(("recompute", "low"), key=lambda m: recs[m]["peak_bytes"])
+    for mode in ("recompute", "low"):
+        assert recs[mode]["status"] == "ok" and recs[mode]["reference"] == f"{ref} (none: oom)"
+        assert recs[mode]["grad_diff"] < EXACT
+    assert recs[ref]["loss_diff"] == 0.0
