@@ -77,6 +77,12 @@ def _check_config(config: Any) -> None:
             MemoryConfig(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
         except (TypeError, ValueError) as err:
             raise SystemExit(f"protfold: config error: model.{key}: {err}") from None
+    if getattr(model.loss, "experimentally_resolved", 0) > 0 and not cfg.experimentally_resolved:
+        raise SystemExit(
+            f"protfold: config error: model.loss.experimentally_resolved={model.loss.experimentally_resolved} "
+            "needs the experimentally resolved head, which this model has not; set "
+            "model.model_overrides.experimentally_resolved: true or the loss weight to 0"
+        )
     if data.crop_size > cfg.max_crop:
         raise SystemExit(
             f"protfold: config error: data.crop_size={data.crop_size} is beyond the model's limit "
