@@ -21,7 +21,8 @@ CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglo
 
 def test_configs_are_found():
     assert "configs/sample.yaml" in CONFIGS and "configs/finetune.yaml" in CONFIGS
-    assert any(c.startswith("configs/memory/") for c in CONFIGS) and any(c.startswith("configs/model/") for c in CONFIGS)
+    for folder in ("configs/memory/", "configs/model/", "configs/trainer/"):
+        assert any(c.startswith(folder) for c in CONFIGS), folder
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -46,7 +46,8 @@ def test_finetune_reports_keys_and_starts_ema_from_loaded_weights(run_kit, pretr
     run = _finetune(run_kit, tmp_path / "ft", pretrained)
     report = fit_start["report"]
     assert report is not None and report.source == str(pretrained)
-    assert report.missing == ["heads.experimentally_resolved.linear.bias", "heads.experimentally_resolved.linear.weight"]
+    head = "heads.experimentally_resolved.linear"
+    assert report.missing == [f"{head}.bias", f"{head}.weight"]
     assert report.unexpected and all(k.startswith("evoformer.blocks.2.") for k in report.unexpected)
     mismatched = {name: (ours, theirs) for name, ours, theirs in report.mismatched}
     assert mismatched == {"heads.plddt.net.5.weight": ((50, 8), (25, 8)), "heads.plddt.net.5.bias": ((50,), (25,))}

@@ -203,3 +203,11 @@ def test_config_error_resume_with_another_preset(run_kit, pretrained, tmp_path, 
                                  "--model.preset", "small", "--ckpt_path", str(pretrained))
     assert "trained with another model configuration" in message
     assert "c_m=16 (now 64)" in message and "--model.init_from" in message
+
+
+def test_config_error_loss_weight_without_its_head(run_kit, tmp_path, capsys, monkeypatch):
+    """A loss weight for a head the model lacks would otherwise be dropped without a word."""
+    message = _fails_before_work(run_kit, tmp_path, capsys, monkeypatch, "--model.loss.experimentally_resolved",
+                                 "0.01", "--model.model_overrides", "{experimentally_resolved: false}")
+    assert "model.loss.experimentally_resolved=0.01 needs the experimentally resolved head" in message
+    assert "model.model_overrides.experimentally_resolved: true" in message
