@@ -22,11 +22,14 @@ class MemoryConfig:
     recompute_inside_block: bool = False  # finer: recompute attention and triangle ops inside a block
     msa_chunk: int | None = None  # MSA rows (row attention) / columns (column attention) per chunk
     pair_chunk: int | None = None  # pair rows per chunk: triangle attention, OPM, transitions
+    attention_chunk_mb: float | None = None  # cap on one chunk's fp32 attention logits (MiB): rows adapt to N
     low_memory_triangle: bool = False  # triangle mult. updates keep no [N, N, c_hidden] tensors for backward
     attention: Literal["naive", "sdpa", "flex"] = "naive"  # attention kernel dispatch
     checkpoint_storage: Literal["fp32", "bf16", "cpu"] = "fp32"  # how saved block boundaries are kept
 
     def __post_init__(self) -> None:
+        if self.attention_chunk_mb is not None and not self.attention_chunk_mb > 0:
+            raise ValueError(f"MemoryConfig.attention_chunk_mb must be > 0 or None, got {self.attention_chunk_mb!r}")
         for name in ("blocks_per_checkpoint", "msa_chunk", "pair_chunk"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -236,4 +236,16 @@ def row_attention(
             biases.append(bias[..., None, :, :, :])  # [*, 1, H, L, L]
         return attn(x_c, x_c, biases)
 
-    return chunk_rows(run, [x, mask, pair_bias], [-3, -2, None], chunk, out_dim=-3)
+    return chunk_rows(run, [x, mask, pair_bias], [-3, -2, None], capped_chunk(chunk, attn, x), out_dim=-3)
+
+
+def capped_chunk(chunk: int | None, attn: Attention, x: Tensor) -> int | None:
+    """Rows per chunk for attention along rows of x [*, R, L, c]: `chunk`, lowered (or set) so that one
+    chunk's fp32 logits [rows, H, L, L] stay under `mem.attention_chunk_mb`. Exact: rows are independent."""
+    cap = attn.mem.attention_chunk_mb
+    if cap is None:
+        return chunk
+    length = x.shape[-2]
+    per_row = attn.n_heads * length * length * 4 * max(1, x[..., 0, 0, 0].numel())
+    rows = max(1, int(cap * 2**20 // per_row))
+    return rows if chunk is None else min(chunk, rows)

@@ -191,7 +191,7 @@ class TriangleAttention(nn.Module):
         if not self.starting:
             z, pair_mask = z.transpose(-2, -3), pair_mask.transpose(-1, -2)
         chunk = self.mem.pair_chunk
-        if chunk is None:
+        if chunk is None and self.mem.attention_chunk_mb is None:
             z_ln = self.norm(z)
             out = row_attention(None, self.attention, z_ln, pair_mask, self._bias(z_ln), None)
         else:

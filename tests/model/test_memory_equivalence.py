@@ -31,7 +31,12 @@ SWITCHES = {
     "attention=sdpa": MemoryConfig(attention="sdpa"),
     "attention=flex (CPU fallback)": MemoryConfig(attention="flex"),
     "checkpoint_storage=cpu": MemoryConfig(blocks_per_checkpoint=1, checkpoint_storage="cpu"),
+    # a cap this small leaves one or two rows per chunk at these shapes, so the adaptive path really chunks
+    "attention_chunk_mb": MemoryConfig(attention_chunk_mb=0.0002),
     "low (all together)": LOW,
+    "low as shipped (adaptive chunks)": MemoryConfig(blocks_per_checkpoint=1, recompute_inside_block=True,
+                                                     checkpoint_storage="cpu", attention_chunk_mb=0.0002,
+                                                     pair_chunk=3, low_memory_triangle=True),
 }
 
 

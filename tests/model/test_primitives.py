@@ -177,3 +177,16 @@ def test_gradcheck_attention_and_global_attention(mask_factory) -> None:
     bias = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x_, b_: att(x_, x_, [b_, mask_bias(mask)[:, None, None]]), (x, bias))
     assert torch.autograd.gradcheck(lambda x_: ga(x_, mask), (x,))
+
+
+def test_attention_chunk_cap_sets_rows_per_chunk() -> None:
+    """One chunk's fp32 logits [rows, H, L, L] stay under the cap: rows = cap // (H * L * L * 4 bytes)."""
+    from protfold.model.primitives import Attention, capped_chunk
+
+    attn = Attention(c_q=4, c_kv=4, c_hidden=2, n_heads=3, mem=MemoryConfig(attention_chunk_mb=1.0))
+    x = torch.zeros(2, 50, 64, 4)  # batch 2, 50 rows, L = 64
+    per_row = 2 * 3 * 64 * 64 * 4
+    assert capped_chunk(None, attn, x) == 2**20 // per_row
+    assert capped_chunk(5, attn, x) == min(5, 2**20 // per_row)
+    attn.mem = MemoryConfig()
+    assert capped_chunk(7, attn, x) == 7 and capped_chunk(None, attn, x) is None
