@@ -184,19 +184,21 @@ def frames_to_atom14(frames: Rigid, aatype: Tensor) -> Tensor:
     return Rigid(rot, trans).apply(local) * mask[..., None]
 
 
+def _regather(atoms: Tensor, aatype: Tensor, index_table, mask_table) -> Tensor:
+    """Re-index the atom axis (the one after aatype's dims) by residue type; slots a type lacks are zero."""
+    idx = _table(index_table, atoms)[aatype]  # [*, N, A_out]
+    mask = _table(mask_table, atoms).to(atoms.dtype)[aatype]
+    extra = atoms.shape[aatype.dim() + 1 :]
+    trailing = (1,) * len(extra)
+    gathered = torch.gather(atoms, aatype.dim(), idx.reshape(*idx.shape, *trailing).expand(*idx.shape, *extra))
+    return gathered * mask.reshape(*mask.shape, *trailing)
+
+
 def atom14_to_atom37(atom14: Tensor, aatype: Tensor) -> Tensor:
     """[*, N, 14, ...] -> [*, N, 37, ...] by residue type (missing slots zero)."""
-    idx = _table(rc.restype_atom37_to_atom14, atom14)[aatype]  # [*, N, 37]
-    mask = _table(rc.restype_atom37_mask, atom14).to(atom14.dtype)[aatype]
-    extra = atom14.shape[aatype.dim() + 1 :]
-    gathered = torch.gather(atom14, aatype.dim(), idx.reshape(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra))
-    return gathered * mask.reshape(*mask.shape, *([1] * len(extra)))
+    return _regather(atom14, aatype, rc.restype_atom37_to_atom14, rc.restype_atom37_mask)
 
 
 def atom37_to_atom14(atom37: Tensor, aatype: Tensor) -> Tensor:
     """[*, N, 37, ...] -> [*, N, 14, ...] by residue type (missing slots zero)."""
-    idx = _table(rc.restype_atom14_to_atom37, atom37)[aatype]  # [*, N, 14]
-    mask = _table(rc.restype_atom14_mask, atom37).to(atom37.dtype)[aatype]
-    extra = atom37.shape[aatype.dim() + 1 :]
-    gathered = torch.gather(atom37, aatype.dim(), idx.reshape(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra))
-    return gathered * mask.reshape(*mask.shape, *([1] * len(extra)))
+    return _regather(atom37, aatype, rc.restype_atom14_to_atom37, rc.restype_atom14_mask)
