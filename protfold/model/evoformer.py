@@ -112,7 +112,8 @@ class OuterProductMean(nn.Module):
         outer = torch.einsum("...sic,...sjd->...ijcd", a, b).flatten(-2)
         # AF2-DIFF (from the supplement's text, as in AF2's released code): project the masked sum, then
         # divide by the pair count, instead of projecting the mean; the output bias is divided too.
-        return self.linear_o(outer) / (self.eps + count)
+        projected = self.linear_o(outer)
+        return (projected / (self.eps + count)).to(projected.dtype)  # the fp32 count must not widen the update
 
     def forward(self, m: Tensor, msa_mask: Tensor) -> Tensor:
         m = self.norm(m)
@@ -143,7 +144,12 @@ class SharedDropout(nn.Module):
 
 
 def _add(x: Tensor, update: Tensor, *, fresh: bool) -> Tensor:
-    """x + update; in place when grad is off and x was made inside this block (never the caller's tensor)."""
+    """x + update in x's dtype; in place when grad is off and x was made inside this block (never the caller's).
+
+    The residual stream keeps its dtype: an fp32 stream stays fp32 under autocast, and a bf16 stream (pure bf16
+    inference) is not widened to fp32 by an fp32 update, which would double every later pair-sized buffer.
+    """
+    update = update.to(x.dtype)
     if fresh and not torch.is_grad_enabled():
         return x.add_(update)
     return x + update
