@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from protfold.config import MemoryConfig, ModelConfig
-from protfold.model.memory import chunk_rows, fp32_island, recompute, run_blocks, upcast
-from protfold.model.primitives import Attention, GlobalAttention, Linear, row_attention
-from protfold.model.triangle import PairTransition, Transition, TriangleAttention, TriangleMultiplication
+from protfold.model.memory import chunk_rows, fp32_island, infer_rows, recompute, run_blocks, upcast
+from protfold.model.primitives import Attention, GlobalAttention, Linear, pair_bias_rows, row_attention
+from protfold.model.triangle import Emit, PairTransition, Transition, TriangleAttention, TriangleMultiplication
 
 __all__ = [
     "EvoformerBlock",
@@ -47,8 +47,11 @@ class MSARowAttentionWithPairBias(nn.Module):
         return self.linear_z(self.norm_z(z)).movedim(-1, -3)  # [*, H, N, N]
 
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor) -> Tensor:
-        # When chunking, the small bias is recomputed in backward too, so LN(z) [*, N, N, c_z] is not kept.
-        bias = recompute(self._pair_bias, z, enabled=self.mem.msa_chunk is not None)
+        if torch.is_grad_enabled():
+            # When chunking, the small bias is recomputed in backward too, so LN(z) [*, N, N, c_z] is not kept.
+            bias = recompute(self._pair_bias, z, enabled=self.mem.msa_chunk is not None)
+        else:  # LN(z) only in row chunks: never a pair-sized (fp32 under CUDA autocast) copy of z
+            bias = pair_bias_rows(self.norm_z, self.linear_z, z, infer_rows(self.mem, z.shape[-3]))
         return row_attention(self.norm_m, self.attention, m, msa_mask, bias, self.mem.msa_chunk)
 
 
@@ -115,13 +118,27 @@ class OuterProductMean(nn.Module):
         projected = self.linear_o(outer)
         return (projected / (self.eps + count)).to(projected.dtype)  # the fp32 count must not widen the update
 
-    def forward(self, m: Tensor, msa_mask: Tensor) -> Tensor:
+    def _inputs(self, m: Tensor, msa_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = self.norm(m)
         mask = msa_mask[..., None]
         a, b = self.linear_a(m) * mask, self.linear_b(m) * mask
         with fp32_island(msa_mask):  # counts up to N_seq: exact in fp32, not in bf16
             count = torch.einsum("...si,...sj->...ij", upcast(msa_mask), upcast(msa_mask))[..., None]
+        return a, b, count
+
+    def forward(self, m: Tensor, msa_mask: Tensor) -> Tensor:
+        a, b, count = self._inputs(m, msa_mask)
         return chunk_rows(self._rows, [a, b, count], [-2, None, -3], self.mem.pair_chunk, out_dim=-3)
+
+    def add_into(self, m: Tensor, msa_mask: Tensor, emit: Emit) -> None:
+        """No grad: the update goes to `emit` row chunk by row chunk. A row of the outer product has
+        c_hidden² channels (8x c_z in af2), so the rows per chunk are cut by c_z / c_hidden² to keep one chunk's
+        outer product no larger than a pair-row chunk."""
+        a, b, count = self._inputs(m, msa_mask)
+        c_hidden, c_z = self.linear_a.out_features, self.linear_o.out_features
+        rows = max(1, infer_rows(self.mem, a.shape[-2]) * c_z // (c_hidden * c_hidden))
+        chunk_rows(self._rows, [a, b, count], [-2, None, -3], rows, out_dim=-3,
+                   emit=lambda s, n, u: emit(-3, s, n, u))
 
 
 class SharedDropout(nn.Module):
@@ -134,13 +151,40 @@ class SharedDropout(nn.Module):
         super().__init__()
         self.p, self.shared_dim = p, shared_dim
 
+    @property
+    def active(self) -> bool:
+        return self.training and self.p != 0.0
+
+    def keep_mask(self, like: Tensor, shape: torch.Size | None = None) -> Tensor:
+        """The 0/1 mask for an input of `shape` (default like's), drawn as `forward` draws it."""
+        shape_ = list(like.shape if shape is None else shape)
+        shape_[self.shared_dim] = 1
+        return torch.empty(shape_, dtype=like.dtype, device=like.device).bernoulli_(1.0 - self.p)
+
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.active:
             return x
-        shape = list(x.shape)
-        shape[self.shared_dim] = 1
-        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return x * self.keep_mask(x) / (1.0 - self.p)
+
+
+class _AddInto:
+    """No grad: `emit(dim, start, n, update)` adds a chunk of a pair update (dropout applied) into z in place.
+
+    Equal to `z + dropout(update)` of the whole update: the dropout mask is drawn once, at the first chunk, with
+    the shape and dtype the whole update would have (same random draw), and applied to each chunk's slice.
+    """
+
+    def __init__(self, z: Tensor, dropout: nn.Module) -> None:
+        self.z, self.keep = z, None
+        self.dropout = dropout if isinstance(dropout, SharedDropout) and dropout.active else None
+
+    def __call__(self, dim: int, start: int, n: int, update: Tensor) -> None:
+        if self.dropout is not None:
+            if self.keep is None:
+                self.keep = self.dropout.keep_mask(update, self.z.shape)
+            keep = self.keep if self.keep.shape[dim] == 1 else self.keep.narrow(dim, start, n)
+            update = update * keep / (1.0 - self.dropout.p)
+        self.z.narrow(dim, start, n).add_(update.to(self.z.dtype))
 
 
 def _add(x: Tensor, update: Tensor, *, fresh: bool) -> Tensor:
@@ -207,7 +251,12 @@ class EvoformerBlock(nn.Module):
     def _pair_step(self, module: nn.Module, dropout: nn.Module, z: Tensor, pair_mask: Tensor) -> Tensor:
         return _add(z, dropout(module(z, pair_mask)), fresh=True)
 
-    def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor, *,
+                inplace: bool = False) -> tuple[Tensor, Tensor]:
+        """`inplace` (no grad only): the block may overwrite the caller's m and z (the stacks pass it for every
+        block after the first, whose inputs they made). Without it the caller's tensors stay untouched."""
+        if not torch.is_grad_enabled():
+            return self._forward_no_grad(m, z, msa_mask, pair_mask, inplace)
         fine = self.mem.recompute_inside_block
         m = recompute(self._msa_row_step, m, z, msa_mask, enabled=fine)
         m = recompute(partial(self._msa_step, self.msa_col), m, msa_mask, enabled=fine)
@@ -222,6 +271,35 @@ class EvoformerBlock(nn.Module):
         ):
             z = recompute(partial(self._pair_step, module, dropout), z, pair_mask, enabled=fine)
         return m, z
+
+    def _forward_no_grad(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
+                         inplace: bool) -> tuple[Tensor, Tensor]:
+        """Inference: every pair update is added into z in place, row chunk by row chunk, so nothing pair-sized
+        besides z lives beyond one chunk (except the low-memory triangle multiplication's combined edge).
+        Same numbers as the grad path (each chunk computes exactly what the whole op computes for its rows)."""
+        m = _add(m, self.msa_dropout(self.msa_row(m, z, msa_mask)), fresh=inplace)
+        m = _add(m, self.msa_col(m, msa_mask), fresh=True)
+        m = _add(m, self.msa_trans(m, msa_mask), fresh=True)
+        if not inplace:
+            z = z.clone()  # one copy per user-facing call; every later update goes into it
+        self.opm.add_into(m, msa_mask, _AddInto(z, nn.Identity()))
+        for module, dropout in (
+            (self.tri_mul_out, self.pair_dropout_row),
+            (self.tri_mul_in, self.pair_dropout_col),
+            (self.tri_att_start, self.pair_dropout_row),
+            (self.tri_att_end, self.pair_dropout_col),
+            (self.pair_trans, nn.Identity()),
+        ):
+            module.add_into(z, pair_mask, _AddInto(z, dropout))
+        return m, z
+
+
+def _run_no_grad(blocks: nn.ModuleList, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
+                 inplace_inputs: bool) -> tuple[Tensor, Tensor]:
+    """Blocks without grad: the first one copies z unless the caller handed it over, later ones update in place."""
+    for i, block in enumerate(blocks):
+        m, z = block(m, z, msa_mask, pair_mask, inplace=inplace_inputs or i > 0)
+    return m, z
 
 
 class EvoformerStack(nn.Module):
@@ -238,8 +316,14 @@ class EvoformerStack(nn.Module):
         self.blocks = nn.ModuleList(EvoformerBlock.from_config(cfg, mem=mem) for _ in range(cfg.n_evoformer_blocks))
         self.linear_s = Linear(cfg.c_m, cfg.c_s)
 
-    def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        m, z = run_blocks(list(self.blocks), (m, z), (msa_mask, pair_mask), self.mem)
+    def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor, *,
+                inplace_inputs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """`inplace_inputs` (no grad only): the caller hands m and z over, and they may be overwritten (saves
+        one pair tensor: the first block need not copy z). Otherwise the caller's tensors stay untouched."""
+        if torch.is_grad_enabled():
+            m, z = run_blocks(list(self.blocks), (m, z), (msa_mask, pair_mask), self.mem)
+        else:
+            m, z = _run_no_grad(self.blocks, m, z, msa_mask, pair_mask, inplace_inputs)
         return m, z, self.linear_s(m[..., 0, :, :])
 
 
@@ -256,6 +340,11 @@ class ExtraMSAStack(nn.Module):
         n = cfg.n_extra_msa_blocks if cfg.extra_msa_enabled else 0
         self.blocks = nn.ModuleList(EvoformerBlock.from_config(cfg, extra=True, mem=mem) for _ in range(n))
 
-    def forward(self, e: Tensor, z: Tensor, extra_msa_mask: Tensor, pair_mask: Tensor) -> Tensor:
-        _, z = run_blocks(list(self.blocks), (e, z), (extra_msa_mask, pair_mask), self.mem)
+    def forward(self, e: Tensor, z: Tensor, extra_msa_mask: Tensor, pair_mask: Tensor, *,
+                inplace_inputs: bool = False) -> Tensor:
+        """`inplace_inputs`: as in `EvoformerStack` (no grad only; e and z may be overwritten)."""
+        if torch.is_grad_enabled():
+            _, z = run_blocks(list(self.blocks), (e, z), (extra_msa_mask, pair_mask), self.mem)
+        else:
+            _, z = _run_no_grad(self.blocks, e, z, extra_msa_mask, pair_mask, inplace_inputs)
         return z

@@ -38,6 +38,7 @@ __all__ = [
     "boundary_storage",
     "chunk_rows",
     "fp32_island",
+    "infer_rows",
     "peak_new_bytes",
     "recompute",
     "run_blocks",
@@ -74,13 +75,27 @@ def chunk_rows(
     dims: Sequence[int | None],
     chunk: int | None,
     out_dim: int,
+    emit: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:
     """Apply a row-independent `fn` to chunks of `args` along `dims` and join the results along `out_dim`.
 
     `dims[i]` is the (negative) dimension of `args[i]` to slice, or None to pass that argument whole. With
     `chunk=None` the call is plain `fn(*args)` (the reference path). Otherwise: with grad, one non-reentrant
     checkpoint per chunk (only chunk inputs saved); without grad, results are copied into a preallocated output.
+
+    `emit` (no grad only): instead of joining, hand each chunk's result to `emit(start, n, result)` (e.g. to
+    add it in place into a residual stream) and return None, so no output of the full size is ever allocated.
     """
+    if emit is not None:
+        if torch.is_grad_enabled():
+            raise RuntimeError("chunk_rows(emit=...) is for no-grad paths only (in-place updates break autograd)")
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None and a is not None)
+        step = size if chunk is None else chunk
+        for start in range(0, size, step):
+            n = min(step, size - start)
+            part = [a if d is None or a is None else a.narrow(d, start, n) for a, d in zip(args, dims)]
+            emit(start, n, fn(*part))
+        return None  # type: ignore[return-value]
     if chunk is None:
         return fn(*args)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None and a is not None)
@@ -103,6 +118,15 @@ def chunk_rows(
         out.narrow(out_dim, start, n).copy_(res)
         del res
     return torch.cat(outs, dim=out_dim) if grad else out  # type: ignore[return-value]
+
+
+def infer_rows(mem: MemoryConfig, n: int, parts: int = 16) -> int:
+    """Rows per chunk for the no-grad in-place paths over n pair rows: `mem.pair_chunk`, else n/parts rows.
+
+    Without grad every row-wise pair op (its LayerNorm of z included, fp32 under CUDA autocast) runs in row
+    chunks, so no pair-sized intermediate besides the residual stream z is ever alive.
+    """
+    return min(n, mem.pair_chunk or max(1, -(-n // parts)))
 
 
 def _pack_bf16(t: Tensor) -> Any:
@@ -205,17 +229,31 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
     return total
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Tracks bytes of storages created by ATen ops while active, freed through storage finalizers."""
+_HALF = (torch.float16, torch.bfloat16)
 
-    def __init__(self, existing: set[int]) -> None:
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks bytes of storages created by ATen ops while active, freed through storage finalizers.
+
+    `cuda_autocast`: make LayerNorm behave as under CUDA autocast (fp32 list: a half input is up-cast and the
+    output is fp32), which CPU autocast does not do; the up-cast copy of the input counts as a transient.
+    """
+
+    def __init__(self, existing: set[int], cuda_autocast: bool = False) -> None:
         super().__init__()
         self.current = self.peak = 0
         self.live: set[int] = set()
         self.existing = existing
+        self.cuda_autocast = cuda_autocast
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        if self.cuda_autocast and func is torch.ops.aten.native_layer_norm.default and args[0].dtype in _HALF:
+            x = args[0]
+            up = [a.float() if isinstance(a, Tensor) else a for a in args]
+            self.peak = max(self.peak, self.current + x.numel() * 4)  # the fp32 copy CUDA autocast makes
+            out = func(*up, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if not isinstance(t, Tensor):
                 continue
@@ -234,13 +272,16 @@ class _LiveBytes(TorchDispatchMode):
         self.live.discard(key)
 
 
-def peak_new_bytes(fn: Callable[[], Any], existing: Sequence[Tensor] = ()) -> int:
+def peak_new_bytes(fn: Callable[[], Any], existing: Sequence[Tensor] = (), *, cuda_autocast: bool = False) -> int:
     """Peak bytes of tensors allocated by `fn()` and alive at the same time, on any device (CPU included).
 
     Storages of `existing` tensors (inputs, parameters) are not counted, nor are views of them. What `fn`
     returns counts as long as it lives inside the call. Meant for tests and benchmarks, not for training.
+    `cuda_autocast=True` (CPU measurements): LayerNorm under autocast runs in fp32 as CUDA autocast does.
     """
-    mode = _LiveBytes({t.untyped_storage().data_ptr() for t in existing})
+    # autocast is off inside __torch_dispatch__, so whether it is on is read here, where `fn` will run
+    autocast = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    mode = _LiveBytes({t.untyped_storage().data_ptr() for t in existing}, cuda_autocast and autocast)
     with mode:
         result = fn()
     del result

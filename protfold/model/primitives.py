@@ -24,7 +24,7 @@ from protfold.model.memory import chunk_rows, fp32_island, upcast
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Attention", "GlobalAttention", "Linear", "attention", "mask_bias", "row_attention"]
+__all__ = ["Attention", "GlobalAttention", "Linear", "attention", "mask_bias", "pair_bias_rows", "row_attention"]
 
 Init = Literal["default", "relu", "glorot", "gating", "final"]
 _TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
@@ -86,6 +86,19 @@ def _naive_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) 
     logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     with fp32_island(logits):
         logits = upcast(logits)
+        if not torch.is_grad_enabled():
+            # No grad: each bias is added in place (fp32 + half promotes exactly, as the up-cast does), so no
+            # fp32 copy of a shared [H, N, N] bias per chunk and no second logits-sized buffer.
+            for b in biases:
+                b_dtype = torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype
+                fits = torch.broadcast_shapes(logits.shape, b.shape) == logits.shape
+                if fits and torch.promote_types(logits.dtype, b_dtype) == logits.dtype:
+                    logits.add_(b)
+                else:
+                    logits = logits + upcast(b)
+            probs = torch.softmax(logits, dim=-1)
+            del logits
+            return torch.matmul(probs.to(v.dtype), v)
         for b in biases:
             logits = logits + upcast(b)
         probs = torch.softmax(logits, dim=-1)
@@ -220,12 +233,14 @@ def row_attention(
     mask: Tensor,
     pair_bias: Tensor | None,
     chunk: int | None,
+    emit: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:
     """Gated self-attention along each row of x, chunked over rows (Algorithms 7, 8, 13, 14 share this).
 
     x: [*, R, L, c], mask: [*, R, L], pair_bias: [*, H, L, L] shared by all R rows, or None -> [*, R, L, c].
     `norm` (a LayerNorm, or None when x is already normalised) runs inside each chunk. The pair bias is
-    handed whole to every chunk, so its gradient is accumulated chunk by chunk.
+    handed whole to every chunk, so its gradient is accumulated chunk by chunk. `emit` (no grad): each row
+    chunk's output goes to `emit(start, n, out)` instead of a joined output (see `chunk_rows`).
     """
 
     def run(x_c: Tensor, mask_c: Tensor, bias: Tensor | None) -> Tensor:
@@ -236,7 +251,14 @@ def row_attention(
             biases.append(bias[..., None, :, :, :])  # [*, 1, H, L, L]
         return attn(x_c, x_c, biases)
 
-    return chunk_rows(run, [x, mask, pair_bias], [-3, -2, None], capped_chunk(chunk, attn, x), out_dim=-3)
+    return chunk_rows(run, [x, mask, pair_bias], [-3, -2, None], capped_chunk(chunk, attn, x), out_dim=-3,
+                      emit=emit)
+
+
+def pair_bias_rows(norm: nn.Module, linear: nn.Module, z: Tensor, rows: int) -> Tensor:
+    """No grad: the attention bias linear(norm(z)) as [*, H, N, N], built row chunk by row chunk of z
+    [*, N, N, c_z], so LayerNorm(z) (fp32 under CUDA autocast) never exists at the full pair size."""
+    return chunk_rows(lambda z_: linear(norm(z_)).movedim(-1, -3), [z], [-3], rows, out_dim=-2)
 
 
 def capped_chunk(chunk: int | None, attn: Attention, x: Tensor) -> int | None:

@@ -5,13 +5,19 @@ Shapes: z [*, N_res, N_res, c_z], pair_mask [*, N_res, N_res] (float 0/1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protfold.config import MemoryConfig
-from protfold.model.memory import chunk_rows, fp32_island, recompute, upcast
-from protfold.model.primitives import Attention, Linear, row_attention
+from protfold.model.memory import chunk_rows, fp32_island, infer_rows, recompute, upcast
+from protfold.model.primitives import Attention, Linear, pair_bias_rows, row_attention
+
+# Emit(dim, start, n, update): add `update` (the module's output for positions start:start+n along `dim` of z,
+# dim -3 rows or -2 columns) into the residual stream in place. Used by the no-grad `add_into` paths.
+Emit = Callable[[int, int, int, Tensor], None]
 
 __all__ = ["PairTransition", "TriangleAttention", "TriangleMultiplication", "Transition"]
 
@@ -19,6 +25,8 @@ _CHANNEL_CHUNKS = 8  # low-memory triangle multiplication (no grad): hidden chan
 _TRAIN_SLICE_BYTES = 512 * 2**20  # training: channel slices of at most this many bytes per [N, N, slice] edge
 # ... and rows of z in this many slices when MemoryConfig.pair_chunk is unset (training / no-grad inference)
 _ROW_CHUNKS_TRAIN, _ROW_CHUNKS_INFER = 4, 16
+# no-grad in-place triangle multiplication: one fp32 [slice, N, N] edge is at most this fraction of z's bytes
+_INFER_EDGE_FRACTION = 1 / 16
 
 
 class Transition(nn.Module):
@@ -42,6 +50,11 @@ class Transition(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         chunk = getattr(self.mem, self.chunk_field)
         return chunk_rows(self._rows, [x, mask], [-3, -2], chunk, out_dim=-3)
+
+    def add_into(self, x: Tensor, mask: Tensor, emit: Emit) -> None:
+        """No grad: the update for each row chunk of x goes to `emit`, so only one chunk's LN / hidden lives."""
+        rows = getattr(self.mem, self.chunk_field) or infer_rows(self.mem, x.shape[-3])
+        chunk_rows(self._rows, [x, mask], [-3, -2], rows, out_dim=-3, emit=lambda s, n, u: emit(-3, s, n, u))
 
 
 class PairTransition(Transition):
@@ -146,6 +159,58 @@ class TriangleMultiplication(nn.Module):
             out.narrow(-2, start, n).copy_(part.movedim(-1, -3))
         return out  # type: ignore[return-value]
 
+    def add_into(self, z: Tensor, pair_mask: Tensor, emit: Emit) -> None:
+        """No grad: z += update, the update emitted row chunk by row chunk (`emit(-3, start, n, rows)`).
+
+        With `mem.low_memory_triangle`, alive at once besides z: the combined edge x [*, N, N, c_hidden] (compute
+        dtype), one fp32 b edge for a slice of hidden channels (at most `_INFER_EDGE_FRACTION` of z's bytes), and
+        row-chunk transients. x is finished before the first row of z changes (it reads all of z); then each
+        output row chunk needs only its own rows of z and x, so it is added into z in place. About 2.2x the pair
+        tensor in all when c_hidden = c_z. Without it: the regular update, added whole.
+        """
+        if not self.mem.low_memory_triangle:
+            emit(-3, 0, z.shape[-3], self(z, pair_mask))
+            return
+        n_res = z.shape[-3]
+        rows = infer_rows(self.mem, n_res)
+        edge_bytes = z.numel() * z.element_size() * _INFER_EDGE_FRACTION
+        per_channel = z[..., 0].numel() * 4
+        x: Tensor | None = None
+        for sl in self._slices(max(1, -(-per_channel * self.c_hidden // int(edge_bytes)))):
+            # b for this slice, channels first and fp32 (the exact up-cast of the compute-dtype projection)
+            b32: Tensor | None = None
+            for start in range(0, n_res, rows):
+                n = min(rows, n_res - start)
+                part = self._project(self.norm_in(z.narrow(-3, start, n)), pair_mask.narrow(-2, start, n), "b", sl)
+                if b32 is None:
+                    b32 = torch.empty(*z.shape[:-3], part.shape[-1], n_res, n_res, dtype=torch.float32,
+                                      device=z.device)
+                    if x is None:  # x in the compute dtype (bf16 under autocast), like the regular path
+                        x = z.new_empty(*z.shape[:-1], self.c_hidden, dtype=part.dtype)
+                b32.narrow(-2, start, n).copy_(part.movedim(-1, -3))
+                del part
+            assert b32 is not None and x is not None
+            # a only for the output rows i of this chunk: rows i of z (outgoing) or columns i (incoming)
+            for start in range(0, n_res, rows):
+                n = min(rows, n_res - start)
+                if self.outgoing:
+                    a = self._project(self.norm_in(z.narrow(-3, start, n)), pair_mask.narrow(-2, start, n), "a", sl)
+                    a32 = upcast(a).movedim(-1, -3)  # [*, c, i, k]
+                else:
+                    a = self._project(self.norm_in(z.narrow(-2, start, n)), pair_mask.narrow(-1, start, n), "a", sl)
+                    a32 = upcast(a).movedim(-1, -3).transpose(-1, -2)  # [*, c, i, k] from a_ki
+                del a
+                with fp32_island(a32):
+                    part = a32 @ b32.transpose(-1, -2) if self.outgoing else a32 @ b32  # [*, c, i, j]
+                del a32
+                x.narrow(-3, start, n)[..., sl] = part.movedim(-3, -1)
+                del part
+            del b32
+        assert x is not None
+        for start in range(0, n_res, rows):
+            n = min(rows, n_res - start)
+            emit(-3, start, n, self._finish(self.norm_in(z.narrow(-3, start, n)), x.narrow(-3, start, n)))
+
     def _low_memory_infer(self, z: Tensor, pair_mask: Tensor) -> Tensor:
         rows = self._row_chunk(z.shape[-3], _ROW_CHUNKS_INFER)
         x: Tensor | None = None
@@ -202,3 +267,17 @@ class TriangleAttention(nn.Module):
 
     def _bias(self, z_ln: Tensor) -> Tensor:
         return self.linear_b(z_ln).movedim(-1, -3)  # [*, H, N, N]
+
+    def add_into(self, z: Tensor, pair_mask: Tensor, emit: Emit) -> None:
+        """No grad: LN(z) only inside row chunks (bias [*, H, N, N] built chunk by chunk), and each row chunk's
+        output goes to `emit` (in z's coordinates: rows of z, or columns for the ending-node form)."""
+        dim = -3 if self.starting else -2
+        if not self.starting:
+            z, pair_mask = z.transpose(-2, -3), pair_mask.transpose(-1, -2)
+        rows = infer_rows(self.mem, z.shape[-3])
+        bias = pair_bias_rows(self.norm, self.linear_b, z, rows)
+
+        def out(start: int, n: int, update: Tensor) -> None:
+            emit(dim, start, n, update if self.starting else update.transpose(-2, -3))
+
+        row_attention(self.norm, self.attention, z, pair_mask, bias, rows, emit=out)
