@@ -26,6 +26,9 @@ class MemoryConfig:
     low_memory_triangle: bool = False  # triangle mult. updates keep no [N, N, c_hidden] tensors for backward
     attention: Literal["naive", "sdpa", "flex"] = "naive"  # attention kernel dispatch
     checkpoint_storage: Literal["fp32", "bf16", "cpu"] = "fp32"  # how saved block boundaries are kept
+    # recompute each structure-module layer in backward (only its inputs s, frames and the shared z are kept;
+    # without it every layer keeps its IPA point differences [B, N, N, H, P, 3] and pair-sized casts of z)
+    recompute_structure: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_chunk_mb is not None and not self.attention_chunk_mb > 0:

@@ -15,7 +15,14 @@ from protfold import constants as rc
 from protfold.config import LossConfig
 from protfold.geometry import Rigid
 from protfold.metrics import lddt
+from protfold.model.memory import recompute
 from protfold.violations import violation_loss
+
+# Side-chain FAPE (every frame x every atom) and Alg. 26's atom-pair distances are computed in chunks that keep
+# one [B, chunk, ..., 3] fp32 tensor under this many bytes: at crop 256 the whole [B, 8N, 14N, 3] tensor is
+# 88 MB and the loss held several of them (plus [B, N, 14, N, 14] distance tensors) at once. Exact: only the
+# summation order of the final masked sums changes.
+_FAPE_CHUNK_BYTES = 16 * 2**20
 
 
 def _rigid(frames: Tensor | Rigid) -> Rigid:
@@ -29,7 +36,7 @@ def _masked_mean(value: Tensor, mask: Tensor, dims: tuple[int, ...], eps: float 
 def fape(
     pred_frames: Rigid, true_frames: Rigid, frames_mask: Tensor, pred_pos: Tensor, true_pos: Tensor,
     pos_mask: Tensor, *, length_scale: float, clamp: float | None, use_clamped: bool | Tensor = True,
-    eps: float = 1e-4,
+    eps: float = 1e-4, frame_chunk: int | None = None,
 ) -> Tensor:
     """Frame aligned point error, AF2 supplement Algorithm 28.
 
@@ -37,7 +44,23 @@ def fape(
     Each point j is expressed in each frame i of both structures; the error sqrt(|.|^2 + eps) is clamped at
     `clamp` where `use_clamped` (bool or bool tensor broadcasting to [*]), divided by `length_scale` and
     averaged over all (frame, point) pairs with both masks set.
+
+    `frame_chunk`: the same value computed `frame_chunk` frames at a time (the masked error sums of the chunks
+    are added), each chunk recomputed in backward, so no [*, F, A, 3] tensor is built or kept (only chunks).
     """
+    n_frames = frames_mask.shape[-1]
+    if frame_chunk is not None and frame_chunk < n_frames:
+        num: Tensor | None = None
+        den: Tensor | None = None
+        for start in range(0, n_frames, frame_chunk):
+            n = min(frame_chunk, n_frames - start)
+            part_num, part_den = recompute(
+                _fape_sums, pred_frames.rot.narrow(-3, start, n), pred_frames.trans.narrow(-2, start, n),
+                true_frames.rot.narrow(-3, start, n), true_frames.trans.narrow(-2, start, n),
+                frames_mask.narrow(-1, start, n), pred_pos, true_pos, pos_mask, length_scale, clamp, use_clamped, eps)
+            num = part_num if num is None else num + part_num
+            den = part_den if den is None else den + part_den
+        return num / (eps + den)  # type: ignore[operator]
     local_pred = pred_frames.unsqueeze(-1).invert_apply(pred_pos[..., None, :, :])  # [*, F, A, 3]
     local_true = true_frames.unsqueeze(-1).invert_apply(true_pos[..., None, :, :])
     dist = torch.sqrt(torch.sum((local_pred - local_true) ** 2, dim=-1) + eps)  # [*, F, A]
@@ -47,6 +70,30 @@ def fape(
         dist = torch.where(flag[..., None, None], clamped, dist)
     pair_mask = frames_mask[..., :, None] * pos_mask[..., None, :]
     return _masked_mean(dist / length_scale, pair_mask, (-2, -1), eps=eps)
+
+
+def _fape_sums(
+    pred_rot: Tensor, pred_trans: Tensor, true_rot: Tensor, true_trans: Tensor, frames_mask: Tensor,
+    pred_pos: Tensor, true_pos: Tensor, pos_mask: Tensor, length_scale: float, clamp: float | None,
+    use_clamped: bool | Tensor, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Masked sum of the FAPE errors and of the pair mask over frames (a chunk of them) and points: ([*], [*])."""
+    local_pred = Rigid(pred_rot, pred_trans).unsqueeze(-1).invert_apply(pred_pos[..., None, :, :])
+    local_true = Rigid(true_rot, true_trans).unsqueeze(-1).invert_apply(true_pos[..., None, :, :])
+    dist = torch.sqrt(torch.sum((local_pred - local_true) ** 2, dim=-1) + eps)
+    if clamp is not None:
+        clamped = torch.clamp(dist, max=clamp)
+        flag = torch.as_tensor(use_clamped, device=dist.device, dtype=torch.bool)
+        dist = torch.where(flag[..., None, None], clamped, dist)
+    pair_mask = frames_mask[..., :, None] * pos_mask[..., None, :]
+    return torch.sum(dist / length_scale * pair_mask, dim=(-2, -1)), torch.sum(pair_mask, dim=(-2, -1))
+
+
+def fape_frame_chunk(n_points: int, batch: int = 1, budget_bytes: int | None = None) -> int:
+    """Frames per FAPE chunk so that one [batch, chunk, n_points, 3] fp32 tensor stays under `budget_bytes`
+    (default `_FAPE_CHUNK_BYTES`)."""
+    budget = _FAPE_CHUNK_BYTES if budget_bytes is None else budget_bytes
+    return max(1, budget // max(1, batch * n_points * 3 * 4))
 
 
 def backbone_fape_loss(
@@ -66,26 +113,35 @@ def backbone_fape_loss(
 
 def renamed_ground_truth(
     pred_atom14: Tensor, gt: Tensor, alt_gt: Tensor, gt_exists: Tensor, alt_gt_exists: Tensor,
-    is_ambiguous: Tensor, eps: float = 1e-10,
+    is_ambiguous: Tensor, eps: float = 1e-10, residue_chunk: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """AF2 supplement, Algorithm 26: pick per residue the naming of symmetric atoms closest to the prediction.
 
     The choice compares distances from the ambiguous atoms of residue i to all non-ambiguous atoms.
     pred_atom14, gt, alt_gt: [B, N, 14, 3]; masks [B, N, 14]. Returns (alt_is_better [B, N] float,
-    renamed positions [B, N, 14, 3], renamed exists [B, N, 14]).
+    renamed positions [B, N, 14, 3], renamed exists [B, N, 14]). `residue_chunk`: the same result computed
+    for that many residues i at a time (each residue's sums are unchanged), so no [B, N, 14, N, 14] tensor
+    exists, only [B, chunk, 14, N, 14] ones.
     """
-    def pair_dist(x: Tensor) -> Tensor:  # [B, N, 14, N, 14]
-        b, n = x.shape[:2]
-        flat = x.reshape(b, n * 14, 3)
-        d = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
-        return torch.sqrt(eps + d**2).reshape(b, n, 14, n, 14)
+    b, n = gt.shape[:2]
 
-    d_pred = pair_dist(pred_atom14)
-    err = torch.sqrt(eps + (d_pred - pair_dist(gt)) ** 2)
-    alt_err = torch.sqrt(eps + (d_pred - pair_dist(alt_gt)) ** 2)
-    mask = (gt_exists * is_ambiguous)[:, :, :, None, None] * (gt_exists * (1.0 - is_ambiguous))[:, None, None]
-    per_res = torch.sum(mask * err, dim=(2, 3, 4))
-    alt_per_res = torch.sum(mask * alt_err, dim=(2, 3, 4))
+    def pair_dist(x: Tensor, start: int, rows: int) -> Tensor:  # [B, rows, 14, N, 14]
+        flat = x.reshape(b, n * 14, 3)
+        d = torch.cdist(flat[:, start * 14 : (start + rows) * 14], flat, compute_mode="donot_use_mm_for_euclid_dist")
+        return torch.sqrt(eps + d**2).reshape(b, rows, 14, n, 14)
+
+    def residue_sums(start: int, rows: int) -> tuple[Tensor, Tensor]:
+        d_pred = pair_dist(pred_atom14, start, rows)
+        err = torch.sqrt(eps + (d_pred - pair_dist(gt, start, rows)) ** 2)
+        alt_err = torch.sqrt(eps + (d_pred - pair_dist(alt_gt, start, rows)) ** 2)
+        amb = (gt_exists * is_ambiguous)[:, start : start + rows]
+        mask = amb[:, :, :, None, None] * (gt_exists * (1.0 - is_ambiguous))[:, None, None]
+        return torch.sum(mask * err, dim=(2, 3, 4)), torch.sum(mask * alt_err, dim=(2, 3, 4))
+
+    step = n if residue_chunk is None else max(1, residue_chunk)
+    sums = [residue_sums(start, min(step, n - start)) for start in range(0, n, step)]
+    per_res = torch.cat([p for p, _ in sums], dim=1)
+    alt_per_res = torch.cat([a for _, a in sums], dim=1)
     alt_better = (alt_per_res < per_res).to(gt.dtype)  # [B, N]
     w = alt_better[..., None]
     return alt_better, (1.0 - w[..., None]) * gt + w[..., None] * alt_gt, (1.0 - w) * gt_exists + w * alt_gt_exists
@@ -94,12 +150,13 @@ def renamed_ground_truth(
 def sidechain_fape_loss(
     pred_frames: Tensor, pred_atom14: Tensor, gt_frames: Tensor, alt_gt_frames: Tensor, frames_exist: Tensor,
     alt_better: Tensor, renamed_atom14: Tensor, renamed_exists: Tensor, *, clamp: float = 10.0,
-    length_scale: float = 10.0, eps: float = 1e-4,
+    length_scale: float = 10.0, eps: float = 1e-4, frame_chunk: int | None = None,
 ) -> Tensor:
     """All-atom FAPE over all 8 rigid groups and all atom14 atoms, with Alg. 26 renaming (supplement 1.9.3).
 
     pred_frames, gt_frames, alt_gt_frames: [B, N, 8, 4, 4]; frames_exist [B, N, 8]; pred_atom14 /
     renamed_atom14 [B, N, 14, 3]; renamed_exists [B, N, 14]; alt_better [B, N] -> [B]. Always clamped.
+    `frame_chunk`: see `fape` (the same value, computed over that many of the 8N frames at a time).
     """
     w = alt_better[..., None, None, None]
     true_frames = (1.0 - w) * gt_frames + w * alt_gt_frames
@@ -108,7 +165,7 @@ def sidechain_fape_loss(
     true_r = _rigid(true_frames.reshape(b, -1, 4, 4))
     return fape(pred_r, true_r, frames_exist.reshape(b, -1), pred_atom14.reshape(b, -1, 3),
                 renamed_atom14.reshape(b, -1, 3), renamed_exists.reshape(b, -1), length_scale=length_scale,
-                clamp=clamp, use_clamped=True, eps=eps)
+                clamp=clamp, use_clamped=True, eps=eps, frame_chunk=frame_chunk)
 
 
 def torsion_angle_loss(
@@ -190,14 +247,17 @@ def experimentally_resolved_loss(
 
 def _sidechain_term(outputs: dict, batch: dict, cfg: LossConfig) -> Tensor:
     pred14 = outputs["final_atom14"]
+    b, n = pred14.shape[:2]
+    # Chunks that keep one chunk's [B, chunk, 14N, 3]-sized tensors under _FAPE_CHUNK_BYTES (exact).
+    frame_chunk = fape_frame_chunk(n * 14, b)
     alt_better, renamed, renamed_exists = renamed_ground_truth(
         pred14.detach(), batch["atom14_gt_positions"], batch["atom14_alt_gt_positions"], batch["atom14_gt_exists"],
-        batch["atom14_alt_gt_exists"], batch["atom14_atom_is_ambiguous"],
+        batch["atom14_alt_gt_exists"], batch["atom14_atom_is_ambiguous"], residue_chunk=max(1, frame_chunk // 14),
     )
     return sidechain_fape_loss(
         outputs["sidechain_frames"], pred14, batch["rigidgroups_gt_frames"], batch["rigidgroups_alt_gt_frames"],
         batch["rigidgroups_gt_exists"], alt_better, renamed, renamed_exists, clamp=cfg.fape_clamp,
-        length_scale=cfg.fape_length_scale, eps=cfg.fape_eps,
+        length_scale=cfg.fape_length_scale, eps=cfg.fape_eps, frame_chunk=frame_chunk,
     )
 
 
@@ -251,6 +311,7 @@ __all__ = [
     "distogram_loss",
     "experimentally_resolved_loss",
     "fape",
+    "fape_frame_chunk",
     "masked_msa_loss",
     "plddt_loss",
     "renamed_ground_truth",

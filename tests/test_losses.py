@@ -258,3 +258,65 @@ def test_alphafold_loss_perfect_prediction_and_gradients(chain) -> None:
     unscaled, _ = losses.alphafold_loss(outputs, batch, LossConfig(scale_by_sqrt_length=False, violation=1.0,
                                         experimentally_resolved=0.01), use_clamped_fape=True)
     assert total.item() > unscaled.item()
+
+
+# --- chunked loss paths (exact: only the order of the final masked sums changes) ---------------------------
+
+
+def _random_frames(*shape: int) -> Rigid:
+    from protfold.geometry import quaternion_to_rotation
+
+    return Rigid(quaternion_to_rotation(torch.randn(*shape, 4)), 5.0 * torch.randn(*shape, 3))
+
+
+@pytest.mark.parametrize("clamp", [None, 10.0])
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_fape_frame_chunks_equal_plain_values_and_gradients(clamp, chunk) -> None:
+    b, f, a = 2, 11, 13
+    rot, trans = _random_frames(b, f).rot.requires_grad_(), (5.0 * torch.randn(b, f, 3)).requires_grad_()
+    pos = (8.0 * torch.randn(b, a, 3)).requires_grad_()
+    true_frames, true_pos = _random_frames(b, f), 8.0 * torch.randn(b, a, 3)
+    f_mask, p_mask = (torch.rand(b, f) > 0.2).float(), (torch.rand(b, a) > 0.2).float()
+    flag = torch.tensor([True, False])
+
+    def run(frame_chunk):
+        value = losses.fape(Rigid(rot, trans), true_frames, f_mask, pos, true_pos, p_mask, length_scale=10.0,
+                            clamp=clamp, use_clamped=flag, frame_chunk=frame_chunk)
+        return value, torch.autograd.grad(value.sum(), [rot, trans, pos])
+
+    ref, ref_grads = run(None)
+    got, got_grads = run(chunk)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_renamed_ground_truth_residue_chunks_equal_plain(chain) -> None:
+    batch = synthetic_batch(chain)
+    pred = batch["atom14_gt_positions"] + 0.5 * torch.randn_like(batch["atom14_gt_positions"])
+    args = (pred, batch["atom14_gt_positions"], batch["atom14_alt_gt_positions"], batch["atom14_gt_exists"],
+            batch["atom14_alt_gt_exists"], batch["atom14_atom_is_ambiguous"])
+    ref = losses.renamed_ground_truth(*args)
+    for chunk in (1, 4, N_RES):
+        for got, want in zip(losses.renamed_ground_truth(*args, residue_chunk=chunk), ref):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_sidechain_fape_chunked_in_alphafold_loss_equals_plain(chain, monkeypatch) -> None:
+    """alphafold_loss chunks the side-chain FAPE by a byte budget: with a tiny budget (many chunks) the total
+    and its gradients equal the unchunked loss (huge budget)."""
+    batch = synthetic_batch(chain)
+    outputs = perfect_outputs(batch)
+    outputs["final_atom14"] = (outputs["final_atom14"] + 0.7 * torch.randn_like(outputs["final_atom14"])
+                               ).requires_grad_()
+    outputs["sidechain_frames"] = outputs["sidechain_frames"].clone().requires_grad_()
+    results = []
+    for budget in (2**40, 3 * 4 * 14 * N_RES * 2 * 5):  # one chunk; 5 frames per chunk
+        monkeypatch.setattr(losses, "_FAPE_CHUNK_BYTES", budget)
+        total, _ = losses.alphafold_loss(outputs, batch, LossConfig(), use_clamped_fape=True)
+        grads = torch.autograd.grad(total, [outputs["final_atom14"], outputs["sidechain_frames"]])
+        results.append((total, grads))
+    assert losses.fape_frame_chunk(14 * N_RES, 2) == 5
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
+    for g, r in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)

@@ -21,7 +21,7 @@ from protfold.geometry import (
     rigid_from_quaternion_update,
     torsion_angles_to_frames,
 )
-from protfold.model.memory import fp32_island
+from protfold.model.memory import fp32_island, recompute
 from protfold.model.primitives import Linear
 
 _MASK_LOGIT = -1e9  # fp32 logits only; a fully masked row becomes uniform, never NaN
@@ -154,7 +154,7 @@ class StructureModule(nn.Module):
     """AF2 supplement, Algorithm 20 (with Alg. 22-24): shared weights over `n_structure_layers` iterations.
 
     The rotation gradient is stopped between layers; reported frames and atoms are in Angstrom.
-    `mem` is kept for the shared constructor contract: no MemoryConfig switch acts on this module yet.
+    `mem.recompute_structure` recomputes each layer in backward instead of keeping its intermediates.
     """
 
     def __init__(self, *, cfg: ModelConfig, mem: MemoryConfig) -> None:
@@ -188,7 +188,10 @@ class StructureModule(nn.Module):
             frames = Rigid.identity(tuple(s.shape[:2]), dtype=_fp32(s).dtype, device=s.device)
         per_layer: list[dict[str, Tensor]] = []
         for layer in range(self.cfg.n_structure_layers):
-            s, frames, out = self.layer(s, s_initial, z, frames, aatype, mask)
+            # With mem.recompute_structure the layer is recomputed in backward (same dropout masks): only
+            # its inputs are kept, so at most one layer's intermediates live at a time.
+            s, frames, out = recompute(self.layer, s, s_initial, z, frames, aatype, mask,
+                                       enabled=self.mem.recompute_structure)
             per_layer.append(out)
             if layer < self.cfg.n_structure_layers - 1:
                 frames = frames.detach_rot()
