@@ -248,11 +248,11 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self.cuda_autocast and func is torch.ops.aten.native_layer_norm.default and args[0].dtype in _HALF:
-            x = args[0]
             up = [a.float() if isinstance(a, Tensor) else a for a in args]
-            self.peak = max(self.peak, self.current + x.numel() * 4)  # the fp32 copy CUDA autocast makes
+            copy_bytes = args[0].numel() * 4  # the fp32 copy of the input CUDA autocast makes, alive with the output
             out = func(*up, **(kwargs or {}))
         else:
+            copy_bytes = 0
             out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if not isinstance(t, Tensor):
@@ -265,6 +265,7 @@ class _LiveBytes(TorchDispatchMode):
             self.current += n
             self.peak = max(self.peak, self.current)
             weakref.finalize(storage, self._free, key, n)
+        self.peak = max(self.peak, self.current + copy_bytes)
         return out
 
     def _free(self, key: int, n: int) -> None:
