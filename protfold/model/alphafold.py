@@ -76,8 +76,9 @@ class AlphaFold(nn.Module):
         m = torch.cat([m[..., :1, :, :] + m0_update[..., None, :, :], m[..., 1:, :, :]], dim=-3)
         z = z + z_update
         e = self.extra_msa_embedder(batch["extra_msa_feat"])
-        z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask)
-        m, z, s = self.evoformer(m, z, batch["msa_mask"], pair_mask)
+        own = not torch.is_grad_enabled()  # e, m, z were made here: without grad the stacks may update them in place
+        z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask, inplace_inputs=own)
+        m, z, s = self.evoformer(m, z, batch["msa_mask"], pair_mask, inplace_inputs=own)
         outputs = self.structure_module(s, z, batch["aatype"], seq_mask)
         outputs.update(self.heads(m, z, outputs["single"]))
         outputs["msa_first_row"] = m[..., 0, :, :]

@@ -255,7 +255,7 @@ class EvoformerBlock(nn.Module):
                 inplace: bool = False) -> tuple[Tensor, Tensor]:
         """`inplace` (no grad only): the block may overwrite the caller's m and z (the stacks pass it for every
         block after the first, whose inputs they made). Without it the caller's tensors stay untouched."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and _chunked_inference(self.mem):
             return self._forward_no_grad(m, z, msa_mask, pair_mask, inplace)
         fine = self.mem.recompute_inside_block
         m = recompute(self._msa_row_step, m, z, msa_mask, enabled=fine)
@@ -292,6 +292,15 @@ class EvoformerBlock(nn.Module):
         ):
             module.add_into(z, pair_mask, _AddInto(z, dropout))
         return m, z
+
+
+def _chunked_inference(mem: MemoryConfig) -> bool:
+    """Whether no-grad blocks take the in-place, row-chunked path: only when a memory switch asks for chunking.
+
+    The chunked path costs kernel launches, which bound a GPU step at small crops (benchmarks/NOTES.md), so the
+    no-grad recycling passes of `none` / `recompute` / `offload` keep the plain path they were measured with.
+    """
+    return mem.pair_chunk is not None or mem.attention_chunk_mb is not None or mem.low_memory_triangle
 
 
 def _run_no_grad(blocks: nn.ModuleList, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
