@@ -262,15 +262,19 @@ class EvoformerBlock(nn.Module):
         m = recompute(partial(self._msa_step, self.msa_col), m, msa_mask, enabled=fine)
         m = recompute(partial(self._msa_step, self.msa_trans), m, msa_mask, enabled=fine)
         z = recompute(self._opm_step, m, z, msa_mask, enabled=fine)
-        for module, dropout in (
+        for module, dropout in self._pair_updates():
+            z = recompute(partial(self._pair_step, module, dropout), z, pair_mask, enabled=fine)
+        return m, z
+
+    def _pair_updates(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        """The pair stack of Algorithm 6 in order, each with its shared dropout."""
+        return (
             (self.tri_mul_out, self.pair_dropout_row),
             (self.tri_mul_in, self.pair_dropout_col),
             (self.tri_att_start, self.pair_dropout_row),
             (self.tri_att_end, self.pair_dropout_col),
             (self.pair_trans, nn.Identity()),
-        ):
-            z = recompute(partial(self._pair_step, module, dropout), z, pair_mask, enabled=fine)
-        return m, z
+        )
 
     def _forward_no_grad(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                          inplace: bool) -> tuple[Tensor, Tensor]:
@@ -283,13 +287,7 @@ class EvoformerBlock(nn.Module):
         if not inplace:
             z = z.clone()  # one copy per user-facing call; every later update goes into it
         self.opm.add_into(m, msa_mask, _AddInto(z, nn.Identity()))
-        for module, dropout in (
-            (self.tri_mul_out, self.pair_dropout_row),
-            (self.tri_mul_in, self.pair_dropout_col),
-            (self.tri_att_start, self.pair_dropout_row),
-            (self.tri_att_end, self.pair_dropout_col),
-            (self.pair_trans, nn.Identity()),
-        ):
+        for module, dropout in self._pair_updates():
             module.add_into(z, pair_mask, _AddInto(z, dropout))
         return m, z
 
