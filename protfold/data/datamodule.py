@@ -5,6 +5,11 @@ example seed from (base seed, epoch, draw position, index); workers only execute
 (crop, MSA sampling, masking) is fixed by the seed, whatever `num_workers` is and although persistent
 workers never see `set_epoch`.
 
+Resume: the DataModule's `state_dict` (saved in every checkpoint) holds the training data position, the
+epoch and the number of batches of it already trained on; after a restore the training sampler starts
+at that epoch and leaves out that many batches' draws once, so a run resumed from a mid-epoch checkpoint
+trains on exactly the batches the uninterrupted run went on with (single process; see `train_dataloader`).
+
 A cache entry that cannot be read (or that `make_example` rejects with ProtfoldInputError) is logged
 once per process, counted in `ProteinDataset.bad_entries`, and replaced by the next readable entry, so the
 epoch goes on and batches keep their size.
@@ -15,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -47,6 +54,9 @@ class EpochSampler(Sampler):
     requested number of steps), different each epoch. Otherwise: every index once, in order, with seeds
     that do not depend on the epoch. The epoch is what `set_epoch` set (Lightning calls it), else the
     number of previous passes.
+
+    `resume_at(epoch, skip)` (training): count `epoch` previous passes and leave out the first `skip` draws
+    of the next pass if it is that epoch's. The remaining draws keep their positions, hence their seeds.
     """
 
     def __init__(self, n_items: int, *, num_samples: int | None = None, seed: int = 0, train: bool = True) -> None:
@@ -58,9 +68,21 @@ class EpochSampler(Sampler):
         self.num_samples = num_samples if (train and num_samples) else n_items
         self._epoch: int | None = None
         self._passes = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, draws to leave out), for the next pass only
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Continue a pass interrupted after `skip` draws of epoch `epoch` (a restored checkpoint).
+
+        The pass count is set too, so the epoch is right even when the loader starts iterating before
+        `set_epoch` is called (worker processes prefetch when the iterator is made) or never (DDP wraps
+        this sampler)."""
+        if epoch < 0 or skip < 0:
+            raise ValueError(f"epoch and skip must be >= 0, got {epoch} and {skip}")
+        self._epoch, self._passes = None, epoch
+        self._resume = (epoch, skip) if skip > 0 and self.train else None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -68,12 +90,15 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = (self._epoch if self._epoch is not None else self._passes) if self.train else 0
         self._passes += 1
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
         if self.train:
             indices = np.random.default_rng([self.seed, epoch]).integers(0, self.n_items, size=self.num_samples)
         else:
             indices = np.arange(self.n_items)
         for position, index in enumerate(indices.tolist()):
-            yield index, example_seed(self.seed, epoch, position, index)
+            if position >= skip:
+                yield index, example_seed(self.seed, epoch, position, index)
 
 
 class ProteinDataset(Dataset):
@@ -182,6 +207,48 @@ class ProteinDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.samples_per_epoch, self.memory_cache_mb = samples_per_epoch, memory_cache_mb
         self.splits: dict[str, list[str]] | None = None
+        self._resume_position: dict[str, int] | None = None  # from load_state_dict, used by train_dataloader
+
+    # ----- the training data position, saved in checkpoints -----
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position: `epoch` and `batches` of it trained on, as the fit loop counts them.
+
+        The epoch is the one whose batches ran (the fit loop has already counted it as processed when a
+        checkpoint is written at the training-epoch end); an epoch whose last batch ran is saved as the
+        start of the next one."""
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return {}
+        fit = trainer.fit_loop
+        epoch = max(fit.epoch_progress.current.started - 1, 0)
+        progress = fit.epoch_loop.batch_progress
+        batches = progress.current.processed
+        if progress.is_last_batch or (trainer.num_training_batches != float("inf") and batches >= trainer.num_training_batches):
+            epoch, batches = epoch + 1, 0
+        return {
+            "train_position": {
+                "epoch": int(epoch), "batches": int(batches), "batch_size": self.batch_size,
+                "samples_per_epoch": self.samples_per_epoch, "seed": self.seed,
+                "world_size": int(getattr(trainer, "world_size", 1)),
+            }
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        if not position:
+            return
+        same = all(position.get(key) == value for key, value in (
+            ("batch_size", self.batch_size), ("samples_per_epoch", self.samples_per_epoch), ("seed", self.seed)))
+        if not same and position["batches"] > 0:
+            logger.warning(
+                "the checkpoint was written %d batch(es) into epoch %d with another batch_size, samples_per_epoch "
+                "or seed; the resumed epoch draws its examples from the start", position["batches"], position["epoch"])
+            position = {**position, "batches": 0}
+        self._resume_position = {"epoch": int(position["epoch"]), "batches": int(position["batches"]),
+                                 "world_size": int(position.get("world_size", 1))}
+
+    def _trainer_or_none(self) -> pl.Trainer | None:
+        return getattr(self, "trainer", None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
@@ -226,6 +293,23 @@ class ProteinDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train", train=True)
         sampler = EpochSampler(len(dataset), num_samples=self.samples_per_epoch, seed=self.seed, train=True)
+        if self._resume_position is not None:
+            position, self._resume_position = self._resume_position, None
+            skip = position["batches"] * self.batch_size
+            trainer = self._trainer_or_none()
+            world_size = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+            if skip and max(world_size, position["world_size"]) > 1:
+                # the distributed sampler Lightning wraps around this one splits a whole epoch's draws
+                logger.warning(
+                    "resuming %d batch(es) into epoch %d with several processes: the epoch's data starts over "
+                    "(mid-epoch resume is exact on one device only)", position["batches"], position["epoch"])
+                skip = 0
+            if skip:
+                logger.info("resuming the training data %d batch(es) into epoch %d", position["batches"], position["epoch"])
+                # Lightning checks only the loaders for a state_dict; this one's position comes from here
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
+                                        category=PossibleUserWarning)
+            sampler.resume_at(position["epoch"], skip)
         return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader | list:

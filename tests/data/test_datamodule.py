@@ -112,6 +112,50 @@ def test_sampler_seeds_depend_on_epoch_position_and_index() -> None:
     assert list(sampler) == draws
 
 
+def test_sampler_resume_leaves_out_draws_without_moving_seeds() -> None:
+    full = list(EpochSampler(5, num_samples=12, seed=3))  # epoch 0
+    sampler = EpochSampler(5, num_samples=12, seed=3)
+    sampler.set_epoch(2)
+    epoch2 = list(sampler)
+    sampler.resume_at(2, 5)
+    assert list(sampler) == epoch2[5:]  # the same (index, seed) pairs, the first five left out
+    assert list(sampler) != epoch2  # no set_epoch: the pass after the resumed epoch is epoch 3, whole
+    sampler.resume_at(0, 4)
+    sampler.set_epoch(0)  # Lightning sets the epoch after the restore: the skip still applies once
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full
+    sampler.resume_at(1, 4)
+    sampler.set_epoch(2)  # another epoch than the checkpoint's: nothing is left out
+    assert list(sampler) == epoch2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_datamodule_resumes_train_loader_mid_epoch(prepared_samples, num_workers: int) -> None:  # noqa: ANN001
+    """load_state_dict (as Lightning calls it on resume) makes the next train loader continue the epoch,
+    also with worker processes, which start drawing from the sampler before Lightning calls set_epoch."""
+    dm = _module(prepared_samples.cache_dir, samples_per_epoch=8, batch_size=2)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    epoch1 = list(loader)
+    assert len(epoch1) == 4
+    resumed = _module(prepared_samples.cache_dir, samples_per_epoch=8, batch_size=2, num_workers=num_workers)
+    resumed.load_state_dict({"train_position": {"epoch": 1, "batches": 3, "batch_size": 2, "samples_per_epoch": 8,
+                                                "seed": 7, "world_size": 1}})
+    _assert_batches_equal(list(resumed.train_dataloader()), epoch1[3:])
+
+
+def test_datamodule_state_without_trainer_is_empty_and_other_batch_size_restarts(prepared_samples, caplog) -> None:  # noqa: ANN001
+    dm = _module(prepared_samples.cache_dir, samples_per_epoch=8, batch_size=2)
+    assert dm.state_dict() == {}
+    dm.load_state_dict({})
+    with caplog.at_level(logging.WARNING, logger="protfold.data.datamodule"):
+        dm.load_state_dict({"train_position": {"epoch": 1, "batches": 3, "batch_size": 4, "samples_per_epoch": 8,
+                                               "seed": 7, "world_size": 1}})
+    assert any("another batch_size" in r.getMessage() for r in caplog.records)
+    sampler = dm.train_dataloader().sampler
+    assert len(list(sampler)) == 8 and sampler._passes == 2  # epoch 1, whole
+
+
 def test_missing_ids_reported_once(prepared_samples, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["1aki_A", "9zzz_A"], "validation": ["6mrr_A", "8yyy_B"]}))

@@ -38,18 +38,19 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _straight_and_resumed(run_kit, tmp_path: Path, *, samples_per_epoch: int, val_every: int | None,
-                          ckpt: str) -> tuple[Path, Path]:
-    """Run N steps straight, and N/2 steps then a resume to N; `ckpt` is "last" or "path"."""
+                          ckpt: str, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Run N steps straight, and N/2 steps then a resume to N; `ckpt` is "last" or "path"; `extra` is
+    appended to every command line."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = dict(samples_per_epoch=samples_per_epoch, val_every=val_every)
-    run_kit.fit(run_kit.fit_args(straight, steps=STEPS, **common))
-    run_kit.fit(run_kit.fit_args(resumed, steps=STEPS // 2, **common))
+    run_kit.fit(run_kit.fit_args(straight, steps=STEPS, **common, extra=extra))
+    run_kit.fit(run_kit.fit_args(resumed, steps=STEPS // 2, **common, extra=extra))
     first = run_kit.version_dirs(resumed)[0] / "checkpoints" / "last.ckpt"
     half = run_kit.load(first)
     assert half["global_step"] == STEPS // 2
     assert half["lr_schedulers"][0]["last_epoch"] == STEPS // 2
     run_kit.fit(run_kit.fit_args(resumed, steps=STEPS, **common,
-                                 extra=("--ckpt_path", "last" if ckpt == "last" else str(first))))
+                                 extra=extra + ("--ckpt_path", "last" if ckpt == "last" else str(first))))
     assert len(run_kit.version_dirs(resumed)) == 2
     return straight, resumed
 
@@ -78,23 +79,39 @@ def test_resume_at_epoch_boundary_is_exact(run_kit, tmp_path, val_every):
         assert lb[step] == pytest.approx(la[step], rel=1e-6, abs=1e-6), f"train/loss at step {step}"
 
 
-@pytest.mark.xfail(strict=True, reason="mid-epoch resume replays the epoch's first examples: the training "
-                   "DataLoader/EpochSampler has no state_dict, so Lightning restarts the epoch's data")
+def _assert_same_run(run_kit, straight: Path, resumed: Path, *, epoch: int) -> None:
+    a, b = _final(run_kit, straight), _final(run_kit, resumed)
+    _assert_same_state(a, b)
+    assert a["epoch"] == b["epoch"] == epoch
+    la, lb = run_kit.train_losses(straight), run_kit.train_losses(resumed)
+    assert sorted(lb) == sorted(la), (la, lb)
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], rel=1e-6, abs=1e-6), f"train/loss at step {step}"
+
+
+def _half_position(run_kit, resumed: Path) -> dict:
+    half = run_kit.load(run_kit.version_dirs(resumed)[0] / "checkpoints" / "last.ckpt")
+    return half["ProteinDataModule"]["train_position"]
+
+
 def test_resume_mid_epoch_is_exact(run_kit, tmp_path):
-    """KNOWN LIMITATION (documented, strict xfail): a resume from a checkpoint written in the middle of an
-    epoch (validation at step N/2 of an N-step epoch) restores the optimiser, scheduler, EMA, step counter
-    and batch index, but the loader starts the epoch's sampler over, so the steps after the resume see the
-    epoch's first examples again. Resume from an end-of-epoch checkpoint (val_check_interval equal to
-    samples_per_epoch, as configs/sample.yaml does) to be exact. When the sampler becomes resumable this
-    test passes and the xfail marker must go.
-    """
+    """A resume from a checkpoint written in the middle of an epoch (validation at step N/2 of an N-step
+    epoch): the DataModule's state in the checkpoint holds the epoch and the batches already trained on, and
+    the sampler leaves those draws out, so weights, EMA, Adam moments, scheduler and every logged train/loss
+    equal those of the uninterrupted run (before, the resumed steps saw the epoch's first examples again)."""
     straight, resumed = _straight_and_resumed(run_kit, tmp_path, samples_per_epoch=STEPS, val_every=STEPS // 2,
                                               ckpt="path")
-    a, b = _final(run_kit, straight), _final(run_kit, resumed)
-    # everything but the data order is restored ...
-    assert a["global_step"] == b["global_step"] == STEPS
-    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == STEPS
-    assert a["epoch"] == b["epoch"] == 0
+    assert _half_position(run_kit, resumed)["epoch"] == 0
+    assert _half_position(run_kit, resumed)["batches"] == STEPS // 2
     assert sorted(run_kit.train_losses(resumed)) == list(range(STEPS))
-    # ... and the weights differ because steps N/2.. trained on other examples
-    _assert_same_state(a, b)
+    _assert_same_run(run_kit, straight, resumed, epoch=0)
+
+
+def test_resume_mid_epoch_with_gradient_accumulation_is_exact(run_kit, tmp_path):
+    """Accumulation 2 (manual optimisation: an optimiser step at `(batch_idx + 1) % 2 == 0`), an epoch of
+    2N batches, validation and the checkpoint after batch N (step N/2): the resumed run goes on at batch_idx
+    N with the epoch's next draws, so micro-batches pair up as in the uninterrupted run."""
+    straight, resumed = _straight_and_resumed(run_kit, tmp_path, samples_per_epoch=2 * STEPS, val_every=STEPS,
+                                              ckpt="last", extra=("--model.accumulate_grad_batches", "2"))
+    assert _half_position(run_kit, resumed)["batches"] == STEPS
+    _assert_same_run(run_kit, straight, resumed, epoch=0)
