@@ -18,7 +18,7 @@ import numpy as np
 from Bio.PDB.MMCIF2Dict import MMCIF2Dict
 
 from protfold.errors import ProtfoldInputError
-from protfold.io.structure import ProteinChain, _assign_positions, _build_chain, _Residue, _stem
+from protfold.io.residues import ProteinChain, _assign_positions, _build_chain, _Residue, _stem
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _mmcif_residues(path: Path, t: dict[str, list[str]]) -> dict[str, list[_Resi
 
     models, chains = col("pdbx_PDB_model_num"), col("auth_asym_id", "label_asym_id")
     nums, icodes = col("auth_seq_id", "label_seq_id"), col("pdbx_PDB_ins_code")
-    comps, names, alts = t["label_comp_id"], col("auth_atom_id", "label_atom_id"), col("label_alt_id")
+    comps, names = t["label_comp_id"], col("auth_atom_id", "label_atom_id")  # alt ids: occupancy decides
     label_seqs, entities, asyms = col("label_seq_id"), col("label_entity_id"), col("label_asym_id")
     try:
         xyz = np.array([t["Cartn_x"], t["Cartn_y"], t["Cartn_z"]], dtype=np.float64).T

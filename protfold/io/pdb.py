@@ -13,7 +13,7 @@ from Bio.Align import PairwiseAligner
 from Bio.PDB import PDBParser
 
 from protfold.errors import ProtfoldInputError
-from protfold.io.structure import (
+from protfold.io.residues import (
     ProteinChain,
     _assign_positions,
     _Atoms,
