@@ -8,6 +8,7 @@ Dimension glossary used across the package (shapes in docstrings):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -48,6 +49,30 @@ class MemoryConfig:
                 f"MemoryConfig.checkpoint_storage={self.checkpoint_storage!r} only applies to saved block "
                 "boundaries: set blocks_per_checkpoint as well"
             )
+
+
+MEMORY_PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "memory"
+
+
+def load_memory_preset(name_or_path: str) -> MemoryConfig:
+    """MemoryConfig of configs/memory/NAME.yaml, or of a YAML file: `model: memory: {fields}`, `memory:` or bare.
+
+    Raises ValueError naming the file (or the known presets) and the reason.
+    """
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = MEMORY_PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in MEMORY_PRESET_DIR.glob("*.yaml")))
+        raise ValueError(f"unknown memory mode {name_or_path!r} (not a file; presets: {known})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        found = data.get("model", {}).get("memory", data.get("memory", data)) or {}
+        return MemoryConfig(**found)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -205,5 +230,6 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "PRESET_NAMES",
+    "load_memory_preset",
     "model_preset",
 ]

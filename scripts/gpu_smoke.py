@@ -20,10 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protfold.bench.synthetic import synthetic_batch  # noqa: E402
-from protfold.config import LossConfig, model_preset  # noqa: E402
+from protfold.config import LossConfig, load_memory_preset, model_preset  # noqa: E402
 from protfold.losses import alphafold_loss  # noqa: E402
 from protfold.model.alphafold import AlphaFold, parameter_count  # noqa: E402
-from protfold.train.lightning_cli import load_memory_preset  # noqa: E402
 
 
 def main() -> None:

@@ -82,3 +82,19 @@ def test_unknown_subcommand_and_help(capsys: pytest.CaptureFixture) -> None:
         cli.main(["prepare", "--help"])
     assert info.value.code == 0
     assert "--msa-dir" in capsys.readouterr().out
+
+
+def test_memory_presets_load_and_bad_ones_name_the_file(tmp_path) -> None:
+    """One loader for configs/memory presets (used by `protfold bench` and `protfold predict --memory`)."""
+    import pytest
+
+    from protfold.config import MemoryConfig, load_memory_preset
+
+    assert load_memory_preset("none") == MemoryConfig()
+    assert load_memory_preset("recompute").blocks_per_checkpoint == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  memory:\n    checkpoint_storage: bf16\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_memory_preset(str(bad))
+    with pytest.raises(ValueError, match="presets: .*low"):
+        load_memory_preset("no_such_mode")

@@ -19,41 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from protfold.bench import report
 from protfold.bench.measure import environment, free_memory, parse_bytes, relative_diff
 from protfold.bench.synthetic import synthetic_batch
 from protfold.bench.workloads import ModeResult, Network, Point, Settings, probe_peak, run_mode
-from protfold.config import PRESET_NAMES, MemoryConfig, model_preset
+from protfold.config import PRESET_NAMES, MemoryConfig, load_memory_preset, model_preset
 
 log = logging.getLogger(__name__)
 
 __all__ = ["budget_search", "load_mode", "main"]
 
-MEMORY_DIR = Path(__file__).resolve().parents[2] / "configs" / "memory"
 BUDGET_STEP, BUDGET_RESOLUTION = 128, 32
 
 
 def load_mode(name_or_path: str) -> MemoryConfig:
-    """MemoryConfig of configs/memory/NAME.yaml (or a YAML path): `model: memory: {fields}` or bare fields.
-
-    (The same format as `protfold.train.lightning_cli.load_memory_preset`, read here without importing
-    Lightning, which would add ~10 s to every bench start.)
-    """
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = MEMORY_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in MEMORY_DIR.glob("*.yaml")))
-        raise SystemExit(f"protfold bench: unknown memory mode {name_or_path!r} (known: {known})")
-    data = yaml.safe_load(path.read_text()) or {}
-    fields = data.get("model", {}).get("memory", data.get("memory", data)) or {}
+    """MemoryConfig of a preset name or YAML path (`protfold.config.load_memory_preset`), or a clean exit."""
     try:
-        return MemoryConfig(**fields)
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"protfold bench: {path}: {err}") from None
+        return load_memory_preset(name_or_path)
+    except ValueError as err:
+        raise SystemExit(f"protfold bench: {err}") from None
 
 
 def _mode_name(name_or_path: str) -> str:
@@ -263,8 +249,15 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit("protfold bench: --budget-only needs --budget")
     modes = {_mode_name(name): load_mode(name) for name in _names(args.modes)}
     kind = "evoformer" if args.evoformer_only else "inference_block" if args.inference_block else "train"
-    extras = [0] if kind != "train" else _ints(args.extra_rows)
-    crops, rows_list = _ints(args.crops), _ints(args.rows)
+    try:
+        extras = [0] if kind != "train" else _ints(args.extra_rows)
+    except ValueError:
+        raise SystemExit(f"protfold bench: --extra-rows wants comma-separated integers, got {args.extra_rows!r}") from None
+    try:
+        crops, rows_list = _ints(args.crops), _ints(args.rows)
+    except ValueError:
+        raise SystemExit(f"protfold bench: --crops and --rows want comma-separated integers, got "
+                         f"{args.crops!r} and {args.rows!r}") from None
     s = Settings(device=device, steps=args.steps, warmup=args.warmup, seed=args.seed, infer=not args.no_infer,
                  infer_steps=args.infer_steps)
     env = environment(device, argv)

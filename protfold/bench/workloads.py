@@ -244,10 +244,13 @@ class _Job:
         free_memory(self.s.device)
 
 
-def _train_fields(job: _Job, result: ModeResult) -> None:
+def _run_train_phase(job: _Job) -> dict[str, Any]:
     trainer = job.trainer()
-    status, trained = _oom_guard(lambda: _train_phase(trainer, job.s, lambda: job.resident(trainer.opt)))
-    del trainer
+    return _train_phase(trainer, job.s, lambda: job.resident(trainer.opt))
+
+
+def _train_fields(job: _Job, result: ModeResult) -> None:
+    status, trained = _oom_guard(lambda: _run_train_phase(job))  # the trainer (and Adam state) dies with it
     free_memory(job.s.device)
     result.fields.update(status=status, saved_bytes=trained["saved"] if trained else None)
     result.fields.update(_peak_fields("", trained["peak"] if trained else None, trained and trained["times"]))

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from protfold.config import MemoryConfig, model_preset
+from protfold.config import MemoryConfig, load_memory_preset, model_preset
 from protfold.data.datamodule import ProteinDataModule
 from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, TrainingCurvePlot
 from protfold.train.module import ProtfoldModule
@@ -163,7 +163,11 @@ def run_predict_cli(argv: list[str]) -> int:
     from protfold.errors import ProtfoldInputError
     from protfold.train.predict import run_predict
 
-    memory = load_memory_preset(args.memory) if args.memory else None
+    try:
+        memory = load_memory_preset(args.memory) if args.memory else None
+    except ValueError as err:
+        print(f"protfold predict: --memory: {err}", file=sys.stderr)
+        return 2
     try:
         written = run_predict(ckpt_path=args.ckpt_path, source=args.input, out=args.out, msa_dir=args.msa_dir,
                               overwrite=args.overwrite, device=args.device, memory=memory,
@@ -176,24 +180,3 @@ def run_predict_cli(argv: list[str]) -> int:
     if not written:
         print("protfold predict: nothing new written (outputs exist; use --overwrite)")
     return 0
-
-
-def load_memory_preset(name_or_path: str):
-    """A MemoryConfig from configs/memory/NAME.yaml (or any YAML file with a `memory:` mapping or bare fields)."""
-    from pathlib import Path
-
-    import yaml
-
-    from protfold.config import MemoryConfig
-
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = Path(__file__).resolve().parents[2] / "configs" / "memory" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"protfold: unknown memory preset {name_or_path!r} (no configs/memory/{name_or_path}.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
-    fields = data.get("model", {}).get("memory", data.get("memory", data))
-    try:
-        return MemoryConfig(**fields)
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"protfold: {path}: {err}") from None
