@@ -194,7 +194,7 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
     for name, mem in modes.items():
         known = {r["crop"]: r["peak_bytes"] is not None and r["peak_bytes"] <= budget
                  for r in same if r["mode"] == name and r["status"] in ("ok", "oom")}
-        probed: dict[int, int | None] = {}
+        probed: dict[int, tuple[int | None, float]] = {}
 
         def fits(crop: int, mem: MemoryConfig = mem, probed: dict = probed, name: str = name) -> bool:
             bar.set_postfix_str(f"{name} crop {crop}")
@@ -202,15 +202,18 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
             at = Point(**{**point.__dict__, "crop": crop})
             batch = _to_device(synthetic_batch(crop, at.rows, at.extra_rows, seed=s.seed), s.device) \
                 if at.kind == "train" else None
-            probed[crop] = probe_peak(at, mem, net, s, batch)
+            started = time.monotonic()
+            peak = probe_peak(at, mem, net, s, batch)
+            probed[crop] = (peak, round(time.monotonic() - started, 3))
             del batch
             free_memory(s.device)
-            return probed[crop] is not None and probed[crop] <= budget
+            return peak is not None and peak <= budget
 
         deadline = time.monotonic() + args.budget_time if args.budget_time else None
         found = budget_search(fits, known=known, cap=cap, deadline=deadline,
                               start=max(_ints(args.crops)) if args.budget_only else None)
-        found["probes"] = [[c, probed[c]] for c in found["probes"]]  # [crop, peak bytes or None (OOM)]
+        # [crop, peak bytes or None (OOM), seconds for the probe: setup plus one training step]
+        found["probes"] = [[c, *probed[c]] for c in found["probes"]]
         rec = {"kind": "budget", "preset": point.preset, "mode": name, "precision": point.precision,
                "crop": found["max_crop"], "rows": point.rows, "extra_rows": point.extra_rows,
                "recycles": point.recycles, "status": "ok", "budget_bytes": budget, "budget_kind": point.kind,

@@ -110,3 +110,78 @@ def plot_curves(metrics_file: Path, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+class StepStats(pl.Callback):
+    """Per training batch (one optimizer step without gradient accumulation): wall time, peak device memory and throughput, logged as `perf/*`; at the end of
+    fit, rank 0 writes their summary to `<log_dir>/perf.json` (median step time without the first step,
+    which includes compilation and allocator warm-up).
+
+    Times are taken after a device synchronize, so they cover the whole step. Peak memory is the CUDA
+    allocator's high-water mark since the previous step (reset each step); on CPU it is not recorded.
+    Throughput counts samples of all ranks: world size × batch size / step time.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.peaks: list[float] = []
+        self.recycles: list[float] = []
+        self._start = 0.0
+        self.batch_size = 1
+
+    def _sync(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        import time
+
+        device = pl_module.device
+        self._sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        import time
+
+        device = pl_module.device
+        self._sync(device)
+        seconds = time.perf_counter() - self._start
+        batch_size = int(batch["aatype"].shape[0]) if isinstance(batch, dict) and "aatype" in batch else 1
+        self.batch_size = batch_size
+        self.times.append(seconds)
+        metrics = {"perf/step_s": seconds, "perf/samples_per_s": trainer.world_size * batch_size / seconds}
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            self.peaks.append(peak)
+            metrics["perf/peak_gib"] = peak
+        self.recycles.append(float(getattr(pl_module, "last_n_recycles", float("nan"))))
+        pl_module.log_dict(metrics, batch_size=batch_size)
+
+    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+        import statistics
+
+        timed = self.times[1:] or self.times
+        median = statistics.median(timed) if timed else float("nan")
+        return {
+            "steps": len(self.times),
+            "world_size": trainer.world_size,
+            "step_s": self.times,
+            "recycles": self.recycles,
+            "median_step_s_after_first": median,
+            "samples_per_s": trainer.world_size * self.batch_size / median if timed else float("nan"),
+            "peak_gib_rank0": max(self.peaks) if self.peaks else None,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+        }
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
+            return
+        out = Path(trainer.logger.log_dir) / "perf.json"
+        out.write_text(json.dumps(self.summary(trainer), indent=2) + "\n")
+        log.info("step statistics written to %s", out)

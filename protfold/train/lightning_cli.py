@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from protfold.config import MemoryConfig, load_memory_preset, model_preset
 from protfold.data.datamodule import ProteinDataModule
-from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, TrainingCurvePlot
+from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, StepStats, TrainingCurvePlot
 from protfold.train.module import ProtfoldModule
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def _check_checkpoint_matches(config: Any) -> None:
 def trainer_defaults() -> dict[str, Any]:
     best = BestAndLastCheckpoint(monitor="val/lddt_ca", mode="max", save_last=True, save_top_k=1,
                            filename="best-{step}", auto_insert_metric_name=False)
-    return {"callbacks": [best, TrainingCurvePlot()], "plugins": [AtomicCheckpointIO()]}
+    return {"callbacks": [best, TrainingCurvePlot(), StepStats()], "plugins": [AtomicCheckpointIO()]}
 
 
 def run_lightning(argv: list[str]) -> int:

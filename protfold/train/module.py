@@ -132,6 +132,7 @@ class ProtfoldModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
         n_recycles, clamped = self.draw_step_settings()
+        self.last_n_recycles = n_recycles
         self.model.set_memory(self.train_memory)
         with self._dropout_rng(batch_idx):
             outputs = self.model(batch, n_recycles=n_recycles)

@@ -104,7 +104,8 @@ def test_budget_search_on_cpu_gives_a_crop_per_mode(tmp_path) -> None:
     for mode, b in budget.items():
         assert b["budget_bytes"] == 6_000_000 and b["probes"], b
         assert 16 <= b["max_crop"] <= b["budget_cap"] == 64
-        fitting = [c for c, peak in b["probes"] if peak is not None and peak <= 6_000_000]
+        fitting = [c for c, peak, seconds in b["probes"] if peak is not None and peak <= 6_000_000]
+        assert all(seconds > 0 for _, _, seconds in b["probes"])
         assert all(c <= b["max_crop"] for c in fitting)
         run = next(r for r in recs if r["kind"] == "train" and r["mode"] == mode)
         assert run["max_crop"] == b["max_crop"]

@@ -5,6 +5,7 @@ with small overrides, writes last.ckpt, a best checkpoint, metrics.csv, config.y
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,9 @@ def test_main_job_writes_checkpoints_metrics_config_and_curves(sample_cache, cwd
     assert config["model"]["preset"] == "small" and config["data"]["crop_size"] == 24
     assert config["trainer"]["max_steps"] == 4
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    perf = json.loads((run / "perf.json").read_text())
+    assert perf["steps"] == 4 and perf["world_size"] == 1 and len(perf["step_s"]) == 4
+    assert all(t > 0 for t in perf["step_s"]) and perf["median_step_s_after_first"] > 0
+    assert perf["recycles"] == [float(r["train/recycles"]) for r in train]
+    assert all(float(r["perf/step_s"]) > 0 for r in train)
