@@ -222,7 +222,10 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
-        return t
+        # A detached alias, not `t`: a node that saves its own output would otherwise hold the output's Python
+        # object, a cycle through C++ that gc cannot break; after an exception (OOM) before backward, the
+        # whole graph would then stay alive.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()

@@ -169,3 +169,50 @@ def test_oom_is_recorded_and_others_compare_to_the_lowest_peak(tmp_path, monkeyp
         assert recs[mode]["status"] == "ok" and recs[mode]["reference"] == f"{ref} (none: oom)"
         assert recs[mode]["grad_diff"] < EXACT
     assert recs[ref]["loss_diff"] == 0.0
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_out_of_memory_leaves_nothing_alive(monkeypatch, where) -> None:
+    """A run that runs out of memory must free everything it allocated, or every later mode of the sweep
+    starts with its leftovers (this once turned `none`'s OOM into OOMs of every mode after it on the GPU).
+    The OOM is injected in the second Evoformer block of the gradient pass, in forward or in backward."""
+    from protfold.bench.workloads import Network, Point, Settings, run_mode
+    from protfold.config import load_memory_preset, model_preset
+    from protfold.model import evoformer
+    from protfold.model.memory import _LiveBytes
+
+    def oom(*_: object) -> None:
+        raise torch.OutOfMemoryError("injected")
+
+    plain, calls = evoformer.EvoformerBlock.forward, {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        out = plain(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                if where == "forward":
+                    oom()
+                out[1].register_hook(oom)
+        return out
+
+    cpu = torch.device("cpu")
+    net = Network.build("train", model_preset("tiny"), seed=0, device=cpu)
+    settings = Settings(device=cpu, steps=1, warmup=1, infer=False)
+    point = Point(kind="train", preset="tiny", precision="fp32", crop=24, rows=5, extra_rows=7, recycles=1)
+    batch = synthetic_batch(24, 5, 7, seed=0)
+
+    def live_after(**patch: object) -> tuple[str, int]:
+        for name, value in patch.items():
+            monkeypatch.setattr(evoformer.EvoformerBlock, name, value)
+        tracker = _LiveBytes(set())
+        with tracker:
+            result = run_mode(point, load_memory_preset("none"), net, settings, batch)
+        monkeypatch.undo()
+        return result.fields["status"], tracker.current
+
+    clean_status, clean = live_after()
+    status, left = live_after(forward=failing)
+    assert clean_status == "ok" and status == "oom" and calls["n"] >= 2
+    # the clean run keeps its loss and gradients (CPU copies) in its result; the failed one keeps nothing
+    assert left <= clean, f"{left - clean} bytes still alive after the OOM"
