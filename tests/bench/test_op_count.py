@@ -1,0 +1,26 @@
+"""scripts/op_count.py: ops of one af2 training step counted on the meta device (used for NOTES.md predictions)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "op_count.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("op_count", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_counts_grow_with_blocks_and_with_smaller_chunks() -> None:
+    op_count = load()
+    shape = dict(crop=48, rows=6, extra=10, recycles=0, extra_blocks=1)
+    one, _ = op_count.count(memory_name="recompute", sets={}, blocks=1, **shape)
+    two, by_name = op_count.count(memory_name="recompute", sets={}, blocks=2, **shape)
+    assert 0 < one < two and "mm.default" in by_name and "view.default" not in by_name
+    # pair_chunk splits the pair ops into row chunks: more launches for the same function
+    chunked, _ = op_count.count(memory_name="recompute", sets={"pair_chunk": 8}, blocks=1, **shape)
+    assert chunked > one
