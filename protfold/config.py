@@ -30,6 +30,9 @@ class MemoryConfig:
     # recompute each structure-module layer in backward (only its inputs s, frames and the shared z are kept;
     # without it every layer keeps its IPA point differences [B, N, N, H, P, 3] and pair-sized casts of z)
     recompute_structure: bool = False
+    # no grad, with low_memory_triangle: keep the triangle multiplication's combined edge x [N, N, c_hidden]
+    # (pair-sized) in pinned host memory instead of on the device; its rows are copied back chunk by chunk
+    offload_triangle_edge: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_chunk_mb is not None and not self.attention_chunk_mb > 0:
@@ -43,6 +46,11 @@ class MemoryConfig:
         if self.checkpoint_storage not in ("fp32", "bf16", "cpu"):
             raise ValueError(
                 f"MemoryConfig.checkpoint_storage must be 'fp32', 'bf16' or 'cpu', got {self.checkpoint_storage!r}"
+            )
+        if self.offload_triangle_edge and not self.low_memory_triangle:
+            raise ValueError(
+                "MemoryConfig.offload_triangle_edge moves the combined edge of the low-memory triangle update "
+                "(no grad) to host memory: set low_memory_triangle as well"
             )
         if self.checkpoint_storage != "fp32" and self.blocks_per_checkpoint is None:
             raise ValueError(

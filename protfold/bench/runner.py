@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the Evoformer stack alone, forward + backward, fp32 inputs m, z (OpenFold's table)")
     what.add_argument("--inference-block", action="store_true",
                       help="no-grad inference of one Evoformer block (inputs in the run precision)")
+    p.add_argument("--block-owns-inputs", action="store_true",
+                   help="with --inference-block: the block may overwrite its inputs m, z (as every block inside a "
+                        "stack after the first does); without it the block keeps the caller's z and makes one copy")
     return p
 
 
@@ -248,6 +251,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     if bad:
         raise SystemExit(f"protfold bench: unknown precision(s) {sorted(bad)}; use fp32 and/or bf16")
     presets = _names(args.model)
+    if args.block_owns_inputs and not args.inference_block:
+        raise SystemExit("protfold bench: --block-owns-inputs applies to --inference-block only")
     if args.budget_only and not args.budget:
         raise SystemExit("protfold bench: --budget-only needs --budget")
     modes = {_mode_name(name): load_mode(name) for name in _names(args.modes)}
@@ -262,7 +267,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit(f"protfold bench: --crops and --rows want comma-separated integers, got "
                          f"{args.crops!r} and {args.rows!r}") from None
     s = Settings(device=device, steps=args.steps, warmup=args.warmup, seed=args.seed, infer=not args.no_infer,
-                 infer_steps=args.infer_steps)
+                 infer_steps=args.infer_steps, block_owns_inputs=args.block_owns_inputs)
     env = environment(device, argv)
     start = time.monotonic()
     records: list[dict[str, Any]] = []
@@ -289,6 +294,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             _compare(results)
             for name, r in results.items():
                 records.append({**{k: None for k in report.REQUIRED}, **point.__dict__, "mode": name,
+                                "block_owns_inputs": args.block_owns_inputs,
                                 "memory": dict(modes[name].__dict__), **r.fields, **env})
             del batch, results
             free_memory(device)

@@ -48,6 +48,7 @@ class Settings:
     seed: int = 0
     infer: bool = True
     infer_steps: int | None = None  # timed inference calls (default: `steps`)
+    block_owns_inputs: bool = False  # inference block: hand m, z over (inplace=True), as a block inside a stack
 
 
 @dataclass
@@ -215,6 +216,9 @@ class _Job:
         with autocast(self.s.device, self.point.precision):
             if self.point.kind == "train":
                 return self.module(self.inputs, n_recycles=self.point.recycles)
+            if self.block:
+                return self.module(self.inputs["m"], self.inputs["z"], self.inputs["msa_mask"],
+                                   self.inputs["pair_mask"], inplace=self.s.block_owns_inputs)
             return self.module(self.inputs["m"], self.inputs["z"], self.inputs["msa_mask"], self.inputs["pair_mask"])
 
     def loss(self) -> Tensor:

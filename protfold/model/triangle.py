@@ -176,6 +176,7 @@ class TriangleMultiplication(nn.Module):
         edge_bytes = z.numel() * z.element_size() * _INFER_EDGE_FRACTION
         per_channel = z[..., 0].numel() * 4
         x: Tensor | None = None
+        host = self.mem.offload_triangle_edge  # x channels first [*, c_hidden, N, N] in pinned host memory
         for sl in self._slices(max(1, -(-per_channel * self.c_hidden // int(edge_bytes)))):
             # b for this slice, channels first and fp32 (the exact up-cast of the compute-dtype projection)
             b32: Tensor | None = None
@@ -186,7 +187,7 @@ class TriangleMultiplication(nn.Module):
                     b32 = torch.empty(*z.shape[:-3], part.shape[-1], n_res, n_res, dtype=torch.float32,
                                       device=z.device)
                     if x is None:  # x in the compute dtype (bf16 under autocast), like the regular path
-                        x = z.new_empty(*z.shape[:-1], self.c_hidden, dtype=part.dtype)
+                        x = _edge_buffer(z, self.c_hidden, part.dtype, host)
                 b32.narrow(-2, start, n).copy_(part.movedim(-1, -3))
                 del part
             assert b32 is not None and x is not None
@@ -203,13 +204,23 @@ class TriangleMultiplication(nn.Module):
                 with fp32_island(a32):
                     part = a32 @ b32.transpose(-1, -2) if self.outgoing else a32 @ b32  # [*, c, i, j]
                 del a32
-                x.narrow(-3, start, n)[..., sl] = part.movedim(-3, -1)
+                if host:  # [*, c, i, j] rows of this slice, copied out in the compute dtype
+                    x[..., sl, start : start + n, :].copy_(part.to(x.dtype), non_blocking=True)
+                else:
+                    x.narrow(-3, start, n)[..., sl] = part.movedim(-3, -1)
                 del part
             del b32
         assert x is not None
+        if host and z.is_cuda:
+            torch.cuda.current_stream(z.device).synchronize()  # the last device-to-host copies have landed
         for start in range(0, n_res, rows):
             n = min(rows, n_res - start)
-            emit(-3, start, n, self._finish(self.norm_in(z.narrow(-3, start, n)), x.narrow(-3, start, n)))
+            if host:
+                x_rows = x[..., start : start + n, :].to(z.device, non_blocking=True).movedim(-3, -1)
+            else:
+                x_rows = x.narrow(-3, start, n)
+            emit(-3, start, n, self._finish(self.norm_in(z.narrow(-3, start, n)), x_rows))
+            del x_rows
 
     def _low_memory_infer(self, z: Tensor, pair_mask: Tensor) -> Tensor:
         rows = self._row_chunk(z.shape[-3], _ROW_CHUNKS_INFER)
@@ -234,6 +245,15 @@ class TriangleMultiplication(nn.Module):
                 out = res.new_empty(z.shape)
             out.narrow(-3, start, n).copy_(res)
         return out  # type: ignore[return-value]
+
+
+def _edge_buffer(z: Tensor, c_hidden: int, dtype: torch.dtype, host: bool) -> Tensor:
+    """The combined edge x of the no-grad triangle update: [*, N, N, c_hidden] next to z, or channels first
+    [*, c_hidden, N, N] in host memory (pinned when z is on a GPU, so the copies can overlap)."""
+    if not host:
+        return z.new_empty(*z.shape[:-1], c_hidden, dtype=dtype)
+    return torch.empty(*z.shape[:-3], c_hidden, z.shape[-3], z.shape[-2], dtype=dtype, device="cpu",
+                       pin_memory=z.is_cuda)
 
 
 class TriangleAttention(nn.Module):

@@ -20,7 +20,7 @@ from protfold.bench.report import REQUIRED
 from protfold.bench.runner import budget_search, main
 from protfold.bench.synthetic import synthetic_batch
 
-MODES = ("none", "recompute", "chunked", "triangle", "low")
+MODES = ("none", "recompute", "chunked", "triangle", "low", "long")
 COMMON = ["--model", "tiny", "--device", "cpu", "--rows", "5", "--extra-rows", "7", "--steps", "1",
           "--warmup", "1", "--threads", "1"]
 EXACT = 1e-5  # fp32: every mode computes the same function
@@ -216,3 +216,21 @@ def test_out_of_memory_leaves_nothing_alive(monkeypatch, where) -> None:
     assert clean_status == "ok" and status == "oom" and calls["n"] >= 2
     # the clean run keeps its loss and gradients (CPU copies) in its result; the failed one keeps nothing
     assert left <= clean, f"{left - clean} bytes still alive after the OOM"
+
+
+def test_inference_block_owning_its_inputs(tmp_path) -> None:
+    """--block-owns-inputs: the block may overwrite m, z (as inside a stack), so the chunked modes make no copy
+    of z and peak lower than the same mode keeping the caller's z; outputs still equal `none`'s."""
+    peaks = {}
+    for owns in (False, True):
+        out = tmp_path / str(owns)
+        flags = ["--block-owns-inputs"] if owns else []
+        code, _ = run_main([*COMMON, "--inference-block", *flags, "--modes", "none,low,low_host", "--crops", "40",
+                            "--out", str(out)])
+        assert code == 0
+        recs = records(out)
+        assert all(r["status"] == "ok" and r["loss_diff"] < EXACT and r["block_owns_inputs"] is owns for r in recs)
+        peaks[owns] = {r["mode"]: r["peak_bytes"] for r in recs}
+    assert peaks[True]["low"] < peaks[False]["low"], peaks
+    with pytest.raises(SystemExit, match="inference-block"):
+        run_main([*COMMON, "--block-owns-inputs", "--crops", "8"])

@@ -18,6 +18,9 @@ MEMS = {
     "none": MemoryConfig(),
     "low": MemoryConfig(pair_chunk=2, msa_chunk=2, attention_chunk_mb=1e-4, low_memory_triangle=True),
     "low_default_rows": MemoryConfig(low_memory_triangle=True),
+    # the combined triangle edge in host memory (here the host is the device, so this checks the layout/copies)
+    "low_edge_on_host": MemoryConfig(pair_chunk=2, msa_chunk=2, attention_chunk_mb=1e-4, low_memory_triangle=True,
+                                     offload_triangle_edge=True),
 }
 
 
@@ -153,3 +156,32 @@ def test_af2_block_no_grad_peak_near_two_pair_tensors() -> None:
         kept = peak_new_bytes(lambda: blk(m, z, mm, pm), [*blk.parameters(), *inputs], cuda_autocast=True)
     owned, kept = (owned + in_bytes) / pair, (kept + in_bytes) / pair
     assert owned < 2.6 and kept < 3.6, (owned, kept)
+
+
+def test_offloaded_triangle_edge_is_built_in_host_memory(monkeypatch, mask_factory) -> None:
+    """With offload_triangle_edge the combined edge is allocated on the CPU, channels first, and the update
+    equals the on-device one; without low_memory_triangle the switch is a config error."""
+    import protfold.model.triangle as triangle
+
+    made = []
+    plain = triangle._edge_buffer
+
+    def spy(z, c_hidden, dtype, host):
+        made.append(plain(z, c_hidden, dtype, host))
+        return made[-1]
+
+    monkeypatch.setattr(triangle, "_edge_buffer", spy)
+    z, mask = torch.randn(2, 9, 9, 6), mask_factory(2, 9, 9)
+    outs = []
+    for host in (False, True):
+        mem = MemoryConfig(pair_chunk=4, low_memory_triangle=True, offload_triangle_edge=host)
+        torch.manual_seed(3)  # the same weights for both
+        mod = randomize_(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=False, mem=mem))
+        z_in = z.clone()
+        with torch.no_grad():
+            mod.add_into(z_in, mask, _AddInto(z_in, nn.Identity()))
+        outs.append(z_in)
+    assert made[0].shape == (2, 9, 9, 5) and made[1].shape == (2, 5, 9, 9) and made[1].device.type == "cpu"
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="low_memory_triangle"):
+        MemoryConfig(offload_triangle_edge=True)
