@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# GPU work queue for one device machine with one or more GPUs: jobs from a queue file (scripts/queues/*.tsv:
+# NAME<TAB>COMMAND per line, most needed first) are taken by one worker per GPU. COMMAND is a bench command
+# (its --out and --time-limit are added), FIT (`protfold fit` of af2 in bf16 on one GPU) or FIT_DDP (the same
+# on every GPU, run before the workers start, alone on the machine).
+#
+# The work outlasts one device call (10 minutes), so `start` launches a driver in its own process session
+# (it survives the call) and each later call runs `collect SECONDS`: wait up to SECONDS for the driver, then
+# pack what exists so far into $OUT/results.tgz (checkpoints left out). Calls must follow each other within
+# the machine's idle time. Usage, from the repository root on the device machine:
+#   scripts/gpu_queue.sh start QUEUE SECONDS   copy the repo to /tmp/pf, start the driver on QUEUE, then collect
+#   scripts/gpu_queue.sh collect SECONDS       wait, then pack
+#   scripts/gpu_queue.sh run QUEUE             the driver itself (what `start` launches)
+# Every job stops starting new runs at the driver's deadline (DEADLINE_S after the driver starts).
+# Session 3 ran `start scripts/queues/session3.tsv 540` (then `collect` twice) on two H200s.
+set -uo pipefail
+R=/tmp/g3
+DEADLINE_S=${DEADLINE_S:-1380}
+
+pack() {
+  mkdir -p "$OUT"
+  tar -C "$R" --exclude='*.ckpt' --exclude='*.tmp' -czf "$OUT/results.tgz" . 2>/dev/null
+  tail -n 40 "$R/driver.log" 2>/dev/null
+  cat "$R/jobs.log" 2>/dev/null
+}
+
+collect() {
+  local until=$((SECONDS + $1))
+  while [ "$SECONDS" -lt "$until" ] && [ ! -e "$R/done" ]; do sleep 5; done
+  pack
+}
+
+fit() {  # fit NAME EXTRA_ARGS...: af2, bf16, crop 256 / 128 / 1024, 12 steps on the prepared samples
+  local name=$1; shift
+  timeout "${FIT_TIMEOUT:-420}" python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml "$@" \
+    --trainer.enable_progress_bar false --trainer.max_steps 12 --trainer.val_check_interval 6 \
+    --trainer.log_every_n_steps 1 --data.samples_per_epoch 24 --trainer.default_root_dir "$R/$name" \
+    > "$R/$name.log" 2>&1
+}
+
+worker() {  # worker GPU: take jobs from the queue until it is empty or the deadline has passed
+  local gpu=$1 line name cmd left
+  while true; do
+    line=$(flock "$R/queue.lock" bash -c 'head -n 1 "$0"; sed -i 1d "$0"' "$R/queue")
+    [ -z "$line" ] && return
+    name=${line%%	*}; cmd=${line#*	}
+    left=$((START + DEADLINE_S - $(date +%s)))
+    if [ "$left" -lt 60 ]; then echo "$name skipped: deadline" >> "$R/jobs.log"; continue; fi
+    echo "$(date -u +%T) gpu$gpu start $name" >> "$R/jobs.log"
+    if [ "$cmd" = FIT ]; then
+      CUDA_VISIBLE_DEVICES=$gpu fit "$name"
+    elif [[ "$cmd" != *protfold.bench.runner* ]]; then  # any other command (e.g. the GPU tests) as it is
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $cmd > "$R/$name.log" 2>&1
+    else
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $cmd --time-limit $((left - 60)) --out "$R/$name" > "$R/$name.log" 2>&1
+    fi
+    echo "$(date -u +%T) gpu$gpu end $name rc=$?" >> "$R/jobs.log"
+  done
+}
+
+run() {
+  START=$(date +%s)
+  export PYTHONUNBUFFERED=1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt" 2>&1
+  python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" >> "$R/gpu.txt"
+  echo "$(date -u +%T) prepare" >> "$R/jobs.log"
+  python3 -m protfold.cli prepare data/samples --out cache/samples --msa-dir data/samples/msas --no-progress \
+    > "$R/prepare.log" 2>&1
+  local ddp
+  ddp=$(grep -P '\tFIT_DDP$' "$1" | cut -f1 || true)
+  for name in $ddp; do
+    echo "$(date -u +%T) start $name" >> "$R/jobs.log"
+    fit "$name" -c configs/trainer/ddp.yaml --trainer.devices "$(nvidia-smi -L | wc -l)"
+    echo "$(date -u +%T) end $name rc=$?" >> "$R/jobs.log"
+  done
+  grep -v -P '\tFIT_DDP$' "$1" | grep -v '^#' | grep -v '^\s*$' > "$R/queue"
+  touch "$R/queue.lock"
+  local gpu
+  for gpu in $(seq 0 $(($(nvidia-smi -L | wc -l) - 1))); do worker "$gpu" & done
+  wait
+  touch "$R/done"
+}
+
+case ${1:-} in
+  start)
+    rm -rf /tmp/pf "$R" && mkdir -p "$R" && cp -a . /tmp/pf || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl || exit 1
+    [ -f "${2:-}" ] || { echo "no queue file '${2:-}'" >&2; exit 2; }
+    (cd /tmp/pf && PYTHONPATH=/tmp/site:/tmp/pf setsid nohup bash scripts/gpu_queue.sh run "$2" \
+      > "$R/driver.log" 2>&1 < /dev/null &)
+    collect "${3:-540}" ;;
+  collect) collect "${2:-540}" ;;
+  run) export PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD}; run "$2" ;;
+  *) echo "usage: $0 start QUEUE SECONDS | collect SECONDS | run QUEUE" >&2; exit 2 ;;
+esac
