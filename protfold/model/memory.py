@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "boundary_storage",
     "chunk_rows",
+    "compiled",
     "fp32_island",
     "infer_rows",
     "peak_new_bytes",
@@ -168,6 +169,16 @@ def boundary_storage(mem: MemoryConfig) -> contextlib.AbstractContextManager[Any
     return contextlib.nullcontext()
 
 
+def compiled(block: torch.nn.Module) -> Callable[..., Any]:
+    """`torch.compile` of `block.forward`, made once per block and kept as a plain attribute (a function, so
+    the module's submodules and state_dict do not change)."""
+    fn = getattr(block, "_compiled_forward", None)
+    if fn is None:
+        fn = torch.compile(block.forward)
+        block._compiled_forward = fn
+    return fn
+
+
 def run_blocks(
     blocks: Sequence[torch.nn.Module],
     state: tuple[Tensor, ...],
@@ -180,6 +191,8 @@ def run_blocks(
     in the form chosen by `mem.checkpoint_storage`.
     """
     k = mem.blocks_per_checkpoint
+    if mem.compile_blocks and torch.is_grad_enabled():
+        blocks = [compiled(block) for block in blocks]
     if k is None or not torch.is_grad_enabled():
         for block in blocks:
             state = block(*state, *extra)
