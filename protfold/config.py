@@ -56,6 +56,16 @@ class MemoryConfig:
                 "MemoryConfig.offload_triangle_edge moves the combined edge of the low-memory triangle update "
                 "(no grad) to host memory: set low_memory_triangle as well"
             )
+        chunking = [name for name in ("msa_chunk", "pair_chunk", "attention_chunk_mb") if getattr(self, name)]
+        if self.compile_blocks and (chunking or self.recompute_inside_block):
+            import warnings
+
+            warnings.warn(
+                f"MemoryConfig.compile_blocks with {', '.join(chunking or ['recompute_inside_block'])}: exact, but "
+                "every chunk loop is unrolled into the compiled graph, so compiling takes longer the more chunks a "
+                "crop needs (minutes on a CPU for a few dozen)",
+                stacklevel=3,
+            )
         if self.checkpoint_storage != "fp32" and self.blocks_per_checkpoint is None:
             raise ValueError(
                 f"MemoryConfig.checkpoint_storage={self.checkpoint_storage!r} only applies to saved block "

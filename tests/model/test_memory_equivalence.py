@@ -224,3 +224,8 @@ def test_compiled_blocks_match_eager(kind, base, tiny_cfg_no_dropout, trunk_inpu
     blocks = list(alt_model.blocks)
     assert all(callable(getattr(b, "_compiled_forward", None)) for b in blocks)
     assert set(alt_model.state_dict()) == set(ref_model.state_dict())
+
+
+def test_compile_with_chunking_warns_about_compile_time() -> None:
+    with pytest.warns(UserWarning, match="unrolled"):
+        MemoryConfig(pair_chunk=8, compile_blocks=True)
