@@ -9,6 +9,7 @@
 # pack what exists so far into $OUT/results.tgz (checkpoints left out). Calls must follow each other within
 # the machine's idle time. Usage, from the repository root on the device machine:
 #   scripts/gpu_queue.sh start QUEUE SECONDS   copy the repo to /tmp/pf, start the driver on QUEUE, then collect
+#                                              (SECONDS counts after the copy and install: leave the call room)
 #   scripts/gpu_queue.sh collect SECONDS       wait, then pack
 #   scripts/gpu_queue.sh run QUEUE             the driver itself (what `start` launches)
 # Every job stops starting new runs at the driver's deadline (DEADLINE_S after the driver starts).
@@ -48,7 +49,7 @@ worker() {  # worker GPU: take jobs from the queue until it is empty or the dead
     if [ "$left" -lt 60 ]; then echo "$name skipped: deadline" >> "$R/jobs.log"; continue; fi
     echo "$(date -u +%T) gpu$gpu start $name" >> "$R/jobs.log"
     if [ "$cmd" = FIT ]; then
-      CUDA_VISIBLE_DEVICES=$gpu fit "$name"
+      CUDA_VISIBLE_DEVICES=$gpu FIT_TIMEOUT=$((left < ${FIT_TIMEOUT:-420} ? left : ${FIT_TIMEOUT:-420})) fit "$name"
     elif [[ "$cmd" != *protfold.bench.runner* ]]; then  # any other command (e.g. the GPU tests) as it is
       CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $cmd > "$R/$name.log" 2>&1
     else
@@ -59,6 +60,7 @@ worker() {  # worker GPU: take jobs from the queue until it is empty or the dead
 }
 
 run() {
+  mkdir -p "$R"
   START=$(date +%s)
   export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt" 2>&1
@@ -83,10 +85,13 @@ run() {
 
 case ${1:-} in
   start)
+    [ -f "${2:-}" ] || { echo "no queue file '${2:-}'" >&2; exit 2; }
+    if [ -d "$R" ] && [ ! -e "$R/done" ] && pgrep -f "gpu_queue.sh run" > /dev/null; then
+      echo "a driver is still running (results in $R): use collect" >&2; exit 2
+    fi
     rm -rf /tmp/pf "$R" && mkdir -p "$R" && cp -a . /tmp/pf || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl || exit 1
-    [ -f "${2:-}" ] || { echo "no queue file '${2:-}'" >&2; exit 2; }
     (cd /tmp/pf && PYTHONPATH=/tmp/site:/tmp/pf setsid nohup bash scripts/gpu_queue.sh run "$2" \
       > "$R/driver.log" 2>&1 < /dev/null &)
     collect "${3:-540}" ;;

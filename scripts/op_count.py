@@ -7,7 +7,9 @@ On a GPU each counted op is (about) one kernel launch plus its Python and dispat
 the memory modes that chunk are bound by that overhead, not by arithmetic. This counts every ATen op of the
 forward (with `--recycles` no-grad passes), the loss and the backward (checkpoint recomputes included), except
 view-like ops that launch no kernel. It does not count the host copies of `checkpoint_storage: cpu` (they run
-in saved-tensor hooks that the meta device cannot follow, so the storage is kept on the device here).
+in saved-tensor hooks that the meta device cannot follow, so the storage is kept on the device here), and it
+runs without autocast (the meta device has none): a bf16 step adds the casts of autocast, about 20% more ops
+(checked on the CPU), so per-op times derived from bf16 GPU steps and these counts are about 20% high.
 Measured per-op times on the GPU turn counts into time predictions (benchmarks/NOTES.md, "Session 3").
 """
 
@@ -63,16 +65,20 @@ def _meta_safe_islands() -> None:
 def _value(text: str) -> Any:
     if text in ("true", "false"):
         return text == "true"
-    try:
-        return int(text)
-    except ValueError:
-        return text
+    if text in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def count(*, crop: int, memory_name: str, sets: dict[str, Any], blocks: int, extra_blocks: int, rows: int,
           extra: int, recycles: int) -> tuple[int, collections.Counter[str]]:
     _meta_safe_islands()
-    mem = dataclasses.replace(load_memory_preset(memory_name), checkpoint_storage="fp32", **sets)
+    mem = dataclasses.replace(load_memory_preset(memory_name), **{**sets, "checkpoint_storage": "fp32"})
     cfg = model_preset("af2", n_evoformer_blocks=blocks, n_extra_msa_blocks=extra_blocks, max_crop=max(crop, 4096))
     meta = torch.device("meta")
     with meta:

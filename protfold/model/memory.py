@@ -19,6 +19,7 @@ keeps for backward; `peak_new_bytes(fn, existing)` tracks the peak of tensors al
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -169,14 +170,17 @@ def boundary_storage(mem: MemoryConfig) -> contextlib.AbstractContextManager[Any
     return contextlib.nullcontext()
 
 
+_COMPILED: dict[type, Callable[..., Any]] = {}
+
+
 def compiled(block: torch.nn.Module) -> Callable[..., Any]:
-    """`torch.compile` of `block.forward`, made once per block and kept as a plain attribute (a function, so
-    the module's submodules and state_dict do not change)."""
-    fn = getattr(block, "_compiled_forward", None)
+    """`block` run through `torch.compile`: one compiled `forward` per block class, shared by every block of
+    that class (dynamo guards on the block passed in), bound with `functools.partial`. Nothing is stored on
+    the module, so its submodules, state_dict, deepcopy and pickling are unchanged."""
+    fn = _COMPILED.get(type(block))
     if fn is None:
-        fn = torch.compile(block.forward)
-        block._compiled_forward = fn
-    return fn
+        fn = _COMPILED[type(block)] = torch.compile(type(block).forward)
+    return functools.partial(fn, block)
 
 
 def run_blocks(

@@ -167,8 +167,8 @@ class TriangleMultiplication(nn.Module):
         row-chunk transients. x is finished before the first row of z changes (it reads all of z); then each
         output row chunk needs only its own rows of z and x, so it is added into z in place. About 2.2x the pair
         tensor in all when c_hidden = c_z. With `mem.offload_triangle_edge` x lives in (pinned) host memory,
-        channels first, and each row chunk of it is copied back when its output is added: z plus the slice and
-        chunk transients stay on the device. Without low_memory_triangle: the regular update, added whole.
+        one [*, N, N, width] tensor per channel slice, and each row chunk of it is copied back when its output
+        is added: z plus the slice and chunk transients stay on the device. Without low_memory_triangle: the regular update, added whole.
         """
         if not self.mem.low_memory_triangle:
             emit(-3, 0, z.shape[-3], self(z, pair_mask))
@@ -178,8 +178,10 @@ class TriangleMultiplication(nn.Module):
         edge_bytes = z.numel() * z.element_size() * _INFER_EDGE_FRACTION
         per_channel = z[..., 0].numel() * 4
         x: Tensor | None = None
-        host = self.mem.offload_triangle_edge  # x channels first [*, c_hidden, N, N] in pinned host memory
-        for sl in self._slices(max(1, -(-per_channel * self.c_hidden // int(edge_bytes)))):
+        host = self.mem.offload_triangle_edge  # x as one pinned host tensor [*, N, N, width] per channel slice
+        slices = self._slices(max(1, -(-per_channel * self.c_hidden // int(edge_bytes))))
+        x_host: list[Tensor] = []
+        for k, sl in enumerate(slices):
             # b for this slice, channels first and fp32 (the exact up-cast of the compute-dtype projection)
             b32: Tensor | None = None
             for start in range(0, n_res, rows):
@@ -188,11 +190,13 @@ class TriangleMultiplication(nn.Module):
                 if b32 is None:
                     b32 = torch.empty(*z.shape[:-3], part.shape[-1], n_res, n_res, dtype=torch.float32,
                                       device=z.device)
-                    if x is None:  # x in the compute dtype (bf16 under autocast), like the regular path
-                        x = _edge_buffer(z, self.c_hidden, part.dtype, host)
+                    if host:  # this slice's part of x, in the compute dtype, in host memory
+                        x_host.append(_host_buffer(z, sl.stop - sl.start, part.dtype))
+                    elif x is None:  # x in the compute dtype (bf16 under autocast), like the regular path
+                        x = z.new_empty(*z.shape[:-1], self.c_hidden, dtype=part.dtype)
                 b32.narrow(-2, start, n).copy_(part.movedim(-1, -3))
                 del part
-            assert b32 is not None and x is not None
+            assert b32 is not None and (x is not None or host)
             # a only for the output rows i of this chunk: rows i of z (outgoing) or columns i (incoming)
             for start in range(0, n_res, rows):
                 n = min(rows, n_res - start)
@@ -206,19 +210,19 @@ class TriangleMultiplication(nn.Module):
                 with fp32_island(a32):
                     part = a32 @ b32.transpose(-1, -2) if self.outgoing else a32 @ b32  # [*, c, i, j]
                 del a32
-                if host:  # [*, c, i, j] rows of this slice, copied out in the compute dtype
-                    x[..., sl, start : start + n, :].copy_(part.to(x.dtype), non_blocking=True)
+                if host:  # rows i of this slice, made contiguous on the device: one contiguous async copy
+                    dst = x_host[k].narrow(-3, start, n)
+                    dst.copy_(part.movedim(-3, -1).to(dst.dtype).contiguous(), non_blocking=z.is_cuda)
                 else:
                     x.narrow(-3, start, n)[..., sl] = part.movedim(-3, -1)
                 del part
             del b32
-        assert x is not None
-        if host and z.is_cuda:
-            torch.cuda.current_stream(z.device).synchronize()  # the last device-to-host copies have landed
+        assert x is not None or host
         for start in range(0, n_res, rows):
             n = min(rows, n_res - start)
-            if host:
-                x_rows = x[..., start : start + n, :].to(z.device, non_blocking=True).movedim(-3, -1)
+            if host:  # stream-ordered after the device-to-host copies above: no host synchronisation needed
+                x_rows = torch.cat([xs.narrow(-3, start, n).to(z.device, non_blocking=z.is_cuda) for xs in x_host],
+                                   dim=-1)
             else:
                 x_rows = x.narrow(-3, start, n)
             emit(-3, start, n, self._finish(self.norm_in(z.narrow(-3, start, n)), x_rows))
@@ -249,13 +253,10 @@ class TriangleMultiplication(nn.Module):
         return out  # type: ignore[return-value]
 
 
-def _edge_buffer(z: Tensor, c_hidden: int, dtype: torch.dtype, host: bool) -> Tensor:
-    """The combined edge x of the no-grad triangle update: [*, N, N, c_hidden] next to z, or channels first
-    [*, c_hidden, N, N] in host memory (pinned when z is on a GPU, so the copies can overlap)."""
-    if not host:
-        return z.new_empty(*z.shape[:-1], c_hidden, dtype=dtype)
-    return torch.empty(*z.shape[:-3], c_hidden, z.shape[-3], z.shape[-2], dtype=dtype, device="cpu",
-                       pin_memory=z.is_cuda)
+def _host_buffer(z: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """One channel slice of the no-grad triangle update's combined edge in host memory: [*, N, N, width],
+    pinned when z is on a GPU, so every row chunk copied in or out is one contiguous asynchronous transfer."""
+    return torch.empty(*z.shape[:-1], width, dtype=dtype, device="cpu", pin_memory=z.is_cuda)
 
 
 class TriangleAttention(nn.Module):

@@ -113,13 +113,15 @@ def plot_curves(metrics_file: Path, out: Path) -> Path:
 
 
 class StepStats(pl.Callback):
-    """Per training batch (one optimizer step without gradient accumulation): wall time, peak device memory and throughput, logged as `perf/*`; at the end of
-    fit, rank 0 writes their summary to `<log_dir>/perf.json` (median step time without the first step,
-    which includes compilation and allocator warm-up).
+    """Per optimizer step: wall time, peak device memory and throughput, logged as `perf/*`; rank 0 writes
+    their summary to `<log_dir>/perf.json` at the end of fit, and also when fit stops on an exception.
 
-    Times are taken after a device synchronize, so they cover the whole step. Peak memory is the CUDA
-    allocator's high-water mark since the previous step (reset each step); on CPU it is not recorded.
-    Throughput counts samples of all ranks: world size × batch size / step time.
+    A step is the training batches of one optimizer update (`accumulate_grad_batches` of them). Its time runs
+    from the start of its first batch to the end of its last, each after a device synchronize; the loading
+    and host-to-device copy of a batch happen before Lightning's batch-start hook and are not included. Peak
+    memory is the CUDA allocator's high-water mark during the step (reset at its start); not recorded on CPU.
+    Throughput: world size × samples per step / step time. The summary's median leaves out the first step
+    (compilation, allocator warm-up).
     """
 
     def __init__(self) -> None:
@@ -127,40 +129,47 @@ class StepStats(pl.Callback):
         self.peaks: list[float] = []
         self.recycles: list[float] = []
         self._start = 0.0
-        self.batch_size = 1
+        self._samples = 0
+        self.samples_per_step = 1
 
-    def _sync(self, device: torch.device) -> None:
+    @staticmethod
+    def _sync(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         import time
 
+        if batch_idx % getattr(pl_module, "accumulate", 1):
+            return  # inside an optimizer step: keep timing from its first batch
         device = pl_module.device
         self._sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        self._samples = 0
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         import time
 
+        self._samples += int(batch["aatype"].shape[0]) if isinstance(batch, dict) and "aatype" in batch else 1
+        if (batch_idx + 1) % getattr(pl_module, "accumulate", 1):
+            return  # the optimizer step is not finished yet
         device = pl_module.device
         self._sync(device)
         seconds = time.perf_counter() - self._start
-        batch_size = int(batch["aatype"].shape[0]) if isinstance(batch, dict) and "aatype" in batch else 1
-        self.batch_size = batch_size
+        self.samples_per_step = self._samples
         self.times.append(seconds)
-        metrics = {"perf/step_s": seconds, "perf/samples_per_s": trainer.world_size * batch_size / seconds}
+        metrics = {"perf/step_s": seconds, "perf/samples_per_s": trainer.world_size * self._samples / seconds}
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**30
             self.peaks.append(peak)
             metrics["perf/peak_gib"] = peak
         self.recycles.append(float(getattr(pl_module, "last_n_recycles", float("nan"))))
-        pl_module.log_dict(metrics, batch_size=batch_size)
+        pl_module.log_dict(metrics, batch_size=self._samples)
 
-    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+    def summary(self, trainer: pl.Trainer, device: torch.device) -> dict[str, Any]:
         import statistics
 
         timed = self.times[1:] or self.times
@@ -168,20 +177,28 @@ class StepStats(pl.Callback):
         return {
             "steps": len(self.times),
             "world_size": trainer.world_size,
+            "samples_per_step_per_rank": self.samples_per_step,
             "step_s": self.times,
             "recycles": self.recycles,
             "median_step_s_after_first": median,
-            "samples_per_s": trainer.world_size * self.batch_size / median if timed else float("nan"),
+            "samples_per_s": trainer.world_size * self.samples_per_step / median if timed else float("nan"),
             "peak_gib_rank0": max(self.peaks) if self.peaks else None,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "torch": torch.__version__,
         }
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         import json
 
         if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
             return
         out = Path(trainer.logger.log_dir) / "perf.json"
-        out.write_text(json.dumps(self.summary(trainer), indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(self.summary(trainer, pl_module.device), indent=2) + "\n")
         log.info("step statistics written to %s", out)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._write(trainer, pl_module)

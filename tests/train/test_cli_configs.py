@@ -94,3 +94,17 @@ def test_main_job_writes_checkpoints_metrics_config_and_curves(sample_cache, cwd
     assert all(t > 0 for t in perf["step_s"]) and perf["median_step_s_after_first"] > 0
     assert perf["recycles"] == [float(r["train/recycles"]) for r in train]
     assert all(float(r["perf/step_s"]) > 0 for r in train)
+
+
+def test_step_stats_count_optimizer_steps_under_accumulation(sample_cache, cwd_repo, tmp_path):
+    """With accumulate_grad_batches 2, perf.json holds one time per optimizer step (2 batches each)."""
+    root = tmp_path / "acc"
+    main(["fit", "-c", "configs/sample.yaml", "--model.preset", "tiny", "--model.accumulate_grad_batches", "2",
+          "--trainer.max_steps", "3", "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "1",
+          "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(root), "--data.cache_dir", str(sample_cache), "--data.crop_size", "16",
+          "--data.max_msa_clusters", "3", "--data.max_extra_msa", "4", "--data.num_workers", "0",
+          "--data.samples_per_epoch", "6"])
+    perf = json.loads((root / "protfold" / "version_0" / "perf.json").read_text())
+    assert perf["steps"] == 3 and perf["samples_per_step_per_rank"] == 2 and perf["device"] == "cpu"
+    assert perf["samples_per_s"] == pytest.approx(2 / perf["median_step_s_after_first"])
