@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import protfold.model.memory as memory
 from protfold.bench.synthetic import synthetic_batch
-from protfold.config import LossConfig, load_memory_preset, model_preset
+from protfold.config import LossConfig, MemoryConfig, load_memory_preset, model_preset
 from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 
@@ -104,10 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recycles", type=int, default=0)
     p.add_argument("--top", type=int, default=8, help="print the most frequent ops")
     args = p.parse_args(argv)
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        p.error(f"--set wants FIELD=VALUE, got {bad}")
     sets = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    fields = {f.name for f in dataclasses.fields(MemoryConfig)}
+    if set(sets) - fields:
+        p.error(f"--set: unknown MemoryConfig field(s) {sorted(set(sets) - fields)}; fields: {sorted(fields)}")
     start = time.perf_counter()
-    total, by_name = count(crop=args.crop, memory_name=args.memory, sets=sets, blocks=args.blocks,
-                           extra_blocks=args.extra_blocks, rows=args.rows, extra=args.extra, recycles=args.recycles)
+    try:
+        total, by_name = count(crop=args.crop, memory_name=args.memory, sets=sets, blocks=args.blocks,
+                               extra_blocks=args.extra_blocks, rows=args.rows, extra=args.extra,
+                               recycles=args.recycles)
+    except ValueError as err:  # a memory preset or YAML that does not load, or an invalid combination
+        p.error(str(err))
     print(f"crop {args.crop} rows {args.rows} extra {args.extra} recycles {args.recycles} blocks {args.blocks}+"
           f"{args.extra_blocks} memory {args.memory} {sets or ''}: {total} ops ({time.perf_counter() - start:.0f} s)")
     print("  most frequent:", ", ".join(f"{name} {n}" for name, n in by_name.most_common(args.top)))

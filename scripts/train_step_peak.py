@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-import weakref
 from typing import Any
 
 import torch
 import yaml
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import protfold.losses as losses
@@ -65,14 +63,11 @@ class CudaAutocastDtypes(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class Tracker(TorchDispatchMode):
-    """Live bytes of storages created while active; peak per phase label."""
+class Tracker(memory._LiveBytes):
+    """Live bytes of storages created while active (the meter of `peak_new_bytes`); peak per phase label."""
 
     def __init__(self, existing: set[int]) -> None:
-        super().__init__()
-        self.current = self.peak = 0
-        self.live: set[int] = set()
-        self.existing = existing
+        super().__init__(existing)
         self.paused = False
         self.label = "start"
         self.phases: dict[str, list[int]] = {}  # label -> [live at first entry, peak]
@@ -86,26 +81,13 @@ class Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if self.paused:
-            return out
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, n = storage.data_ptr(), storage.nbytes()
-            if n == 0 or key in self.live or key in self.existing:
-                continue
-            self.live.add(key)
-            self.current += n
-            self.peak = max(self.peak, self.current)
-            ph = self.phases.setdefault(self.label, [self.current - n, self.current])
-            ph[1] = max(ph[1], self.current)
-            weakref.finalize(storage, self._free, key, n)
+        if not self.paused:
+            self.track(out)
         return out
 
-    def _free(self, key: int, n: int) -> None:
-        self.current -= n
-        self.live.discard(key)
+    def _counted(self, n: int) -> None:
+        ph = self.phases.setdefault(self.label, [self.current - n, self.current])
+        ph[1] = max(ph[1], self.current)
 
 
 TRACKER: Tracker | None = None

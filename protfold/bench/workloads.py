@@ -216,10 +216,9 @@ class _Job:
         with autocast(self.s.device, self.point.precision):
             if self.point.kind == "train":
                 return self.module(self.inputs, n_recycles=self.point.recycles)
-            if self.block:
-                return self.module(self.inputs["m"], self.inputs["z"], self.inputs["msa_mask"],
-                                   self.inputs["pair_mask"], inplace=self.s.block_owns_inputs)
-            return self.module(self.inputs["m"], self.inputs["z"], self.inputs["msa_mask"], self.inputs["pair_mask"])
+            owns = {"inplace": self.s.block_owns_inputs} if self.block else {}
+            return self.module(self.inputs["m"], self.inputs["z"], self.inputs["msa_mask"], self.inputs["pair_mask"],
+                               **owns)
 
     def loss(self) -> Tensor:
         out = self.forward()

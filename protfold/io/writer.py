@@ -43,8 +43,7 @@ def to_pdb(
     b_factors: Any | None = None,
 ) -> Path:
     """Write one chain-like (or a list of them) as PDB. b_factors: [L] or [L, 37], overrides the chain's."""
-    chains = _normalise(chain_like, b_factors)
-    first = chain_like[0] if isinstance(chain_like, (list, tuple)) else chain_like
+    chains, first = _normalise(chain_like, b_factors)
     lines = []
     pdb_id = str(getattr(first, "pdb_id", "") or "")
     if len(pdb_id) == 4:
@@ -92,8 +91,7 @@ def to_mmcif(
     b_factors: Any | None = None,
 ) -> Path:
     """Write one chain-like (or a list) as mmCIF with entity, sequence scheme and atom tables."""
-    chains = _normalise(chain_like, b_factors)
-    first = chain_like[0] if isinstance(chain_like, (list, tuple)) else chain_like
+    chains, first = _normalise(chain_like, b_factors)
     entry = str(getattr(first, "pdb_id", "") or getattr(first, "id", "") or "protfold").replace(" ", "_")
     out = [f"data_{entry}", "#", f"_entry.id {_cif(entry)}", "#"]
     method = getattr(first, "method", None)
@@ -145,7 +143,8 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _normalise(chain_like: Any | Sequence[Any], b_factors: Any | None) -> list[_Chain]:
+def _normalise(chain_like: Any | Sequence[Any], b_factors: Any | None) -> tuple[list[_Chain], Any]:
+    """The chains to write, checked and as numpy, and the first chain-like (its pdb_id, method, resolution)."""
     items = list(chain_like) if isinstance(chain_like, (list, tuple)) else [chain_like]
     if not items:
         raise ValueError("nothing to write")
@@ -175,7 +174,7 @@ def _normalise(chain_like: Any | Sequence[Any], b_factors: Any | None) -> list[_
         used_ids.add(chain_id)
         chains.append(_Chain(chain_id=chain_id, sequence=rc.aatype_to_sequence(aatype), aatype=aatype,
                              positions=positions, mask=mask, numbers=numbers, b_factors=bf))
-    return chains
+    return chains, items[0]
 
 
 def _seqres_lines(chain: _Chain) -> list[str]:

@@ -274,6 +274,12 @@ class _LiveBytes(TorchDispatchMode):
         else:
             copy_bytes = 0
             out = func(*args, **(kwargs or {}))
+        self.track(out)
+        self.peak = max(self.peak, self.current + copy_bytes)
+        return out
+
+    def track(self, out: Any) -> None:
+        """Count the storages of `out` not seen before as live until their finalizers run."""
         for t in tree_flatten(out)[0]:
             if not isinstance(t, Tensor):
                 continue
@@ -284,9 +290,11 @@ class _LiveBytes(TorchDispatchMode):
             self.live.add(key)
             self.current += n
             self.peak = max(self.peak, self.current)
+            self._counted(n)
             weakref.finalize(storage, self._free, key, n)
-        self.peak = max(self.peak, self.current + copy_bytes)
-        return out
+
+    def _counted(self, n: int) -> None:
+        """Called after each new storage of n bytes is counted (a hook for meters that split by phase)."""
 
     def _free(self, key: int, n: int) -> None:
         self.current -= n

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "op_count.py"
 
 
@@ -24,3 +26,13 @@ def test_counts_grow_with_blocks_and_with_smaller_chunks() -> None:
     # pair_chunk splits the pair ops into row chunks: more launches for the same function
     chunked, _ = op_count.count(memory_name="recompute", sets={"pair_chunk": 8}, blocks=1, **shape)
     assert chunked > one
+
+
+def test_bad_arguments_are_clear_errors(capsys) -> None:
+    op_count = load()
+    for argv, words in ((["--memory", "no_such_mode"], "unknown memory mode"),
+                        (["--set", "no_such_field=1"], "unknown MemoryConfig field"),
+                        (["--set", "pair_chunk"], "FIELD=VALUE")):
+        with pytest.raises(SystemExit) as exc:
+            op_count.main(["--crop", "16", "--blocks", "1", "--extra-blocks", "1", *argv])
+        assert exc.value.code == 2 and words in capsys.readouterr().err

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from protfold import constants as rc
+from protfold.bench.synthetic import random_msa
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
 PDB_CHAINS = {"2rbg": "A", "3htn": "A", "5l33": "A", "6ehb": "A", "6mrr": "A"}
@@ -109,20 +110,6 @@ def _load_structure(pdb_id: str, chain_id: str) -> dict:
     }
 
 
-def synthetic_msa(aatype: np.ndarray, n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Query plus n_rows - 1 noisy copies (30% substitutions, 10% gaps, a few deletions)."""
-    rng = np.random.default_rng(seed)
-    length = len(aatype)
-    msa = np.tile(aatype.astype(np.int8), (n_rows, 1))
-    sub = rng.random((n_rows, length)) < 0.3
-    msa[sub] = rng.integers(0, 20, size=int(sub.sum()))
-    msa[rng.random((n_rows, length)) < 0.1] = rc.msa_gap_index
-    msa[0] = aatype
-    deletions = (rng.random((n_rows, length)) < 0.05) * rng.integers(1, 20, size=(n_rows, length))
-    deletions[0] = 0
-    return msa.astype(np.int8), deletions.astype(np.int32)
-
-
 def _read_a3m(path: Path) -> tuple[np.ndarray, np.ndarray]:
     rows, dels = [], []
     seqs, cur = [], []
@@ -151,7 +138,7 @@ def _read_a3m(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def raw_example(pdb_id: str, n_msa: int = 64, seed: int = 0) -> dict:
     s = _load_structure(pdb_id, PDB_CHAINS[pdb_id])
-    msa, deletions = synthetic_msa(s["aatype"], n_msa, seed)
+    msa, deletions = random_msa(s["aatype"], n_msa, np.random.default_rng(seed))
     return {
         "id": f"{pdb_id}_{PDB_CHAINS[pdb_id]}",
         "sequence": rc.aatype_to_sequence(s["aatype"]),
