@@ -282,6 +282,12 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                           recycles=args.recycles)
             batch = _to_device(synthetic_batch(crop, rows, extra, seed=args.seed), device) if kind == "train" else None
             results: dict[str, ModeResult] = {}
+
+            def point_records(results: dict[str, ModeResult] = results, point: Point = point) -> list[dict[str, Any]]:
+                return [{**{k: None for k in report.REQUIRED}, **point.__dict__, "mode": name,
+                         "block_owns_inputs": args.block_owns_inputs, "memory": dict(modes[name].__dict__),
+                         **r.fields, **env} for name, r in results.items()]
+
             for name, mem in modes.items():
                 bar.set_postfix_str(f"{preset} {precision} crop {crop} {name}")
                 if _skipped(args.skip_above, name, point):
@@ -289,17 +295,21 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                 elif args.time_limit is not None and time.monotonic() - start > args.time_limit:
                     results[name] = ModeResult(fields={"status": "skipped (time limit)"})
                 else:
+                    began = time.monotonic()
                     results[name] = run_mode(point, mem, net, s, batch)
+                    results[name].fields["run_wall_s"] = round(time.monotonic() - began, 3)
+                    if args.out:  # a run killed later (a device lease's end) keeps the runs already made
+                        report.write_outputs(args.out, [*records, *point_records()], plot=False)
                 bar.update()
+            began = time.monotonic()
             _compare(results)
-            for name, r in results.items():
-                records.append({**{k: None for k in report.REQUIRED}, **point.__dict__, "mode": name,
-                                "block_owns_inputs": args.block_owns_inputs,
-                                "memory": dict(modes[name].__dict__), **r.fields, **env})
+            records.extend(point_records())
             del batch, results
             free_memory(device)
             if args.out:
                 report.write_outputs(args.out, records, plot=False)
+            bar.write(f"# {preset} {precision} crop {crop}: comparisons, cleanup and writing took "
+                      f"{time.monotonic() - began:.1f} s", file=sys.stderr)
         if args.budget:
             for precision, rows, extra in itertools.product(precisions, rows_list, extras):
                 point = Point(kind=kind, preset=preset, precision=precision, crop=max(crops), rows=rows,

@@ -179,7 +179,11 @@ def compiled(block: torch.nn.Module) -> Callable[..., Any]:
     the module, so its submodules, state_dict, deepcopy and pickling are unchanged."""
     fn = _COMPILED.get(type(block))
     if fn is None:
-        fn = _COMPILED[type(block)] = torch.compile(type(block).forward)
+        # fallback_random: dropout draws its masks with the eager kernels from torch's generator, so the compiled
+        # block draws the same masks as the eager one under the same seed (and in a checkpoint's recompute).
+        # Inductor's own GPU random stream would draw others: session 4 measured gradients 100% apart from eager
+        # (benchmarks/NOTES.md). The masks are small (shared over a row or column), so the eager draw costs little.
+        fn = _COMPILED[type(block)] = torch.compile(type(block).forward, options={"fallback_random": True})
     return functools.partial(fn, block)
 
 

@@ -171,6 +171,25 @@ def test_oom_is_recorded_and_others_compare_to_the_lowest_peak(tmp_path, monkeyp
     assert recs[ref]["loss_diff"] == 0.0
 
 
+def test_runs_made_survive_a_kill_in_a_later_run(tmp_path, monkeypatch) -> None:
+    """A bench killed mid-point (a device lease's end) keeps every run it finished in results.json."""
+    from protfold.bench import runner
+
+    real = runner.run_mode
+
+    def killed_at_low(point, mem, net, s, batch):
+        if mem.low_memory_triangle:  # the second mode: the lease ends here
+            raise KeyboardInterrupt
+        return real(point, mem, net, s, batch)
+
+    monkeypatch.setattr(runner, "run_mode", killed_at_low)
+    with pytest.raises(KeyboardInterrupt):
+        run_main([*COMMON, "--modes", "recompute,low", "--crops", "12", "--no-infer", "--out", str(tmp_path)])
+    (rec,) = records(tmp_path)
+    assert rec["mode"] == "recompute" and rec["status"] == "ok" and rec["peak_bytes"] > 0
+    assert rec["run_wall_s"] > 0
+
+
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_out_of_memory_leaves_nothing_alive(monkeypatch, where) -> None:
     """A run that runs out of memory must free everything it allocated, or every later mode of the sweep

@@ -1,5 +1,7 @@
 """compile_blocks with the real (inductor) backend on the GPU against eager, af2 widths, two blocks with block
-recompute, fp32 (skipped without CUDA); also times both (printed, for benchmarks/NOTES.md)."""
+recompute, fp32, without and with dropout (skipped without CUDA); also times both (printed, for
+benchmarks/NOTES.md). With dropout the compiled blocks must draw the eager masks (`fallback_random`): session 4
+measured gradients 100% apart without it."""
 
 from __future__ import annotations
 
@@ -16,17 +18,24 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _step(stack: EvoformerStack, m: torch.Tensor, z: torch.Tensor, masks) -> list[torch.Tensor]:
     stack.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the same dropout draws in every step
     m, z = m.detach().requires_grad_(), z.detach().requires_grad_()
     m_out, z_out, s_out = stack(m, z, *masks)
     (m_out.square().mean() + z_out.square().mean() + s_out.square().mean()).backward()
     return [z_out.detach(), m.grad, z.grad, *(p.grad for p in stack.parameters())]
 
 
-def test_compiled_stack_matches_eager_on_gpu() -> None:
+@pytest.mark.parametrize("dropout", [False, True])
+def test_compiled_stack_matches_eager_on_gpu(dropout: bool) -> None:
     dev, n, rows = torch.device("cuda"), 128, 32
-    cfg = model_preset("af2", n_evoformer_blocks=2, msa_dropout=0.0, pair_dropout=0.0)
+    rates = {} if dropout else {"msa_dropout": 0.0, "pair_dropout": 0.0}
+    cfg = model_preset("af2", n_evoformer_blocks=2, **rates)
     torch.manual_seed(0)
-    stack = EvoformerStack(cfg, mem=MemoryConfig(blocks_per_checkpoint=1)).to(dev)
+    stack = EvoformerStack(cfg, mem=MemoryConfig(blocks_per_checkpoint=1)).to(dev).train()
+    with torch.no_grad():  # AF2's zero-initialised output projections would hide the dropout masks from outputs
+        for p in stack.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
     gen = torch.Generator(device=dev).manual_seed(1)
     m = torch.randn(1, rows, n, cfg.c_m, device=dev, generator=gen)
     z = torch.randn(1, n, n, cfg.c_z, device=dev, generator=gen)
@@ -44,7 +53,7 @@ def test_compiled_stack_matches_eager_on_gpu() -> None:
         _step(stack, m, z, masks)
         torch.cuda.synchronize()
         times[compile_blocks] = time.perf_counter() - start
-    print(f"2-block af2 stack at {n}: eager {times[False]:.4f} s, compiled {times[True]:.4f} s")
+    print(f"2-block af2 stack at {n}, dropout {dropout}: eager {times[False]:.4f} s, compiled {times[True]:.4f} s")
     for got, want in zip(results[True], results[False]):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

@@ -1,5 +1,10 @@
-"""The no-grad triangle update with its combined edge in pinned host memory, on the GPU (skipped without CUDA):
-same output as on the device, and a device peak lower by about the edge's bytes."""
+"""The no-grad triangle update with its combined edge in pinned host memory, on the GPU (skipped without CUDA).
+
+The switch moves one tensor, the combined edge x [N, N, c_hidden], off the device, so the triangle update's own
+peak must drop by about x's bytes, with the same output. A whole block's peak drops less, or not at all, where
+another op (the outer product mean, triangle attention) sets it: session 4 on an H200 measured 331 -> 289 MB
+for this block at N = 768, 6.32 against 9.20 GiB for an af2 block at 4096 (benchmarks/RESULTS.md).
+"""
 
 from __future__ import annotations
 
@@ -13,31 +18,64 @@ from protfold.model.evoformer import EvoformerBlock
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+N, ROWS = 768, 32
 
-def test_offloaded_triangle_edge_same_output_lower_peak() -> None:
-    dev, n, rows = torch.device("cuda"), 768, 32
-    cfg = model_preset("af2")
+
+def _setup() -> tuple[EvoformerBlock, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dev, cfg = torch.device("cuda"), model_preset("af2")
     torch.manual_seed(0)
     block = EvoformerBlock.from_config(cfg, mem=load_memory_preset("low")).to(dev).eval()
     gen = torch.Generator(device=dev).manual_seed(1)
-    m0 = torch.randn(1, rows, n, cfg.c_m, device=dev, generator=gen, dtype=torch.bfloat16)
-    z0 = torch.randn(1, n, n, cfg.c_z, device=dev, generator=gen, dtype=torch.bfloat16)
-    masks = torch.ones(1, rows, n, device=dev, dtype=torch.bfloat16), torch.ones(1, n, n, device=dev, dtype=torch.bfloat16)
+    m0 = torch.randn(1, ROWS, N, cfg.c_m, device=dev, generator=gen, dtype=torch.bfloat16)
+    z0 = torch.randn(1, N, N, cfg.c_z, device=dev, generator=gen, dtype=torch.bfloat16)
+    msa_mask = (torch.rand(1, ROWS, N, device=dev, generator=gen) > 0.1).to(torch.bfloat16)
+    pair_mask = (torch.rand(1, N, N, device=dev, generator=gen) > 0.1).to(torch.bfloat16)
+    return block, m0, z0, msa_mask, pair_mask
+
+
+def _set_offload(block: EvoformerBlock, host: bool) -> None:
+    mem = dataclasses.replace(load_memory_preset("low"), offload_triangle_edge=host)
+    for sub in block.modules():
+        if hasattr(sub, "mem"):
+            sub.mem = mem
+
+
+def _peak_above_start(fn) -> tuple[torch.Tensor, int]:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fn()
+    torch.cuda.synchronize()
+    return out.float().cpu(), torch.cuda.max_memory_allocated() - start
+
+
+def test_offloaded_edge_lowers_the_triangle_update_peak_by_the_edge() -> None:
+    block, _, z0, _, pair_mask = _setup()
+    edge_bytes = N * N * block.tri_mul_out.c_hidden * 2  # x in bf16
     results = {}
     for host in (False, True):
-        mem = dataclasses.replace(load_memory_preset("low"), offload_triangle_edge=host)
-        for sub in block.modules():
-            if hasattr(sub, "mem"):
-                sub.mem = mem
-        m, z = m0.clone(), z0.clone()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            _, z_out = block(m, z, *masks, inplace=True)
-        torch.cuda.synchronize()
-        results[host] = (z_out.float().cpu(), torch.cuda.max_memory_allocated() - start)
-        del m, z, z_out
-    edge_bytes = n * n * cfg.tri_mul_hidden * 2  # the combined edge in bf16
+        _set_offload(block, host)
+        z = z0.clone()
+
+        def update(z: torch.Tensor = z) -> torch.Tensor:
+            block.tri_mul_out.add_into(z, pair_mask, lambda dim, start, n, upd: z.narrow(dim, start, n).add_(upd))
+            return z
+
+        results[host] = _peak_above_start(update)
+        del z
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
-    assert results[True][1] < results[False][1] - 0.5 * edge_bytes, (results[True][1], results[False][1], edge_bytes)
+    saved = results[False][1] - results[True][1]
+    assert saved > 0.8 * edge_bytes, (results[False][1], results[True][1], edge_bytes)
+
+
+def test_offloaded_edge_block_same_output_no_higher_peak() -> None:
+    block, m0, z0, msa_mask, pair_mask = _setup()
+    results = {}
+    for host in (False, True):
+        _set_offload(block, host)
+        m, z = m0.clone(), z0.clone()
+        results[host] = _peak_above_start(lambda m=m, z=z: block(m, z, msa_mask, pair_mask, inplace=True)[1])
+        del m, z
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    assert results[True][1] <= results[False][1], (results[True][1], results[False][1])

@@ -209,22 +209,33 @@ def test_bf16_autocast_runs_and_stays_close(mem, grad, tiny_cfg_no_dropout, trun
 
 @pytest.mark.parametrize("kind", ["evoformer", "extra_msa"])
 @pytest.mark.parametrize("base", ["plain", "recompute"])
-def test_compiled_blocks_match_eager(kind, base, tiny_cfg_no_dropout, trunk_inputs, randomize, monkeypatch) -> None:
-    """compile_blocks runs each block through torch.compile (with and without block recompute): same outputs and
-    every gradient. CI checks the capture with the cheap `aot_eager` backend (dynamo graph, autograd, checkpoint
-    interplay); the inductor kernels themselves are compared on the GPU (tests/gpu)."""
+@pytest.mark.parametrize("dropout", [False, True])
+def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_dropout, trunk_inputs, randomize,
+                                     monkeypatch) -> None:
+    """compile_blocks runs each block through torch.compile (with and without block recompute, with and without
+    dropout): same outputs and every gradient. CI checks the capture with the cheap `aot_eager` backend (dynamo
+    graph, autograd, checkpoint and RNG replay); the inductor kernels themselves, and their dropout draws
+    (`fallback_random`), are compared on the GPU (tests/gpu)."""
     plain_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: plain_compile(fn, backend="aot_eager", **kw))
+    options = []
+
+    def aot_eager_compile(fn, **kw):
+        options.append(kw.pop("options", None))  # inductor's options; aot_eager takes none
+        return plain_compile(fn, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
     torch._dynamo.reset()
     monkeypatch.setattr("protfold.model.memory._COMPILED", {})  # compile afresh with the backend above
+    cfg = tiny_cfg if dropout else tiny_cfg_no_dropout
     mem = MemoryConfig(blocks_per_checkpoint=1) if base == "recompute" else MemoryConfig()
-    ref_model = randomize(_build(kind, tiny_cfg_no_dropout, mem))
-    alt_model = _build(kind, tiny_cfg_no_dropout, MemoryConfig(**{**mem.__dict__, "compile_blocks": True}))
+    ref_model = randomize(_build(kind, cfg, mem))
+    alt_model = _build(kind, cfg, MemoryConfig(**{**mem.__dict__, "compile_blocks": True}))
     alt_model.load_state_dict(ref_model.state_dict())
     _assert_same(_run(ref_model, kind, trunk_inputs), _run(alt_model, kind, trunk_inputs))
     from protfold.model import memory
 
     assert type(alt_model.blocks[0]) in memory._COMPILED  # the compiled path really ran
+    assert options == [{"fallback_random": True}]  # inductor draws dropout masks with the eager kernels
     assert set(alt_model.state_dict()) == set(ref_model.state_dict())
 
 
