@@ -13,7 +13,8 @@
 #   scripts/gpu_queue.sh collect SECONDS       wait, then pack
 #   scripts/gpu_queue.sh run QUEUE             the driver itself (what `start` launches)
 # Every job stops starting new runs at the driver's deadline (DEADLINE_S after the driver starts).
-# Session 3 ran `start scripts/queues/session3.tsv 540` (then `collect` twice) on two H200s.
+# Session 3 ran `start scripts/queues/session3.tsv 540` (then `collect` twice) on two H200s; session 4
+# `DEADLINE_S=1320 ... start scripts/queues/session4.tsv 530`, then `collect 560` and `collect 250`.
 set -uo pipefail
 R=/tmp/g3
 DEADLINE_S=${DEADLINE_S:-1380}
