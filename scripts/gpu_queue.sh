@@ -40,21 +40,33 @@ fit() {  # fit NAME EXTRA_ARGS...: af2, bf16, crop 256 / 128 / 1024, 12 steps on
     > "$R/$name.log" 2>&1
 }
 
+pin() {  # pin GPU: a command prefix that keeps this GPU's worker on its own share of the CPU cores
+  # (session 4's times varied up to 1.7x while the other GPU's job ran, e.g. inductor compiling on every core)
+  local n_gpu n_cpu share
+  n_gpu=$(nvidia-smi -L | wc -l); n_cpu=$(nproc); share=$((n_cpu / n_gpu))
+  if command -v taskset > /dev/null && [ "$share" -ge 2 ]; then
+    echo "taskset -c $(($1 * share))-$(($1 * share + share - 1))"
+  fi
+}
+
 worker() {  # worker GPU: take jobs from the queue until it is empty or the deadline has passed
-  local gpu=$1 line name cmd left
+  local gpu=$1 line name cmd left pinned
+  pinned=$(pin "$gpu")
+  export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
   while true; do
     line=$(flock "$R/queue.lock" bash -c 'head -n 1 "$0"; sed -i 1d "$0"' "$R/queue")
     [ -z "$line" ] && return
     name=${line%%	*}; cmd=${line#*	}
     left=$((START + DEADLINE_S - $(date +%s)))
     if [ "$left" -lt 60 ]; then echo "$name skipped: deadline" >> "$R/jobs.log"; continue; fi
-    echo "$(date -u +%T) gpu$gpu start $name" >> "$R/jobs.log"
+    echo "$(date -u +%T) gpu$gpu start $name ${pinned:-unpinned}" >> "$R/jobs.log"
     if [ "$cmd" = FIT ]; then
       CUDA_VISIBLE_DEVICES=$gpu FIT_TIMEOUT=$((left < ${FIT_TIMEOUT:-420} ? left : ${FIT_TIMEOUT:-420})) fit "$name"
     elif [[ "$cmd" != *protfold.bench.runner* ]]; then  # any other command (e.g. the GPU tests) as it is
-      CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $cmd > "$R/$name.log" 2>&1
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $pinned $cmd > "$R/$name.log" 2>&1
     else
-      CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $cmd --time-limit $((left - 60)) --out "$R/$name" > "$R/$name.log" 2>&1
+      CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $pinned $cmd --time-limit $((left - 60)) --out "$R/$name" \
+        > "$R/$name.log" 2>&1
     fi
     echo "$(date -u +%T) gpu$gpu end $name rc=$?" >> "$R/jobs.log"
   done
