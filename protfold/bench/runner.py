@@ -280,7 +280,9 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         for precision, crop, rows, extra in [] if args.budget_only else combos:
             point = Point(kind=kind, preset=preset, precision=precision, crop=crop, rows=rows, extra_rows=extra,
                           recycles=args.recycles)
+            began = time.monotonic()
             batch = _to_device(synthetic_batch(crop, rows, extra, seed=args.seed), device) if kind == "train" else None
+            setup_s = time.monotonic() - began
             results: dict[str, ModeResult] = {}
 
             def point_records(results: dict[str, ModeResult] = results, point: Point = point) -> list[dict[str, Any]]:
@@ -308,7 +310,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             free_memory(device)
             if args.out:
                 report.write_outputs(args.out, records, plot=False)
-            bar.write(f"# {preset} {precision} crop {crop}: comparisons, cleanup and writing took "
+            bar.write(f"# {preset} {precision} crop {crop}: batch {setup_s:.1f} s; comparisons, cleanup and writing "
                       f"{time.monotonic() - began:.1f} s", file=sys.stderr)
         if args.budget:
             for precision, rows, extra in itertools.product(precisions, rows_list, extras):
