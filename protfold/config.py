@@ -57,11 +57,11 @@ class MemoryConfig:
                 "(no grad) to host memory: set low_memory_triangle as well"
             )
         chunking = [name for name in ("msa_chunk", "pair_chunk", "attention_chunk_mb") if getattr(self, name)]
-        if self.compile_blocks and (chunking or self.recompute_inside_block):
+        if self.compile_blocks and chunking:  # recompute_inside_block alone has no loop: 9 checkpoints per block
             import warnings
 
             warnings.warn(
-                f"MemoryConfig.compile_blocks with {', '.join(chunking or ['recompute_inside_block'])}: exact, but "
+                f"MemoryConfig.compile_blocks with {', '.join(chunking)}: exact, but "
                 "every chunk loop is unrolled into the compiled graph, so compiling takes longer the more chunks a "
                 "crop needs (minutes on a CPU for a few dozen)",
                 stacklevel=3,

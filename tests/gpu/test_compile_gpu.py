@@ -25,9 +25,11 @@ def _step(stack: EvoformerStack, m: torch.Tensor, z: torch.Tensor, masks) -> lis
     return [z_out.detach(), m.grad, z.grad, *(p.grad for p in stack.parameters())]
 
 
-@pytest.mark.parametrize(("dropout", "attention"), [(False, "naive"), (True, "naive"), (True, "flex")])
-def test_compiled_stack_matches_eager_on_gpu(dropout: bool, attention: str) -> None:
-    """Eager with the plain attention kernel against compiled blocks (with the plain or the Flex kernel)."""
+@pytest.mark.parametrize(("dropout", "attention", "inblock"),
+                         [(False, "naive", False), (True, "naive", False), (True, "flex", False), (True, "naive", True)])
+def test_compiled_stack_matches_eager_on_gpu(dropout: bool, attention: str, inblock: bool) -> None:
+    """Eager with the plain attention kernel against compiled blocks (with the plain or the Flex kernel, with or
+    without in-block recompute: presets compiled, compiled_flex, compiled_inblock)."""
     dev, n, rows = torch.device("cuda"), 128, 32
     rates = {} if dropout else {"msa_dropout": 0.0, "pair_dropout": 0.0}
     cfg = model_preset("af2", n_evoformer_blocks=2, **rates)
@@ -45,7 +47,8 @@ def test_compiled_stack_matches_eager_on_gpu(dropout: bool, attention: str) -> N
     results, times = {}, {}
     for compile_blocks in (False, True):
         mem = MemoryConfig(blocks_per_checkpoint=1, compile_blocks=compile_blocks,
-                           attention=attention if compile_blocks else "naive")
+                           attention=attention if compile_blocks else "naive",
+                           recompute_inside_block=inblock and compile_blocks)
         for sub in stack.modules():
             if hasattr(sub, "mem"):
                 sub.mem = mem
@@ -55,7 +58,8 @@ def test_compiled_stack_matches_eager_on_gpu(dropout: bool, attention: str) -> N
         _step(stack, m, z, masks)
         torch.cuda.synchronize()
         times[compile_blocks] = time.perf_counter() - start
-    print(f"2-block af2 stack at {n}, dropout {dropout}, {attention}: eager {times[False]:.4f} s, compiled {times[True]:.4f} s")
+    print(f"2-block af2 stack at {n}, dropout {dropout}, {attention}, in-block {inblock}: "
+          f"eager {times[False]:.4f} s, compiled {times[True]:.4f} s")
     for got, want in zip(results[True], results[False]):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

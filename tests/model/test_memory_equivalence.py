@@ -208,12 +208,12 @@ def test_bf16_autocast_runs_and_stays_close(mem, grad, tiny_cfg_no_dropout, trun
 
 
 @pytest.mark.parametrize("kind", ["evoformer", "extra_msa"])
-@pytest.mark.parametrize("base", ["plain", "recompute"])
+@pytest.mark.parametrize("base", ["plain", "recompute", "inblock"])
 @pytest.mark.parametrize("dropout", [False, True])
 def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_dropout, trunk_inputs, randomize,
                                      monkeypatch) -> None:
-    """compile_blocks runs each block through torch.compile (with and without block recompute, with and without
-    dropout): same outputs and every gradient. CI checks the capture with the cheap `aot_eager` backend (dynamo
+    """compile_blocks runs each block through torch.compile (without recompute, with block recompute, with in-block
+    recompute as well; with and without dropout): same outputs and every gradient. CI checks the capture with the cheap `aot_eager` backend (dynamo
     graph, autograd, checkpoint and RNG replay); the inductor kernels themselves, and their dropout draws
     (`fallback_random`), are compared on the GPU (tests/gpu)."""
     plain_compile = torch.compile
@@ -227,7 +227,8 @@ def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_
     torch._dynamo.reset()
     monkeypatch.setattr("protfold.model.memory._COMPILED", {})  # compile afresh with the backend above
     cfg = tiny_cfg if dropout else tiny_cfg_no_dropout
-    mem = MemoryConfig(blocks_per_checkpoint=1) if base == "recompute" else MemoryConfig()
+    mem = {"plain": MemoryConfig(), "recompute": MemoryConfig(blocks_per_checkpoint=1),
+           "inblock": MemoryConfig(blocks_per_checkpoint=1, recompute_inside_block=True)}[base]
     ref_model = randomize(_build(kind, cfg, mem))
     alt_model = _build(kind, cfg, MemoryConfig(**{**mem.__dict__, "compile_blocks": True}))
     alt_model.load_state_dict(ref_model.state_dict())
