@@ -34,19 +34,37 @@ collect() {
 
 fit() {  # fit NAME EXTRA_ARGS...: af2, bf16, crop 256 / 128 / 1024, 12 steps on the prepared samples
   local name=$1; shift
-  timeout "${FIT_TIMEOUT:-420}" python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml "$@" \
+  timeout "${FIT_TIMEOUT:-420}" ${PIN:-} python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml "$@" \
     --trainer.enable_progress_bar false --trainer.max_steps 12 --trainer.val_check_interval 6 \
     --trainer.log_every_n_steps 1 --data.samples_per_epoch 24 --trainer.default_root_dir "$R/$name" \
     > "$R/$name.log" 2>&1
 }
 
 pin() {  # pin GPU: a command prefix that keeps this GPU's worker on its own share of the CPU cores
-  # (session 4's times varied up to 1.7x while the other GPU's job ran, e.g. inductor compiling on every core)
-  local n_gpu n_cpu share
-  n_gpu=$(nvidia-smi -L | wc -l); n_cpu=$(nproc); share=$((n_cpu / n_gpu))
-  if command -v taskset > /dev/null && [ "$share" -ge 2 ]; then
-    echo "taskset -c $(($1 * share))-$(($1 * share + share - 1))"
-  fi
+  # (session 4's times varied up to 1.7x while the other GPU's job ran, e.g. inductor compiling on every core).
+  # Shares are whole physical cores (hyperthread siblings together) from the CPUs this process may use; a share
+  # that taskset refuses leaves the worker unpinned rather than failing its jobs.
+  local list
+  command -v taskset > /dev/null || return 0
+  list=$(python3 - "$1" "$(nvidia-smi -L | wc -l)" <<'PY'
+import os, sys
+gpu, n_gpu = int(sys.argv[1]), int(sys.argv[2])
+allowed = sorted(os.sched_getaffinity(0))
+cores = {}
+for cpu in allowed:
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as fh:
+            key = fh.read().strip()
+    except OSError:
+        key = str(cpu)
+    cores.setdefault(key, []).append(cpu)
+groups = list(cores.values())
+share = len(groups) // n_gpu
+if share >= 2:
+    print(",".join(str(c) for g in groups[gpu * share:(gpu + 1) * share] for c in g))
+PY
+)
+  if [ -n "$list" ] && taskset -c "$list" true 2> /dev/null; then echo "taskset -c $list"; fi
 }
 
 worker() {  # worker GPU: take jobs from the queue until it is empty or the deadline has passed
@@ -61,7 +79,8 @@ worker() {  # worker GPU: take jobs from the queue until it is empty or the dead
     if [ "$left" -lt 60 ]; then echo "$name skipped: deadline" >> "$R/jobs.log"; continue; fi
     echo "$(date -u +%T) gpu$gpu start $name ${pinned:-unpinned}" >> "$R/jobs.log"
     if [ "$cmd" = FIT ]; then
-      CUDA_VISIBLE_DEVICES=$gpu FIT_TIMEOUT=$((left < ${FIT_TIMEOUT:-420} ? left : ${FIT_TIMEOUT:-420})) fit "$name"
+      CUDA_VISIBLE_DEVICES=$gpu PIN=$pinned FIT_TIMEOUT=$((left < ${FIT_TIMEOUT:-420} ? left : ${FIT_TIMEOUT:-420})) \
+        fit "$name"
     elif [[ "$cmd" != *protfold.bench.runner* ]]; then  # any other command (e.g. the GPU tests) as it is
       CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $pinned $cmd > "$R/$name.log" 2>&1
     else

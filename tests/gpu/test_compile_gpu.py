@@ -60,6 +60,14 @@ def test_compiled_stack_matches_eager_on_gpu(dropout: bool, attention: str, inbl
         times[compile_blocks] = time.perf_counter() - start
     print(f"2-block af2 stack at {n}, dropout {dropout}, {attention}, in-block {inblock}: "
           f"eager {times[False]:.4f} s, compiled {times[True]:.4f} s")
+    print(f"torch {torch.__version__}")  # fallback_random keeps eager's masks only if their draws stay in order
+    largest = max(float(w.abs().max()) for w in results[False] if w is not None)
     for got, want in zip(results[True], results[False]):
-        if want is not None:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+        if want is None:
+            continue
+        if float(want.abs().max()) < 1e-6 * largest:
+            # zero up to rounding in both (e.g. the bias of the LayerNorm feeding only the pair bias: a shift equal
+            # for every key cancels in the softmax), so a tolerance scaled by its own size would compare noise
+            assert float(got.abs().max()) < 1e-5 * largest
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

@@ -6,10 +6,12 @@ hooks), and the one documented exception, bf16 checkpoint storage, stays within 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from protfold.config import MemoryConfig
+from protfold.config import MemoryConfig, load_memory_preset
 from protfold.model.evoformer import EvoformerStack, ExtraMSAStack, MSARowAttentionWithPairBias
 from protfold.model.memory import chunk_rows, saved_activation_bytes
 from protfold.model.triangle import TriangleAttention, TriangleMultiplication
@@ -213,9 +215,9 @@ def test_bf16_autocast_runs_and_stays_close(mem, grad, tiny_cfg_no_dropout, trun
 def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_dropout, trunk_inputs, randomize,
                                      monkeypatch) -> None:
     """compile_blocks runs each block through torch.compile (without recompute, with block recompute, with in-block
-    recompute as well; with and without dropout): same outputs and every gradient. CI checks the capture with the cheap `aot_eager` backend (dynamo
-    graph, autograd, checkpoint and RNG replay); the inductor kernels themselves, and their dropout draws
-    (`fallback_random`), are compared on the GPU (tests/gpu)."""
+    recompute as well; with and without dropout): same outputs and every gradient. CI checks the capture with the
+    cheap `aot_eager` backend (dynamo graph, autograd, checkpoint and RNG replay); the inductor kernels themselves,
+    and their dropout draws (`fallback_random`), are compared on the GPU (tests/gpu)."""
     plain_compile = torch.compile
     options = []
 
@@ -243,3 +245,6 @@ def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_
 def test_compile_with_chunking_warns_about_compile_time() -> None:
     with pytest.warns(UserWarning, match="unrolled"):
         MemoryConfig(pair_chunk=8, compile_blocks=True)
+    with warnings.catch_warnings():  # in-block recompute has no loop to unroll: the compiled_inblock preset is quiet
+        warnings.simplefilter("error")
+        assert load_memory_preset("compiled_inblock").recompute_inside_block
