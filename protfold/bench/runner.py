@@ -118,7 +118,21 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _compare(results: dict[str, ModeResult]) -> None:
-    """Fill loss_diff, grad_diff and reference: each mode against `none`, else the lowest-memory mode that ran."""
+    """Fill loss_diff, grad_diff and reference: each mode against `none`, else the lowest-memory mode that ran.
+
+    About ten small CPU ops per parameter tensor (4,915 in af2), run on one thread. Sessions 3 and 4 spent about
+    70 s per compared mode between points on the GPU machines; the suspected cause is every op waking many
+    threads on cores shared with the other GPU's job. On one thread this takes 1-2 s (measured on a 2-core CPU).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _compare_all(results)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_all(results: dict[str, ModeResult]) -> None:
     ok = {name: r for name, r in results.items() if r.fields.get("status") == "ok"}
     if not ok:
         return
