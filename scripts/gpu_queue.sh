@@ -71,6 +71,7 @@ worker() {  # worker GPU: take jobs from the queue until it is empty or the dead
   local gpu=$1 line name cmd left pinned
   pinned=$(pin "$gpu")
   export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}  # CPU ops here are small: many threads per op only contend
   while true; do
     line=$(flock "$R/queue.lock" bash -c 'head -n 1 "$0"; sed -i 1d "$0"' "$R/queue")
     [ -z "$line" ] && return
