@@ -12,6 +12,7 @@
 #                                              (SECONDS counts after the copy and install: leave the call room)
 #   scripts/gpu_queue.sh collect SECONDS       wait, then pack
 #   scripts/gpu_queue.sh run QUEUE             the driver itself (what `start` launches)
+#   scripts/gpu_queue.sh pin GPU               the `taskset -c CPUS` prefix of GPU's worker (empty: unpinned)
 # Every job stops starting new runs at the driver's deadline (DEADLINE_S after the driver starts).
 # Session 3 ran `start scripts/queues/session3.tsv 540` (then `collect` twice) on two H200s; session 4
 # `DEADLINE_S=1320 ... start scripts/queues/session4.tsv 530`, then `collect 560` and `collect 250`.
@@ -130,5 +131,6 @@ case ${1:-} in
     collect "${3:-540}" ;;
   collect) collect "${2:-540}" ;;
   run) export PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD}; run "$2" ;;
-  *) echo "usage: $0 start QUEUE SECONDS | collect SECONDS | run QUEUE" >&2; exit 2 ;;
+  pin) pin "${2:-0}" ;;  # the CPU pinning prefix a worker for GPU $2 would use (empty: unpinned)
+  *) echo "usage: $0 start QUEUE SECONDS | collect SECONDS | run QUEUE | pin GPU" >&2; exit 2 ;;
 esac
