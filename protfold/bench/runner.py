@@ -117,6 +117,21 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _guarded_run(name: str, point: Point, mem: MemoryConfig, net: Network, s: Settings,
+                 batch: dict | None) -> ModeResult:
+    """run_mode, with a failure other than running out of memory (a kernel that does not compile, say) recorded
+    as status "error" and its message, so that the other modes of the sweep still run."""
+    try:
+        return run_mode(point, mem, net, s, batch)
+    except Exception as exc:  # noqa: BLE001 - recorded, logged, and the sweep goes on
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        log.error("mode %s at crop %d failed: %s", name, point.crop, message)
+        print(f"# {name} at crop {point.crop} failed: {message}", file=sys.stderr)
+        del exc
+        free_memory(s.device)
+        return ModeResult(fields={"status": "error", "error": message})
+
+
 def _compare(results: dict[str, ModeResult]) -> None:
     """Fill loss_diff, grad_diff and reference: each mode against `none`, else the lowest-memory mode that ran.
 
@@ -312,7 +327,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                     results[name] = ModeResult(fields={"status": "skipped (time limit)"})
                 else:
                     began = time.monotonic()
-                    results[name] = run_mode(point, mem, net, s, batch)
+                    results[name] = _guarded_run(name, point, mem, net, s, batch)
                     results[name].fields["run_wall_s"] = round(time.monotonic() - began, 3)
                     if args.out:  # a run killed later (a device lease's end) keeps the runs already made
                         report.write_outputs(args.out, [*records, *point_records()], plot=False)

@@ -190,6 +190,28 @@ def test_runs_made_survive_a_kill_in_a_later_run(tmp_path, monkeypatch) -> None:
     assert rec["run_wall_s"] > 0
 
 
+def test_a_failing_mode_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch) -> None:
+    """A mode that raises (not out of memory: e.g. a kernel that fails to compile) gets status "error" and its
+    message; the modes after it still run and compare."""
+    from protfold.bench import runner
+
+    real = runner.run_mode
+
+    def recompute_breaks(point, mem, net, s, batch):
+        if mem.blocks_per_checkpoint and not mem.low_memory_triangle:  # mode recompute
+            raise RuntimeError("simulated compile failure\nsecond line")
+        return real(point, mem, net, s, batch)
+
+    monkeypatch.setattr(runner, "run_mode", recompute_breaks)
+    code, text = run_main([*COMMON, "--modes", "none,recompute,low", "--crops", "12", "--no-infer",
+                           "--out", str(tmp_path)])
+    recs = {r["mode"]: r for r in records(tmp_path)}
+    assert code == 0 and "error" in text
+    assert recs["recompute"]["status"] == "error"
+    assert recs["recompute"]["error"] == "RuntimeError: simulated compile failure"
+    assert recs["low"]["status"] == "ok" and recs["low"]["grad_diff"] < EXACT
+
+
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_out_of_memory_leaves_nothing_alive(monkeypatch, where) -> None:
     """A run that runs out of memory must free everything it allocated, or every later mode of the sweep
