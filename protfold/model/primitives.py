@@ -5,7 +5,8 @@ Attention kernels (`MemoryConfig.attention`):
   "sdpa":  torch.nn.functional.scaled_dot_product_attention, biases summed into one float `attn_mask`.
   "flex":  torch.nn.attention.flex_attention (compiled), each bias read in a `score_mod`, so a pair bias
            broadcast over MSA rows gets its gradient accumulated without the [N_seq, H, N_res, N_res] tensor.
-           CUDA only; on other devices it logs a warning once and runs "naive".
+           CUDA only; on other devices it logs a warning once and runs "naive". Heads narrower than the
+           kernel's 16 channels (the extra MSA stack's 8) are zero-padded: exact, q·k and the output unchanged.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Sequence[Tensor], mem: Memo
     if mem.attention == "sdpa":
         return _sdpa_attention(q, k, v, bias)
     if mem.attention == "flex":
-        if q.device.type == "cuda" and q.shape[-1] >= 16:
+        if q.device.type == "cuda":
             return _flex_attention(q, k, v, bias, compiled=True)
-        _warn_flex_fallback(q.device.type if q.device.type != "cuda" else f"head dim {q.shape[-1]} < 16")
+        _warn_flex_fallback(q.device.type)
     return _naive_attention(q, k, v, bias)
 
 
@@ -121,11 +122,13 @@ _flex_warned: set[str] = set()
 _flex_compiled: Callable[..., Tensor] | None = None
 
 
+_FLEX_MIN_HEAD_DIM = 16  # the compiled FlexAttention kernel's smallest head dim
+
+
 def _warn_flex_fallback(device_type: str) -> None:
     if device_type not in _flex_warned:
         _flex_warned.add(device_type)
-        log.warning("MemoryConfig.attention='flex' needs CUDA and head dims >= 16; running the naive kernel "
-                    "for %s", device_type)
+        log.warning("MemoryConfig.attention='flex' needs CUDA; running the naive kernel for %s", device_type)
 
 
 def _bias_reader(bias: Tensor, full: Sequence[int]) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -162,9 +165,14 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], *
             score = score + read(b, h, qi, ki)
         return score
 
-    dtype = q.dtype
+    dtype, c = q.dtype, q.shape[-1]
     flat = [t.to(dtype).reshape(-1, *t.shape[-3:]) for t in (q, k, v)]
-    out = kernel(*flat, score_mod=score_mod)  # type: ignore[misc]
+    pad = max(0, _FLEX_MIN_HEAD_DIM - c)
+    if pad:  # zero channels add nothing to q·k and give zero output channels, cut off below
+        flat = [F.pad(t, (0, pad)) for t in flat]
+    out = kernel(*flat, score_mod=score_mod, scale=c**-0.5)  # type: ignore[misc]
+    if pad:
+        out = out[..., :c]
     return out.reshape(*lead, *out.shape[-3:])
 
 

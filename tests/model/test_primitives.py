@@ -102,7 +102,8 @@ def test_flex_falls_back_on_cpu_with_a_warning(mask_factory, caplog) -> None:
 
 
 def test_flex_kernel_eager_matches_naive(mask_factory) -> None:
-    """The flex path itself, eager (what CPU can run): bias indexing and the broadcast pair bias gradient.
+    """The flex path itself, eager (what CPU can run): bias indexing, the broadcast pair bias gradient, and the
+    zero padding of heads narrower than 16 channels (these have 4) with the scale of the real width.
 
     CPU FlexAttention has no backward for q, k, v, so only the bias requires grad here.
     """
