@@ -82,6 +82,8 @@ def format_table(records: Sequence[dict[str, Any]], env: dict[str, str]) -> str:
                      f"({budget[0]['budget_bytes']:.3g} bytes), searched in steps of 128, bisected to 32")
         for r in budget:
             note = " (search cap)" if r.get("capped") else "" if r.get("complete") else " (lower bound: time limit)"
+            if r.get("status") == "error":
+                note = f" (lower bound: a probe failed: {r.get('error')})"
             note += " (no probed crop fitted)" if not r["max_crop"] else ""
             lines.append(f"  {r['mode']:<12} {r['precision']:<5} rows {r['rows']:<5} extra {r['extra_rows']:<6} "
                          f"max_crop {r['max_crop']}{note}; first over budget: {r.get('first_failing_crop') or '-'}")

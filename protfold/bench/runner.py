@@ -242,14 +242,24 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
             return peak is not None and peak <= budget
 
         deadline = time.monotonic() + args.budget_time if args.budget_time else None
-        found = budget_search(fits, known=known, cap=cap, deadline=deadline,
-                              start=max(_ints(args.crops)) if args.budget_only else None)
+        status, error = "ok", None
+        try:
+            found = budget_search(fits, known=known, cap=cap, deadline=deadline,
+                                  start=max(_ints(args.crops)) if args.budget_only else None)
+        except Exception as exc:  # noqa: BLE001 - a probe failed other than by running out of memory
+            status, error = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            print(f"# budget search for {name} failed: {error}", file=sys.stderr)
+            del exc
+            free_memory(s.device)
+            found = {"max_crop": max((c for c, (pk, _) in probed.items() if pk is not None and pk <= budget),
+                                     default=0),
+                     "first_failing_crop": None, "capped": False, "complete": False, "probes": list(probed)}
         # [crop, peak bytes or None (OOM), seconds for the probe: setup plus one training step]
         found["probes"] = [[c, *probed[c]] for c in found["probes"]]
         rec = {"kind": "budget", "preset": point.preset, "mode": name, "precision": point.precision,
                "crop": found["max_crop"], "rows": point.rows, "extra_rows": point.extra_rows,
-               "recycles": point.recycles, "status": "ok", "budget_bytes": budget, "budget_kind": point.kind,
-               "budget_cap": cap, **found, **env}
+               "recycles": point.recycles, "status": status, "budget_bytes": budget, "budget_kind": point.kind,
+               "budget_cap": cap, **found, **env, **({"error": error} if error else {})}
         for r in same:
             if r["mode"] == name:
                 r["max_crop"] = found["max_crop"]

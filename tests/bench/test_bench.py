@@ -212,6 +212,29 @@ def test_a_failing_mode_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert recs["low"]["status"] == "ok" and recs["low"]["grad_diff"] < EXACT
 
 
+def test_a_failing_budget_probe_is_recorded(tmp_path, monkeypatch) -> None:
+    """A budget probe that raises (not out of memory) ends that mode's search with status "error", its message
+    and the probes made so far; the table says so and the other modes still search."""
+    from protfold.bench import runner
+
+    real = runner.probe_peak
+
+    def low_breaks_above_16(point, mem, net, s, batch=None):
+        if mem.low_memory_triangle and point.crop > 16:
+            raise RuntimeError("simulated failure")
+        return real(point, mem, net, s, batch)
+
+    monkeypatch.setattr(runner, "probe_peak", low_breaks_above_16)
+    code, text = run_main([*COMMON, "--modes", "recompute,low", "--crops", "16", "--no-infer", "--budget", "1GB",
+                           "--budget-only", "--budget-cap", "48", "--out", str(tmp_path)])
+    budget = {r["mode"]: r for r in records(tmp_path) if r["kind"] == "budget"}
+    assert code == 0
+    assert budget["low"]["status"] == "error" and budget["low"]["error"] == "RuntimeError: simulated failure"
+    assert budget["low"]["max_crop"] == 16 and [p[0] for p in budget["low"]["probes"]] == [16]
+    assert "a probe failed: RuntimeError: simulated failure" in text
+    assert budget["recompute"]["status"] == "ok" and budget["recompute"]["max_crop"] == 48
+
+
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_out_of_memory_leaves_nothing_alive(monkeypatch, where) -> None:
     """A run that runs out of memory must free everything it allocated, or every later mode of the sweep
