@@ -21,6 +21,7 @@ from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig
 from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.model.evoformer import EvoformerBlock, EvoformerStack
+from protfold.model.memory import reset_compiled
 
 __all__ = ["KINDS", "ModeResult", "Network", "Point", "Settings", "probe_peak", "run_mode"]
 
@@ -90,7 +91,13 @@ class Network:
         return cls(kind=kind, cfg=cfg, module=module.to(device), state=state)
 
     def reset(self, mem: MemoryConfig) -> nn.Module:
-        """Switch every submodule's MemoryConfig (as AlphaFold.set_memory does), restore the initial weights."""
+        """Switch every submodule's MemoryConfig (as AlphaFold.set_memory does), restore the initial weights.
+
+        A compiled mode starts from fresh compile caches (`reset_compiled`): its first step compiles for its own
+        settings only.
+        """
+        if mem.compile_blocks:
+            reset_compiled()
         for sub in self.module.modules():
             if hasattr(sub, "mem"):
                 sub.mem = mem

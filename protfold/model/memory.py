@@ -43,6 +43,7 @@ __all__ = [
     "infer_rows",
     "peak_new_bytes",
     "recompute",
+    "reset_compiled",
     "run_blocks",
     "saved_activation_bytes",
     "upcast",
@@ -186,6 +187,15 @@ def compiled(block: torch.nn.Module) -> Callable[..., Any]:
         # (benchmarks/NOTES.md). The masks are small (shared over a row or column), so the eager draw costs little.
         fn = _COMPILED[type(block)] = torch.compile(type(block).forward, options={"fallback_random": True})
     return functools.partial(fn, block)
+
+
+def reset_compiled() -> None:
+    """Forget every compiled block function and dynamo's caches, so the next compiled call compiles afresh for
+    the settings then in force. Recompiling the shared block function for in-block recompute after another
+    configuration trips a dynamo assertion (torch 2.13, CPU inductor); a process that switches settings (the
+    bench, the tests) calls this between them."""
+    _COMPILED.clear()
+    torch._dynamo.reset()
 
 
 def run_blocks(
