@@ -34,8 +34,8 @@ class MemoryConfig:
     # (pair-sized) in pinned host memory instead of on the device; its rows are copied back chunk by chunk
     offload_triangle_edge: bool = False
     # with grad: run each Evoformer / extra-MSA block through torch.compile (fused kernels, fewer launches; the
-    # same function up to float reordering, ~1e-7 relative in fp32, but with dropout on the compiled kernels
-    # draw their own masks). One compile serves every block of a stack; a new input shape compiles again.
+    # same function up to float reordering, ~1e-7 relative in fp32; dropout masks drawn by the eager kernels).
+    # One compile serves every block of a stack; a new input shape compiles again.
     compile_blocks: bool = False
 
     def __post_init__(self) -> None:

@@ -131,6 +131,7 @@ case ${1:-} in
     collect "${3:-540}" ;;
   collect) collect "${2:-540}" ;;
   run) export PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD}; run "$2" ;;
-  pin) pin "${2:-0}" ;;  # the CPU pinning prefix a worker for GPU $2 would use (empty: unpinned)
+  pin) [[ "${2:-0}" =~ ^[0-9]+$ ]] || { echo "pin: a GPU index (0, 1, ...) is wanted, got '$2'" >&2; exit 2; }
+       pin "${2:-0}" ;;  # the CPU pinning prefix a worker for GPU $2 would use (empty: unpinned)
   *) echo "usage: $0 start QUEUE SECONDS | collect SECONDS | run QUEUE | pin GPU" >&2; exit 2 ;;
 esac

@@ -123,13 +123,17 @@ def _guarded_run(name: str, point: Point, mem: MemoryConfig, net: Network, s: Se
     as status "error" and its message, so that the other modes of the sweep still run."""
     try:
         return run_mode(point, mem, net, s, batch)
-    except Exception as exc:  # noqa: BLE001 - recorded, logged, and the sweep goes on
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        log.error("mode %s at crop %d failed: %s", name, point.crop, message)
-        print(f"# {name} at crop {point.crop} failed: {message}", file=sys.stderr)
-        del exc
-        free_memory(s.device)
+    except Exception as exc:  # noqa: BLE001 - recorded, reported, and the sweep goes on
+        message = _failure(exc, f"{name} at crop {point.crop}", s.device)
         return ModeResult(fields={"status": "error", "error": message})
+
+
+def _failure(exc: Exception, what: str, device: torch.device) -> str:
+    """The first line of `exc` (at most 300 characters), reported on stderr; device memory freed."""
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    print(f"# {what} failed: {message}", file=sys.stderr)
+    free_memory(device)
+    return message
 
 
 def _compare(results: dict[str, ModeResult]) -> None:
@@ -247,10 +251,7 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
             found = budget_search(fits, known=known, cap=cap, deadline=deadline,
                                   start=max(_ints(args.crops)) if args.budget_only else None)
         except Exception as exc:  # noqa: BLE001 - a probe failed other than by running out of memory
-            status, error = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            print(f"# budget search for {name} failed: {error}", file=sys.stderr)
-            del exc
-            free_memory(s.device)
+            status, error = "error", _failure(exc, f"budget search for {name}", s.device)
             found = {"max_crop": max((c for c, (pk, _) in probed.items() if pk is not None and pk <= budget),
                                      default=0),
                      "first_failing_crop": None, "capped": False, "complete": False, "probes": list(probed)}

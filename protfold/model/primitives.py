@@ -120,8 +120,6 @@ def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -
 
 _flex_warned: set[str] = set()
 _flex_compiled: Callable[..., Tensor] | None = None
-
-
 _FLEX_MIN_HEAD_DIM = 16  # the compiled FlexAttention kernel's smallest head dim
 
 

@@ -168,7 +168,8 @@ class TriangleMultiplication(nn.Module):
         output row chunk needs only its own rows of z and x, so it is added into z in place. About 2.2x the pair
         tensor in all when c_hidden = c_z. With `mem.offload_triangle_edge` x lives in (pinned) host memory,
         one [*, N, N, width] tensor per channel slice, and each row chunk of it is copied back when its output
-        is added: z plus the slice and chunk transients stay on the device. Without low_memory_triangle: the regular update, added whole.
+        is added: z plus the slice and chunk transients stay on the device. Without low_memory_triangle: the
+        regular update, added whole.
         """
         if not self.mem.low_memory_triangle:
             emit(-3, 0, z.shape[-3], self(z, pair_mask))
