@@ -87,6 +87,10 @@ def format_table(records: Sequence[dict[str, Any]], env: dict[str, str]) -> str:
             note += " (no probed crop fitted)" if not r["max_crop"] else ""
             lines.append(f"  {r['mode']:<12} {r['precision']:<5} rows {r['rows']:<5} extra {r['extra_rows']:<6} "
                          f"max_crop {r['max_crop']}{note}; first over budget: {r.get('first_failing_crop') or '-'}")
+            probes = [f"{crop}: {format_bytes(peak) if peak is not None else 'OOM'}, {seconds:.1f} s"
+                      for crop, peak, seconds in r.get("probes") or []]
+            if probes:  # each probe is one full step, so its peak and time are a measurement of their own
+                lines.append(f"    probes (crop: peak, setup + one step): {'; '.join(probes)}")
     return "\n".join(lines)
 
 

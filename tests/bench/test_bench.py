@@ -107,6 +107,8 @@ def test_budget_search_on_cpu_gives_a_crop_per_mode(tmp_path) -> None:
         fitting = [c for c, peak, seconds in b["probes"] if peak is not None and peak <= 6_000_000]
         assert all(seconds > 0 for _, _, seconds in b["probes"])
         assert all(c <= b["max_crop"] for c in fitting)
+        first = b["probes"][0]  # the table names each probe with its own measurement
+        assert f"probes (crop: peak, setup + one step): {first[0]}: " in text and f"{first[2]:.1f} s" in text
         run = next(r for r in recs if r["kind"] == "train" and r["mode"] == mode)
         assert run["max_crop"] == b["max_crop"]
 
