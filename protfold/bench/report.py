@@ -75,6 +75,8 @@ def format_table(records: Sequence[dict[str, Any]], env: dict[str, str]) -> str:
                                    for j, (c, w) in enumerate(zip(row, widths))).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
+    for r in runs:
+        lines.extend(_site_lines(r))
     budget = [r for r in records if r.get("kind") == "budget"]
     if budget:
         lines.append("")
@@ -92,6 +94,18 @@ def format_table(records: Sequence[dict[str, Any]], env: dict[str, str]) -> str:
             if probes:  # each probe is one full step, so its peak and time are a measurement of their own
                 lines.append(f"    probes (crop: peak, setup + one step): {'; '.join(probes)}")
     return "\n".join(lines)
+
+
+def _site_lines(r: dict[str, Any], shown: int = 6) -> list[str]:
+    """`--peak-sites`: the lines holding the most memory at the peak of the run's recorded step."""
+    sites = r.get("peak_sites")
+    if not sites:
+        return []
+    cut = " (history truncated: the step's end only)" if sites.get("truncated") else ""
+    head = (f"# peak sites, {r['mode']} {r['precision']} crop {r['crop']}: "
+            f"{format_bytes(sites['peak_bytes'])} allocated in the step and alive at its peak{cut}")
+    return [head, *(f"    {format_bytes(size):>10}  {count:>6} blocks  {site}" for site, size, count in
+                    sites["sites"][:shown])]
 
 
 def _jsonable(value: Any) -> Any:

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per mode for the budget search; when exceeded, max_crop is a lower bound")
     p.add_argument("--budget-only", action="store_true",
                    help="skip the sweep: the budget search starts by probing the largest of --crops")
+    p.add_argument("--peak-sites", action="store_true",
+                   help="CUDA: one more training step per run with the allocator's history on; records and prints "
+                        "which protfold lines hold the memory alive at its peak")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--evoformer-only", action="store_true",
                       help="the Evoformer stack alone, forward + backward, fp32 inputs m, z (OpenFold's table)")
@@ -293,6 +296,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     presets = _names(args.model)
     if args.block_owns_inputs and not args.inference_block:
         raise SystemExit("protfold bench: --block-owns-inputs applies to --inference-block only")
+    if args.peak_sites and device.type != "cuda":
+        raise SystemExit(f"protfold bench: --peak-sites needs CUDA (the allocator's history); device is {device}")
+    if args.peak_sites and args.inference_block:
+        raise SystemExit("protfold bench: --peak-sites covers training steps; --inference-block has none")
     if args.budget_only and not args.budget:
         raise SystemExit("protfold bench: --budget-only needs --budget")
     modes = {_mode_name(name): load_mode(name) for name in _names(args.modes)}
@@ -307,7 +314,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit(f"protfold bench: --crops and --rows want comma-separated integers, got "
                          f"{args.crops!r} and {args.rows!r}") from None
     s = Settings(device=device, steps=args.steps, warmup=args.warmup, seed=args.seed, infer=not args.no_infer,
-                 infer_steps=args.infer_steps, block_owns_inputs=args.block_owns_inputs)
+                 infer_steps=args.infer_steps, block_owns_inputs=args.block_owns_inputs, peak_sites=args.peak_sites)
     env = environment(device, argv)
     start = time.monotonic()
     records: list[dict[str, Any]] = []

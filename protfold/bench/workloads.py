@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from protfold.bench.measure import Peak, free_memory, median, peak_of, resident_bytes, saved_bytes, timed_peak
+from protfold.bench.peak_sites import record_peak_sites
 from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig
 from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
@@ -50,6 +51,7 @@ class Settings:
     infer: bool = True
     infer_steps: int | None = None  # timed inference calls (default: `steps`)
     block_owns_inputs: bool = False  # inference block: hand m, z over (inplace=True), as a block inside a stack
+    peak_sites: bool = False  # CUDA: one more training step with the allocator history, summarised by site
 
 
 @dataclass
@@ -256,7 +258,10 @@ class _Job:
 
 def _run_train_phase(job: _Job) -> dict[str, Any]:
     trainer = job.trainer()
-    return _train_phase(trainer, job.s, lambda: job.resident(trainer.opt))
+    trained = _train_phase(trainer, job.s, lambda: job.resident(trainer.opt))
+    if job.s.peak_sites:  # after the timed steps, so the history's cost is in no timing
+        trained["peak_sites"] = record_peak_sites(trainer.step, job.s.device)
+    return trained
 
 
 def _train_fields(job: _Job, result: ModeResult) -> None:
@@ -267,6 +272,8 @@ def _train_fields(job: _Job, result: ModeResult) -> None:
     if trained:
         result.loss, result.grads = trained["loss"], trained["grads"]
         result.fields["loss"] = float(trained["loss"])
+        if "peak_sites" in trained:
+            result.fields["peak_sites"] = trained["peak_sites"]
 
 
 def _infer_fields(job: _Job, result: ModeResult) -> None:
