@@ -101,9 +101,11 @@ def _site_lines(r: dict[str, Any], shown: int = 6) -> list[str]:
     sites = r.get("peak_sites")
     if not sites:
         return []
+    head = f"# peak sites, {r['mode']} {r['precision']} crop {r['crop']}: "
+    if "error" in sites:
+        return [head + f"not recorded ({sites['error']})"]
     cut = " (history truncated: the step's end only)" if sites.get("truncated") else ""
-    head = (f"# peak sites, {r['mode']} {r['precision']} crop {r['crop']}: "
-            f"{format_bytes(sites['peak_bytes'])} allocated in the step and alive at its peak{cut}")
+    head += f"{format_bytes(sites['peak_bytes'])} requested in the step and alive at its peak{cut}"
     return [head, *(f"    {format_bytes(size):>10}  {count:>6} blocks  {site}" for site, size, count in
                     sites["sites"][:shown])]
 

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the sweep: the budget search starts by probing the largest of --crops")
     p.add_argument("--peak-sites", action="store_true",
                    help="CUDA: one more training step per run with the allocator's history on; records and prints "
-                        "which protfold lines hold the memory alive at its peak")
+                        "which protfold lines hold the memory alive at its peak (its time counts toward --time-limit)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--evoformer-only", action="store_true",
                       help="the Evoformer stack alone, forward + backward, fp32 inputs m, z (OpenFold's table)")
@@ -296,6 +296,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     presets = _names(args.model)
     if args.block_owns_inputs and not args.inference_block:
         raise SystemExit("protfold bench: --block-owns-inputs applies to --inference-block only")
+    if args.peak_sites and args.budget_only:
+        raise SystemExit("protfold bench: --peak-sites records the sweep's runs; --budget-only has no sweep runs")
     if args.peak_sites and device.type != "cuda":
         raise SystemExit(f"protfold bench: --peak-sites needs CUDA (the allocator's history); device is {device}")
     if args.peak_sites and args.inference_block:

@@ -260,8 +260,17 @@ def _run_train_phase(job: _Job) -> dict[str, Any]:
     trainer = job.trainer()
     trained = _train_phase(trainer, job.s, lambda: job.resident(trainer.opt))
     if job.s.peak_sites:  # after the timed steps, so the history's cost is in no timing
-        trained["peak_sites"] = record_peak_sites(trainer.step, job.s.device)
+        trained["peak_sites"] = _peak_sites(trainer.step, job.s.device)
     return trained
+
+
+def _peak_sites(step: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """The recorded step's summary, or {"error": ...} when it fails: the measured step stands either way."""
+    try:
+        return record_peak_sites(step, device)
+    except Exception as exc:  # noqa: BLE001 - out of memory included: the record keeps the timed steps' figures
+        free_memory(device)
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
 
 def _train_fields(job: _Job, result: ModeResult) -> None:

@@ -1,5 +1,5 @@
 """`--peak-sites` on a recorded CUDA step (skipped without CUDA): the summary's peak matches the allocator's own
-peak above the step's start, and the largest site is a line of the model, not the bench."""
+peak of requested bytes above the step's start, and a large site is a line of the model, not the bench."""
 
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ def test_recorded_peak_matches_the_allocator() -> None:
 
     step()  # allocator warm; the recorded step then starts from the same state as the measured one
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    before = torch.cuda.memory_stats()["requested_bytes.all.current"]
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    measured = torch.cuda.max_memory_allocated() - before
+    measured = torch.cuda.memory_stats()["requested_bytes.all.peak"] - before
     got = record_peak_sites(step, dev)
     assert not got["truncated"] and got["events"] > 0
-    assert abs(got["peak_bytes"] - measured) <= 0.05 * measured, (got["peak_bytes"], measured)
+    assert abs(got["peak_bytes"] - measured) <= 0.02 * measured, (got["peak_bytes"], measured)
     assert sum(size for _, size, _ in got["sites"]) == got["peak_bytes"]
     assert any(site.startswith("model/") for site, _, _ in got["sites"][:3]), got["sites"]
