@@ -105,8 +105,8 @@ def record_peak_sites(step: Callable[[], Any], device: torch.device, *, max_entr
     extra: dict[str, Any] = {}
     if "clear_history" in known:
         extra["clear_history"] = True
-    if "skip_actions" in known:  # free_requested ends a block's life here; these are not read
-        extra["skip_actions"] = ["free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap"]
+    if "skip_actions" in known:  # segments are not read (free_completed is kept: a free without it is unproven)
+        extra["skip_actions"] = ["segment_alloc", "segment_free"]
     torch.cuda.synchronize(device)
     torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
                                              max_entries=max_entries, **extra)
