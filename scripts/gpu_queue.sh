@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU work queue for one device machine with one or more GPUs: jobs from a queue file (scripts/queues/*.tsv:
 # NAME<TAB>COMMAND per line, most needed first) are taken by one worker per GPU. COMMAND is a bench command
-# (its --out and --time-limit are added), FIT (`protfold fit` of af2 in bf16 on one GPU) or FIT_DDP (the same
-# on every GPU, run before the workers start, alone on the machine).
+# (its --out and --time-limit are added), FIT [ARGS] (`protfold fit` of af2 in bf16 on one GPU, with ARGS added,
+# e.g. `FIT -c configs/memory/compiled_flex.yaml`) or FIT_DDP (the same on every GPU, run before the workers
+# start, alone on the machine).
 #
 # The work outlasts one device call (10 minutes), so `start` launches a driver in its own process session
 # (it survives the call) and each later call runs `collect SECONDS`: wait up to SECONDS for the driver, then
@@ -80,9 +81,10 @@ worker() {  # worker GPU: take jobs from the queue until it is empty or the dead
     left=$((START + DEADLINE_S - $(date +%s)))
     if [ "$left" -lt 60 ]; then echo "$name skipped: deadline" >> "$R/jobs.log"; continue; fi
     echo "$(date -u +%T) gpu$gpu start $name ${pinned:-unpinned}" >> "$R/jobs.log"
-    if [ "$cmd" = FIT ]; then
+    if [ "${cmd%% *}" = FIT ]; then  # FIT, or FIT followed by more `protfold fit` arguments
+      # shellcheck disable=SC2086  # the arguments after FIT are meant to split into words
       CUDA_VISIBLE_DEVICES=$gpu PIN=$pinned FIT_TIMEOUT=$((left < ${FIT_TIMEOUT:-420} ? left : ${FIT_TIMEOUT:-420})) \
-        fit "$name"
+        fit "$name" ${cmd#FIT}
     elif [[ "$cmd" != *protfold.bench.runner* ]]; then  # any other command (e.g. the GPU tests) as it is
       CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $pinned $cmd > "$R/$name.log" 2>&1
     else
