@@ -215,6 +215,15 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def failure(exc: Exception, what: str, device: torch.device) -> str:
+    """The first line of `exc` (at most 300 characters), reported on stderr as "`what` failed"; device memory
+    freed. For failures that are recorded (status "error") while the bench goes on."""
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    print(f"# {what} failed: {message}", file=sys.stderr)
+    free_memory(device)
+    return message
+
+
 def environment(device: torch.device, argv: list[str] | None) -> dict[str, str]:
     """Card name, torch version, the command line and the date: carried by every record and the table."""
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

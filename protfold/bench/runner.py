@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from protfold.bench import report
-from protfold.bench.measure import environment, free_memory, parse_bytes, relative_diff
+from protfold.bench.measure import environment, failure, free_memory, parse_bytes, relative_diff
 from protfold.bench.synthetic import synthetic_batch
 from protfold.bench.workloads import ModeResult, Network, Point, Settings, probe_peak, run_mode
 from protfold.config import PRESET_NAMES, MemoryConfig, load_memory_preset, model_preset
@@ -127,16 +127,8 @@ def _guarded_run(name: str, point: Point, mem: MemoryConfig, net: Network, s: Se
     try:
         return run_mode(point, mem, net, s, batch)
     except Exception as exc:  # noqa: BLE001 - recorded, reported, and the sweep goes on
-        message = _failure(exc, f"{name} at crop {point.crop}", s.device)
+        message = failure(exc, f"{name} at crop {point.crop}", s.device)
         return ModeResult(fields={"status": "error", "error": message})
-
-
-def _failure(exc: Exception, what: str, device: torch.device) -> str:
-    """The first line of `exc` (at most 300 characters), reported on stderr; device memory freed."""
-    message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-    print(f"# {what} failed: {message}", file=sys.stderr)
-    free_memory(device)
-    return message
 
 
 def _compare(results: dict[str, ModeResult]) -> None:
@@ -254,7 +246,7 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
             found = budget_search(fits, known=known, cap=cap, deadline=deadline,
                                   start=max(_ints(args.crops)) if args.budget_only else None)
         except Exception as exc:  # noqa: BLE001 - a probe failed other than by running out of memory
-            status, error = "error", _failure(exc, f"budget search for {name}", s.device)
+            status, error = "error", failure(exc, f"budget search for {name}", s.device)
             found = {"max_crop": max((c for c, (pk, _) in probed.items() if pk is not None and pk <= budget),
                                      default=0),
                      "first_failing_crop": None, "capped": False, "complete": False, "probes": list(probed)}

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from protfold.bench.measure import Peak, free_memory, median, peak_of, resident_bytes, saved_bytes, timed_peak
+from protfold.bench.measure import (Peak, failure, free_memory, median, peak_of, resident_bytes, saved_bytes,
+                                    timed_peak)
 from protfold.bench.peak_sites import record_peak_sites
 from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig
 from protfold.losses import alphafold_loss
@@ -269,8 +270,7 @@ def _peak_sites(step: Callable[[], Any], device: torch.device) -> dict[str, Any]
     try:
         return record_peak_sites(step, device)
     except Exception as exc:  # noqa: BLE001 - out of memory included: the record keeps the timed steps' figures
-        free_memory(device)
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        return {"error": failure(exc, "recording the peak sites", device)}
 
 
 def _train_fields(job: _Job, result: ModeResult) -> None:
