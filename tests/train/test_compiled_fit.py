@@ -16,8 +16,7 @@ def test_compiled_blocks_train_like_eager(run_kit, cwd_repo, tmp_path):
     for mode in ("recompute", "compiled_flex"):
         reset_compiled()
         root = tmp_path / mode
-        run_kit.fit(run_kit.fit_args(root, steps=3, val_every=3, extra=(
-            "-c", f"configs/memory/{mode}.yaml", "--model.optim.ema_decay", "0.9")))
+        run_kit.fit(run_kit.fit_args(root, steps=3, val_every=3, extra=("-c", f"configs/memory/{mode}.yaml")))
         losses[mode] = run_kit.train_losses(root)
         run = run_kit.version_dirs(root)[-1]
         assert (run / "checkpoints" / "last.ckpt").is_file()
