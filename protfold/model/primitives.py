@@ -149,11 +149,18 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], *
     global _flex_compiled
     from torch.nn.attention.flex_attention import flex_attention
 
-    if compiled and _flex_compiled is None:
-        # Default dynamic handling: after a shape changes once (chunk remainders, MSA rows vs columns vs
-        # triangle rows) the sizes are made symbolic instead of recompiling for every shape.
-        _flex_compiled = torch.compile(flex_attention)
-    kernel = _flex_compiled if compiled else flex_attention
+    if not compiled or torch.compiler.is_compiling():
+        # Inside a compiled block dynamo traces flex_attention into the block's graph itself. The global must not
+        # be read or set there: dynamo guarded the first block's graph on it being unset, compiled a second graph
+        # for the later blocks, and the first block's recompute in backward ran the second graph, with other
+        # saved tensors (CheckpointError in `protfold fit`, session 6).
+        kernel = flex_attention
+    else:
+        if _flex_compiled is None:
+            # Default dynamic handling: after a shape changes once (chunk remainders, MSA rows vs columns vs
+            # triangle rows) the sizes are made symbolic instead of recompiling for every shape.
+            _flex_compiled = torch.compile(flex_attention)
+        kernel = _flex_compiled
     lead = q.shape[:-3]
     full = (*lead, q.shape[-3], q.shape[-2], k.shape[-2])
     readers = [_bias_reader(b, full) for b in biases]

@@ -131,6 +131,9 @@ class StepStats(pl.Callback):
         self._start = 0.0
         self._samples = 0
         self.samples_per_step = 1
+        # The device the steps ran on, kept from the first batch: by `on_fit_end` Lightning has moved the module
+        # back to the CPU (session 6's GPU run wrote "device": "cpu").
+        self.device: torch.device | None = None
 
     @staticmethod
     def _sync(device: torch.device) -> None:
@@ -142,7 +145,7 @@ class StepStats(pl.Callback):
 
         if batch_idx % getattr(pl_module, "accumulate", 1):
             return  # inside an optimizer step: keep timing from its first batch
-        device = pl_module.device
+        device = self.device = pl_module.device
         self._sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -170,7 +173,10 @@ class StepStats(pl.Callback):
         pl_module.log_dict(metrics, batch_size=self._samples)
 
     def summary(self, trainer: pl.Trainer, device: torch.device) -> dict[str, Any]:
+        """The run's statistics; `device` names the card only if no step ran (the steps' own device wins)."""
         import statistics
+
+        device = self.device or device
 
         timed = self.times[1:] or self.times
         median = statistics.median(timed) if timed else float("nan")

@@ -125,6 +125,31 @@ def test_flex_kernel_eager_matches_naive(mask_factory) -> None:
     assert got_grad.shape == (2, 1, 3, 7, 7)
 
 
+def test_flex_inside_a_compiled_region_is_traced_once(mask_factory, monkeypatch) -> None:
+    """A compiled block calling the flex path compiles one graph, even in a fresh process (no compiled kernel cached
+    yet). Session 6's `fit` failed there: the first block's trace made the cached kernel, dynamo guarded that graph
+    on the cache being empty, every later block got a second graph, and the first block's recompute in backward
+    ran the second one (CheckpointError). dynamo's eager backend runs flex's reference implementation, so this
+    runs on the CPU, without grad (CPU FlexAttention has no backward)."""
+    from torch._dynamo.testing import CompileCounter
+
+    q, k, v, biases, _ = _attention_inputs(mask_factory)
+    q, k, v, *biases = (t.detach() for t in (q, k, v, *biases))  # CPU flex refuses inputs that require grad
+    monkeypatch.setattr(primitives, "_flex_compiled", None)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    block = torch.compile(lambda *qkv: primitives._flex_attention(*qkv, biases, compiled=True), backend=counter)
+    try:
+        with torch.no_grad():
+            outs = [block(q, k, v) for _ in range(3)]
+            ref = attention(q, k, v, biases, MemoryConfig())
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+
+
 def test_logits_are_fp32_under_autocast() -> None:
     """Under bf16 autocast the softmax sees fp32 logits (checked through the island's dtype)."""
     x = torch.randn(4, 4)

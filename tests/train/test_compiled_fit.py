@@ -1,14 +1,23 @@
 """`protfold fit` with compiled blocks (`configs/memory/compiled.yaml`, and `compiled_flex`, which is `compiled` on
 the CPU) trains as the eager path does under Lightning: the same losses step by step, within float reordering.
 The README recommends `compiled_flex` first on CUDA, so its Lightning path (precision plugin, EMA callback,
-validation without grad, checkpointing) is exercised here on the CPU; tests/gpu covers the kernels on CUDA."""
+validation without grad, checkpointing) is exercised here on the CPU; tests/gpu covers the kernels on CUDA, and the
+last test here (gpu marker) runs the fit itself on CUDA with FlexAttention, which the CPU cannot."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 import yaml
 
+from protfold.model import primitives
 from protfold.model.memory import reset_compiled
+
+# bf16 against bf16 through other kernels: the tolerance of tests/gpu/test_bf16_gpu.py (8 mantissa bits, about
+# 1e-2 relative after the Evoformer, the structure module and the losses).
+BF16_RTOL = 3e-2
 
 
 def test_compiled_blocks_train_like_eager(run_kit, cwd_repo, tmp_path):
@@ -26,3 +35,25 @@ def test_compiled_blocks_train_like_eager(run_kit, cwd_repo, tmp_path):
     assert sorted(losses["compiled_flex"]) == sorted(losses["recompute"]) and len(losses["recompute"]) == 3
     for step, value in losses["recompute"].items():
         assert losses["compiled_flex"][step] == pytest.approx(value, rel=1e-5), step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_flex_fit_on_gpu(run_kit, cwd_repo, tmp_path, monkeypatch):
+    """`protfold fit` with `compiled_flex` on CUDA in bf16, from the state of a fresh process (no FlexAttention
+    kernel made yet), so that the first flex call is inside the first compiled block's trace: session 6's af2
+    `fit` failed there in its first step (CheckpointError). Its losses against `recompute` (plain kernels)."""
+    monkeypatch.setattr(primitives, "_flex_compiled", None)
+    gpu = ("--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed")
+    losses = {}
+    for mode in ("compiled_flex", "recompute"):
+        reset_compiled()
+        root = tmp_path / mode
+        run_kit.fit(run_kit.fit_args(root, steps=3, val_every=3, extra=(*gpu, "-c", f"configs/memory/{mode}.yaml")))
+        losses[mode] = run_kit.train_losses(root)
+        perf = json.loads((run_kit.version_dirs(root)[-1] / "perf.json").read_text())
+        assert perf["device"] == torch.cuda.get_device_name() and perf["steps"] == 3, perf  # the steps' card
+    reset_compiled()
+    assert sorted(losses["compiled_flex"]) == sorted(losses["recompute"]) and len(losses["recompute"]) == 3
+    for step, value in losses["recompute"].items():
+        assert losses["compiled_flex"][step] == pytest.approx(value, rel=BF16_RTOL), step
