@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model_preset("af2", n_evoformer_blocks=args.blocks)
     torch.manual_seed(0)
     stack = EvoformerStack(cfg, mem=MemoryConfig()).to(dev).eval()
+    with torch.no_grad():  # AF2's zero-initialised output projections would make every block an identity
+        for p in stack.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
     env = environment(dev, None)  # the command as run
     records = []
     print(f"# flex no-grad | card: {env['card']} | torch {env['torch']} | {env['date']}\n# command: {env['command']}")

@@ -7,6 +7,7 @@ msa_mask [*, N_seq, N_res], pair_mask [*, N_res, N_res], masks float 0/1.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -230,7 +231,7 @@ class EvoformerBlock(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, extra: bool = False, mem: MemoryConfig) -> EvoformerBlock:
         """An Evoformer block (extra=False) or an extra MSA block (extra=True) sized by `cfg`."""
-        return cls(
+        return (ExtraMSABlock if extra else cls)(
             c_m=cfg.c_e if extra else cfg.c_m, c_z=cfg.c_z,
             msa_heads=cfg.extra_msa_heads if extra else cfg.msa_heads,
             msa_head_dim=cfg.extra_msa_head_dim if extra else cfg.msa_head_dim,
@@ -290,6 +291,24 @@ class EvoformerBlock(nn.Module):
         for module, dropout in self._pair_updates():
             module.add_into(z, pair_mask, _AddInto(z, dropout))
         return m, z
+
+
+class ExtraMSABlock(EvoformerBlock):
+    """The extra MSA stack's block: an Evoformer block with global column attention (AF2 supplement, Algorithm 18).
+
+    A class of its own, with a `forward` of its own, for compiled blocks (`memory.compiled`): dynamo keeps one cache
+    per code object, and the two stacks differ in widths, row counts and, under autocast, the stream's dtype (the
+    extra MSA embedding is bf16, the MSA stream fp32). Sharing `EvoformerBlock.forward`, the stacks recompiled each
+    other's graphs, reached dynamo's recompile limit in session 6's `fit` and fell back to eager for some calls, so
+    that a block's recompute in backward ran other code than its forward (CheckpointError).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{**kwargs, "global_column": True})
+
+    def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor, *,
+                inplace: bool = False) -> tuple[Tensor, Tensor]:
+        return super().forward(m, z, msa_mask, pair_mask, inplace=inplace)
 
 
 def _chunked_inference(mem: MemoryConfig) -> bool:

@@ -228,9 +228,24 @@ def run_blocks(
         return run
 
     for start in range(0, len(blocks), k):
+        if mem.compile_blocks:
+            state = tuple(_plain(t) for t in state)
         with boundary_storage(mem):
             state = recompute(segment(blocks[start : start + k]), *state, *extra)
     return state
+
+
+def _plain(t: Tensor) -> Tensor:
+    """`t` as a contiguous tensor that is no view (a copy only if it is not one already).
+
+    For compiled blocks under recompute: the recompute in backward gets the boundaries back as new tensors (host
+    copies are contiguous), and dynamo guards on strides and views, so a forward handed a view with other strides
+    compiled one graph and its recompute ran another, with other saved tensors (session 6's `fit`). Handed plain
+    tensors, both take the one graph. Only a stack's first input is ever copied: blocks return plain tensors.
+    """
+    if t._base is None and t.is_contiguous():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _leaf_param_storage(t: Tensor) -> bool:

@@ -77,7 +77,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Sequence[Tensor], mem: Memo
     if mem.attention == "flex":
         if q.device.type == "cuda":
             return _flex_attention(q, k, v, bias, compiled=True)
-        _warn_flex_fallback(q.device.type)
+        if not torch.compiler.is_compiling():  # a logging call would break the compiled block's graph in two
+            _warn_flex_fallback(q.device.type)
     return _naive_attention(q, k, v, bias)
 
 

@@ -46,15 +46,21 @@ def _build(kind: str, cfg, mem: MemoryConfig):
     return (EvoformerStack if kind == "evoformer" else ExtraMSAStack)(cfg, mem=mem).train()
 
 
-def _run(model, kind: str, inputs, seed: int = 1):
-    """Forward under a fixed seed (so dropout draws the same masks), backward of a fixed scalar loss."""
+def _strided_view(x):
+    """x as a view with other strides than a fresh tensor's (the same values, gradients flowing to x)."""
+    return x.transpose(-2, -3).contiguous().transpose(-2, -3)
+
+
+def _run(model, kind: str, inputs, seed: int = 1, prep=lambda x: x):
+    """Forward under a fixed seed (so dropout draws the same masks), backward of a fixed scalar loss. `prep` is
+    applied to the MSA input on its way in."""
     t = inputs.leaves()
     torch.manual_seed(seed)
     if kind == "evoformer":
-        outs = model(t.m, t.z, t.msa_mask, t.pair_mask)
+        outs = model(prep(t.m), t.z, t.msa_mask, t.pair_mask)
         leaves = {"m": t.m, "z": t.z}
     else:
-        outs = (model(t.e, t.z, t.extra_msa_mask, t.pair_mask),)
+        outs = (model(prep(t.e), t.z, t.extra_msa_mask, t.pair_mask),)
         leaves = {"e": t.e, "z": t.z}
     loss = sum((o * torch.linspace(-1, 2, o.shape[-1])).square().mean() for o in outs)
     loss.backward()
@@ -209,6 +215,24 @@ def test_bf16_autocast_runs_and_stays_close(mem, grad, tiny_cfg_no_dropout, trun
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def _compile_with_aot_eager(monkeypatch):
+    """Make protfold's compiled blocks use dynamo's cheap `aot_eager` backend, from fresh caches. Returns the
+    options each compile call passed (inductor's, which aot_eager takes none of) and a counter of dynamo's
+    graphs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    plain_compile, options, counter = torch.compile, [], CompileCounterWithBackend("aot_eager")
+
+    def aot_eager_compile(fn, **kw):
+        options.append(kw.pop("options", None))
+        return plain_compile(fn, backend=counter, **kw)
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    torch._dynamo.reset()
+    monkeypatch.setattr("protfold.model.memory._COMPILED", {})  # compile afresh with the backend above
+    return options, counter
+
+
 @pytest.mark.parametrize("kind", ["evoformer", "extra_msa"])
 @pytest.mark.parametrize("base", ["plain", "recompute", "inblock"])
 @pytest.mark.parametrize("dropout", [False, True])
@@ -218,16 +242,7 @@ def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_
     recompute as well; with and without dropout): same outputs and every gradient. CI checks the capture with the
     cheap `aot_eager` backend (dynamo graph, autograd, checkpoint and RNG replay); the inductor kernels themselves,
     and their dropout draws (`fallback_random`), are compared on the GPU (tests/gpu)."""
-    plain_compile = torch.compile
-    options = []
-
-    def aot_eager_compile(fn, **kw):
-        options.append(kw.pop("options", None))  # inductor's options; aot_eager takes none
-        return plain_compile(fn, backend="aot_eager", **kw)
-
-    monkeypatch.setattr(torch, "compile", aot_eager_compile)
-    torch._dynamo.reset()
-    monkeypatch.setattr("protfold.model.memory._COMPILED", {})  # compile afresh with the backend above
+    options, _ = _compile_with_aot_eager(monkeypatch)
     cfg = tiny_cfg if dropout else tiny_cfg_no_dropout
     mem = {"plain": MemoryConfig(), "recompute": MemoryConfig(blocks_per_checkpoint=1),
            "inblock": MemoryConfig(blocks_per_checkpoint=1, recompute_inside_block=True)}[base]
@@ -240,6 +255,33 @@ def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_
     assert type(alt_model.blocks[0]) in memory._COMPILED  # the compiled path really ran
     assert options == [{"fallback_random": True}]  # inductor draws dropout masks with the eager kernels
     assert set(alt_model.state_dict()) == set(ref_model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["evoformer", "extra_msa"])
+@pytest.mark.parametrize("storage", ["bf16", "cpu"])
+def test_compiled_recompute_runs_the_forward_graph(kind, storage, tiny_cfg_no_dropout, trunk_inputs, randomize,
+                                                   monkeypatch) -> None:
+    """Block boundaries kept as copies come back in backward as new tensors: on the GPU, `cpu` storage's host
+    copies are contiguous, while the forward may be handed a view with other strides (a stack's first input).
+    Dynamo guards on strides and views, so a recompute could run another graph than its forward: a CheckpointError,
+    or worse, other saved tensors of the same shapes. run_blocks hands compiled blocks plain contiguous tensors, so
+    forward and recompute take one graph, with the results of eager blocks under the same storage. On the CPU
+    `cpu` storage keeps references, so its GPU copy (a contiguous host tensor) is made here for CPU tensors too."""
+    from protfold.model import memory
+
+    if storage == "cpu":
+        def copy_as_on_gpu(t):
+            return ("cpu", t.device, torch.empty(t.shape, dtype=t.dtype).copy_(t)) if t.requires_grad else ("ref", t)
+
+        monkeypatch.setattr(memory, "_pack_cpu", copy_as_on_gpu)
+    _, counter = _compile_with_aot_eager(monkeypatch)
+    mem = MemoryConfig(blocks_per_checkpoint=1, checkpoint_storage=storage)
+    ref_model = randomize(_build(kind, tiny_cfg_no_dropout, mem))
+    alt_model = _build(kind, tiny_cfg_no_dropout, MemoryConfig(**{**mem.__dict__, "compile_blocks": True}))
+    alt_model.load_state_dict(ref_model.state_dict())
+    ref = _run(ref_model, kind, trunk_inputs, prep=_strided_view)
+    _assert_same(ref, _run(alt_model, kind, trunk_inputs, prep=_strided_view))
+    assert counter.frame_count == 1  # one graph for every block, in forward and in recompute
 
 
 def test_compile_with_chunking_warns_about_compile_time() -> None:
