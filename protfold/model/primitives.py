@@ -122,6 +122,7 @@ def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -
 _flex_warned: set[str] = set()
 _flex_compiled: Callable[..., Tensor] | None = None
 _FLEX_MIN_HEAD_DIM = 16  # the compiled FlexAttention kernel's smallest head dim
+_FLEX_RECOMPILE_LIMIT = 64  # graphs of the eagerly called compiled kernel (see _flex_attention)
 
 
 def _warn_flex_fallback(device_type: str) -> None:
@@ -176,7 +177,15 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], *
     pad = max(0, _FLEX_MIN_HEAD_DIM - c)
     if pad:  # zero channels add nothing to q·k and give zero output channels, cut off below
         flat = [F.pad(t, (0, pad)) for t in flat]
-    out = kernel(*flat, score_mod=score_mod, scale=c**-0.5)  # type: ignore[misc]
+    if kernel is flex_attention:
+        out = kernel(*flat, score_mod=score_mod, scale=c**-0.5)  # type: ignore[misc]
+    else:
+        # Called eagerly (no-grad passes, validation), the compiled kernel gets a graph per attention kind (one or
+        # two bias terms, widths) and per shape until its sizes turn symbolic: more than dynamo's default limit
+        # of 8 in session 6's `fit`, after which FlexAttention ran unfused, materialising every score matrix. A
+        # higher limit for this one function; reaching it fails loudly rather than running unfused.
+        with torch._dynamo.config.patch(recompile_limit=_FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            out = kernel(*flat, score_mod=score_mod, scale=c**-0.5)  # type: ignore[misc]
     if pad:
         out = out[..., :c]
     return out.reshape(*lead, *out.shape[-3:])

@@ -150,6 +150,29 @@ def test_flex_inside_a_compiled_region_is_traced_once(mask_factory, monkeypatch)
         torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
 
 
+def test_eager_flex_compiles_past_dynamos_default_limit(monkeypatch) -> None:
+    """Called outside a compiled block (no-grad passes, validation), the compiled flex kernel gets one graph per
+    attention kind and shape. Session 6's `fit` made more than dynamo's default 8, and FlexAttention then ran
+    unfused. Here 10 shapes, with the sizes kept static so that each one compiles: all 10 run compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch.nn.attention.flex_attention import flex_attention
+
+    counter = CompileCounterWithBackend("eager")
+    monkeypatch.setattr(primitives, "_flex_compiled", torch.compile(flex_attention, backend=counter, dynamic=False))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # "flex_attention called without torch.compile()": the unfused fallback
+            for n in range(3, 13):
+                q, k, v = torch.randn(3, 2, 1, n, 16).unbind(0)
+                bias = torch.randn(1, n, n)
+                out = primitives._flex_attention(q, k, v, [bias], compiled=True)
+                torch.testing.assert_close(out, attention(q, k, v, [bias], MemoryConfig()), rtol=RTOL, atol=ATOL)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 10 > torch._dynamo.config.recompile_limit
+
+
 def test_logits_are_fp32_under_autocast() -> None:
     """Under bf16 autocast the softmax sees fp32 logits (checked through the island's dtype)."""
     x = torch.randn(4, 4)
