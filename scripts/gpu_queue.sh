@@ -34,11 +34,12 @@ collect() {
   pack
 }
 
-fit() {  # fit NAME EXTRA_ARGS...: af2, bf16, crop 256 / 128 / 1024, 12 steps on the prepared samples
+fit() {  # fit NAME EXTRA_ARGS...: af2, bf16, crop 256 / 128 / 1024, 12 steps on the prepared samples (ARGS may change that)
   local name=$1; shift
-  timeout "${FIT_TIMEOUT:-420}" ${PIN:-} python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml "$@" \
+  # ARGS come last, so they can override these settings too (e.g. --trainer.max_steps 24)
+  timeout "${FIT_TIMEOUT:-420}" ${PIN:-} python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml \
     --trainer.enable_progress_bar false --trainer.max_steps 12 --trainer.val_check_interval 6 \
-    --trainer.log_every_n_steps 1 --data.samples_per_epoch 24 --trainer.default_root_dir "$R/$name" \
+    --trainer.log_every_n_steps 1 --data.samples_per_epoch 24 --trainer.default_root_dir "$R/$name" "$@" \
     > "$R/$name.log" 2>&1
 }
 
