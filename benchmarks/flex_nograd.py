@@ -1,13 +1,15 @@
-"""Why `compiled_flex` is slow without grad: the af2 Evoformer stack's no-grad forward, where the blocks run eagerly
-and each attention calls the separately compiled FlexAttention kernel (`primitives._flex_compiled`).
+"""The af2 Evoformer stack's no-grad forward with FlexAttention: the blocks run eagerly and each attention calls the
+separately compiled kernel (`primitives._flex_compiled`).
 
-Session 5 measured that forward at 2.66 s against `compiled`'s 0.45 s at crop 256. Dynamo's default shape handling
-recompiles the kernel with symbolic sizes once a second shape arrives (MSA rows, columns, triangle rows), so every
-later call runs a kernel compiled for any size. The variants, each from fresh compile caches:
+Written to test one explanation of session 5's slow no-grad `compiled_flex` (2.66 s against `compiled`'s 0.45 s at
+crop 256): that dynamo's default shape handling, which recompiles the kernel with symbolic sizes once a second
+shape arrives, made slow kernels. Session 6 refuted it: the compiled kernel is fast either way (0.31 s, static 0.38
+s); the bench had run FlexAttention unfused (benchmarks/NOTES.md, "Session 6"). The variants, each from fresh
+compile caches:
   naive:        the plain kernel (what `compiled` runs without grad)
   flex:         the kernel as protfold compiles it (default dynamic handling)
   flex_static:  the kernel compiled with dynamic=False, one static kernel per shape
-CUDA only. Usage (writes results.json there and prints a table):
+On CUDA (`--device cpu` is a smoke run of the script). Usage (writes results.json there, prints a table):
   python benchmarks/flex_nograd.py --crops 256,512 --rows 128 --out DIR
 """
 

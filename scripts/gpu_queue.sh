@@ -18,7 +18,7 @@
 # Session 3 ran `start scripts/queues/session3.tsv 540` (then `collect` twice) on two H200s; session 4
 # `DEADLINE_S=1320 ... start scripts/queues/session4.tsv 530`, then `collect 560` and `collect 250`.
 set -uo pipefail
-R=/tmp/g3
+R=${GPU_QUEUE_DIR:-/tmp/g3}  # where results, logs and the queue live on the device machine
 DEADLINE_S=${DEADLINE_S:-1380}
 
 pack() {
@@ -71,7 +71,7 @@ PY
 }
 
 worker() {  # worker GPU: take jobs from the queue until it is empty or the deadline has passed
-  local gpu=$1 line name cmd left pinned
+  local gpu=$1 line name cmd left pinned rc
   pinned=$(pin "$gpu")
   export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}  # CPU ops here are small: many threads per op only contend
@@ -92,7 +92,8 @@ worker() {  # worker GPU: take jobs from the queue until it is empty or the dead
       CUDA_VISIBLE_DEVICES=$gpu timeout "$left" $pinned $cmd --time-limit $((left - 60)) --out "$R/$name" \
         > "$R/$name.log" 2>&1
     fi
-    echo "$(date -u +%T) gpu$gpu end $name rc=$?" >> "$R/jobs.log"
+    rc=$?  # before any other expansion: "$(date ...)" resets $? (sessions 4-6 logged rc=0 for failed jobs)
+    echo "$(date -u +%T) gpu$gpu end $name rc=$rc" >> "$R/jobs.log"
   done
 }
 
@@ -110,7 +111,8 @@ run() {
   for name in $ddp; do
     echo "$(date -u +%T) start $name" >> "$R/jobs.log"
     fit "$name" -c configs/trainer/ddp.yaml --trainer.devices "$(nvidia-smi -L | wc -l)"
-    echo "$(date -u +%T) end $name rc=$?" >> "$R/jobs.log"
+    rc=$?
+    echo "$(date -u +%T) end $name rc=$rc" >> "$R/jobs.log"
   done
   grep -v -P '\tFIT_DDP$' "$1" | grep -v '^#' | grep -v '^\s*$' > "$R/queue"
   touch "$R/queue.lock"

@@ -1,6 +1,6 @@
 """scripts/gpu_queue.sh's CPU pinning, on this machine's real CPU set with a stand-in `nvidia-smi`: each GPU's
 worker gets its own whole physical cores that `taskset` accepts, and too few cores leave workers unpinned
-instead of failing their jobs."""
+instead of failing their jobs. And the driver's job log: each job's real exit status."""
 
 from __future__ import annotations
 
@@ -16,15 +16,19 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_queue.sh"
 pytestmark = pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
 
 
-def _pin(tmp_path: Path, gpu: int, n_gpu: int) -> str:
+def _env(tmp_path: Path, n_gpu: int) -> dict[str, str]:
+    """The environment with a stand-in `nvidia-smi` that lists `n_gpu` GPUs."""
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     smi = fake / "nvidia-smi"
     smi.write_text("#!/bin/sh\n" + "".join(f"echo 'GPU {i}: stand-in'\n" for i in range(n_gpu)))
     smi.chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(SCRIPT), "pin", str(gpu)], env=env, capture_output=True, text=True,
-                          check=True)
+    return {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _pin(tmp_path: Path, gpu: int, n_gpu: int) -> str:
+    done = subprocess.run(["bash", str(SCRIPT), "pin", str(gpu)], env=_env(tmp_path, n_gpu), capture_output=True,
+                          text=True, check=True)
     return done.stdout.strip()
 
 
@@ -58,3 +62,17 @@ def test_each_gpu_gets_its_own_cores_or_none(tmp_path) -> None:
 def test_too_few_cores_leave_workers_unpinned(tmp_path) -> None:
     n_cores = len(_cores(os.sched_getaffinity(0)))
     assert _pin(tmp_path, 0, n_gpu=n_cores) == ""  # one core per GPU: no share of two cores
+
+
+def test_job_log_records_each_jobs_exit_status(tmp_path) -> None:
+    """The driver, on one stand-in GPU, runs a job that succeeds and one that fails. Sessions 4 to 6 logged rc=0
+    for every job, failed ones included: `$(date ...)` in the same line reset `$?` before it was read."""
+    queue = tmp_path / "queue.tsv"
+    queue.write_text("# a comment line\nfine\ttrue\nbroken\tfalse\n")
+    out = tmp_path / "results"
+    env = {**_env(tmp_path, 1), "GPU_QUEUE_DIR": str(out)}
+    subprocess.run(["bash", str(SCRIPT), "run", str(queue)], env=env, cwd=SCRIPT.parents[1], capture_output=True,
+                   text=True, timeout=600, check=True)
+    ends = [line.split(" ", 2)[2] for line in (out / "jobs.log").read_text().splitlines() if " end " in line]
+    assert ends == ["end fine rc=0", "end broken rc=1"], ends
+    assert (out / "done").is_file()

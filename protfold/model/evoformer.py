@@ -230,7 +230,8 @@ class EvoformerBlock(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, extra: bool = False, mem: MemoryConfig) -> EvoformerBlock:
-        """An Evoformer block (extra=False) or an extra MSA block (extra=True) sized by `cfg`."""
+        """An Evoformer block (extra=False) or an extra MSA block (extra=True, or called on ExtraMSABlock)."""
+        extra = extra or issubclass(cls, ExtraMSABlock)
         return (ExtraMSABlock if extra else cls)(
             c_m=cfg.c_e if extra else cfg.c_m, c_z=cfg.c_z,
             msa_heads=cfg.extra_msa_heads if extra else cfg.msa_heads,

@@ -229,24 +229,17 @@ def run_blocks(
 
     for start in range(0, len(blocks), k):
         if mem.compile_blocks:
-            state = tuple(_plain(t) for t in state)
+            state = tuple(t.contiguous() for t in state)  # see the note below
         with boundary_storage(mem):
             state = recompute(segment(blocks[start : start + k]), *state, *extra)
     return state
 
 
-def _plain(t: Tensor) -> Tensor:
-    """`t` as a contiguous tensor that is no view (a copy only if it is not one already).
-
-    For compiled blocks under recompute: the recompute in backward gets the boundaries back as new tensors (host
-    copies are contiguous), and dynamo guards on strides and views, so a forward handed a view with other strides
-    compiled one graph and its recompute ran another, with other saved tensors (session 6's `fit`). Handed plain
-    tensors, both take the one graph. Blocks return plain tensors, so in practice only a stack's first input
-    is copied (the extra MSA embedding, a view: 32 MiB at crop 256 with 1024 rows).
-    """
-    if t._base is None and t.is_contiguous():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+# Compiled blocks under recompute get contiguous inputs, a defensive measure: with `cpu` boundary storage the
+# recompute in backward gets its inputs back as contiguous host copies, and dynamo guards on strides, so a forward
+# handed a tensor with other strides would compile one graph and its recompute run another, with other saved
+# tensors (reproduced on the CPU by tests/model/test_memory_equivalence.py). The inputs measured so far were
+# contiguous already; `contiguous()` copies nothing then.
 
 
 def _leaf_param_storage(t: Tensor) -> bool:

@@ -263,10 +263,11 @@ def test_compiled_recompute_runs_the_forward_graph(kind, storage, tiny_cfg_no_dr
                                                    monkeypatch) -> None:
     """Block boundaries kept as copies come back in backward as new tensors: on the GPU, `cpu` storage's host
     copies are contiguous, while the forward may be handed a view with other strides (a stack's first input).
-    Dynamo guards on strides and views, so a recompute could run another graph than its forward: a CheckpointError,
-    or worse, other saved tensors of the same shapes. run_blocks hands compiled blocks plain contiguous tensors, so
-    forward and recompute take one graph, with the results of eager blocks under the same storage. On the CPU
-    `cpu` storage keeps references, so its GPU copy (a contiguous host tensor) is made here for CPU tensors too."""
+    Dynamo guards on strides, so a recompute could run another graph than its forward: a CheckpointError, or
+    worse, other saved tensors of the same shapes. run_blocks hands compiled blocks contiguous tensors, so forward
+    and recompute take one graph, with the results of eager blocks under the same storage. On the CPU `cpu`
+    storage keeps references, so its GPU copy (a contiguous host tensor) is made here for CPU tensors too. (bf16
+    storage keeps the strides: those cases pass either way.)"""
     from protfold.model import memory
 
     if storage == "cpu":
@@ -282,6 +283,27 @@ def test_compiled_recompute_runs_the_forward_graph(kind, storage, tiny_cfg_no_dr
     ref = _run(ref_model, kind, trunk_inputs, prep=_strided_view)
     _assert_same(ref, _run(alt_model, kind, trunk_inputs, prep=_strided_view))
     assert counter.frame_count == 1  # one graph for every block, in forward and in recompute
+
+
+def test_each_stack_compiles_its_own_graph(tiny_cfg_no_dropout, trunk_inputs, randomize, monkeypatch) -> None:
+    """The Evoformer and the extra MSA stack differ in widths, rows and, under autocast, the stream's dtype (the
+    extra MSA embedding is bf16, the MSA stream fp32). Dynamo keeps one cache per code object: sharing one block
+    `forward`, the stacks recompiled each other's graphs, and session 6's second `fit` reached dynamo's limit that
+    way. Each block class has its own `forward` now, and one graph."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    _compile_with_aot_eager(monkeypatch)
+    mem = MemoryConfig(blocks_per_checkpoint=1, compile_blocks=True)
+    evoformer = randomize(_build("evoformer", tiny_cfg_no_dropout, mem))
+    extra = randomize(_build("extra_msa", tiny_cfg_no_dropout, mem))
+    t = trunk_inputs.leaves()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = extra(t.e.bfloat16(), t.z, t.extra_msa_mask, t.pair_mask)
+        outs = evoformer(t.m, z, t.msa_mask, t.pair_mask)
+    sum(o.float().square().mean() for o in outs).backward()
+    for block in (evoformer.blocks[0], extra.blocks[0]):
+        assert len(_debug_get_cache_entry_list(type(block).forward.__code__)) == 1, type(block).__name__
+    assert type(evoformer.blocks[0]) is not type(extra.blocks[0])
 
 
 def test_compile_with_chunking_warns_about_compile_time() -> None:

@@ -173,6 +173,24 @@ def test_eager_flex_compiles_past_dynamos_default_limit(monkeypatch) -> None:
     assert counter.frame_count == 10 > torch._dynamo.config.recompile_limit
 
 
+def test_eager_flex_fails_loudly_at_its_limit(monkeypatch) -> None:
+    """Past its own limit the eagerly called flex kernel raises, instead of running unfused."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(primitives, "_FLEX_RECOMPILE_LIMIT", 4)
+    monkeypatch.setattr(primitives, "_flex_compiled", torch.compile(flex_attention, backend="eager", dynamic=False))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), pytest.raises(FailOnRecompileLimitHit):
+            for n in range(3, 13):
+                q, k, v = torch.randn(3, 2, 1, n, 16).unbind(0)
+                primitives._flex_attention(q, k, v, [torch.randn(1, n, n)], compiled=True)
+    finally:
+        torch._dynamo.reset()
+    assert not torch._dynamo.config.fail_on_recompile_limit_hit  # the process-wide setting is left as it was
+
+
 def test_logits_are_fp32_under_autocast() -> None:
     """Under bf16 autocast the softmax sees fp32 logits (checked through the island's dtype)."""
     x = torch.randn(4, 4)
