@@ -25,6 +25,9 @@ class MemoryConfig:
     pair_chunk: int | None = None  # pair rows per chunk: triangle attention, OPM, transitions
     attention_chunk_mb: float | None = None  # cap on one chunk's fp32 attention logits (MiB): rows adapt to N
     low_memory_triangle: bool = False  # triangle mult. updates keep no [N, N, c_hidden] tensors for backward
+    # training, with low_memory_triangle: the [N, N, c_hidden] projections are made and recomputed in channel
+    # slices of at most this many MiB per fp32 edge. Smaller: a lower peak at large N, a few more kernel launches.
+    triangle_slice_mb: float = 512.0
     attention: Literal["naive", "sdpa", "flex"] = "naive"  # attention kernel dispatch
     checkpoint_storage: Literal["fp32", "bf16", "cpu"] = "fp32"  # how saved block boundaries are kept
     # recompute each structure-module layer in backward (only its inputs s, frames and the shared z are kept;
@@ -41,6 +44,8 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         if self.attention_chunk_mb is not None and not self.attention_chunk_mb > 0:
             raise ValueError(f"MemoryConfig.attention_chunk_mb must be > 0 or None, got {self.attention_chunk_mb!r}")
+        if not self.triangle_slice_mb > 0:
+            raise ValueError(f"MemoryConfig.triangle_slice_mb must be > 0, got {self.triangle_slice_mb!r}")
         for name in ("blocks_per_checkpoint", "msa_chunk", "pair_chunk"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -22,7 +22,6 @@ Emit = Callable[[int, int, int, Tensor], None]
 __all__ = ["PairTransition", "TriangleAttention", "TriangleMultiplication", "Transition"]
 
 _CHANNEL_CHUNKS = 8  # low-memory triangle multiplication (no grad): hidden channels in this many slices
-_TRAIN_SLICE_BYTES = 512 * 2**20  # training: channel slices of at most this many bytes per [N, N, slice] edge
 # ... and rows of z in this many slices when MemoryConfig.pair_chunk is unset (training / no-grad inference)
 _ROW_CHUNKS_TRAIN, _ROW_CHUNKS_INFER = 4, 16
 # no-grad in-place triangle multiplication: one fp32 [slice, N, N] edge is at most this fraction of z's bytes
@@ -72,7 +71,7 @@ class TriangleMultiplication(nn.Module):
 
     With `mem.low_memory_triangle`: in training the whole update is recomputed in backward (only z is kept);
     inside it, for large N, the [N, N, c_hidden] projections and gates are made one channel slice at a time
-    (slices of at most 512 MiB) and recomputed per slice, the output gate per row chunk. Without grad: a, b are built channels-first one
+    (slices of at most `mem.triangle_slice_mb`, 512 MiB by default) and recomputed per slice, the output gate per row chunk. Without grad: a, b are built channels-first one
     slice of c_hidden/8 channels at a time from row chunks of z (so the k-sum is a batched matmul with no
     permuted copies), and the output overwrites the combined-edge tensor x row chunk by row chunk: the peak
     is z + x + about three channel slices, about 2.4x the pair tensor when c_hidden = c_z (tested on CPU).
@@ -122,13 +121,14 @@ class TriangleMultiplication(nn.Module):
         return [slice(s, min(s + step, self.c_hidden)) for s in range(0, self.c_hidden, step)]
 
     def _train_slices(self, z: Tensor) -> list[slice]:
-        """As few channel slices as keep each fp32 [N, N, slice] edge under _TRAIN_SLICE_BYTES.
+        """As few channel slices as keep each fp32 [N, N, slice] edge within `mem.triangle_slice_mb`.
 
         Slicing is exact but costs kernel launches, which dominate at small N on a GPU (measured: 8 fixed
         slices made an af2 training step 2.9x slower at N=256), so small pair tensors are not sliced.
         """
         per_channel = z.shape[-3] * z.shape[-2] * 4
-        return self._slices(max(1, -(-per_channel * self.c_hidden // _TRAIN_SLICE_BYTES)))
+        limit = int(self.mem.triangle_slice_mb * 2**20)
+        return self._slices(max(1, -(-per_channel * self.c_hidden // limit)))
 
     def _row_chunk(self, n: int, parts: int) -> int:
         return self.mem.pair_chunk or max(1, -(-n // parts))
