@@ -64,15 +64,25 @@ def measure(stack: EvoformerStack, cfg: ModelConfig, variant: str, crop: int, ro
             "first_s": times[0], "peak_bytes": torch.cuda.max_memory_allocated() if cuda else 0, "out": ref}
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer is wanted, got {text!r}")
+    return int(text)
+
+
+def _positive_ints(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--crops", default="256,512")
-    parser.add_argument("--rows", type=int, default=128)
-    parser.add_argument("--blocks", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--crops", type=_positive_ints, default="256,512", help="comma-separated crops")
+    parser.add_argument("--rows", type=_positive_int, default=128)
+    parser.add_argument("--blocks", type=_positive_int, default=48)
+    parser.add_argument("--steps", type=_positive_int, default=3)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (the kernel is compiled "
-                        "for the CPU, so its times say nothing about the GPU)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run of this "
+                        "script (the kernel is compiled for the CPU, so its times say nothing about the GPU)")
     args = parser.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     print(f"# flex no-grad | card: {env['card']} | torch {env['torch']} | {env['date']}\n# command: {env['command']}")
     print(f"{'variant':<12} {'crop':>5} {'step s':>8} {'first s':>8} {'peak GiB':>9} {'max diff':>9}")
-    for crop in map(int, args.crops.split(",")):
+    for crop in args.crops:
         base = None
         for variant in VARIANTS:
             rec = measure(stack, cfg, variant, crop, args.rows, args.steps, dev)

@@ -138,11 +138,18 @@ def _pack_bf16(t: Tensor) -> Any:
     return ("ref", t)
 
 
+def _host_copy(t: Tensor) -> Tensor:
+    """`t` copied to (pinned, from CUDA) host memory with its strides. Contiguous copies came back to a compiled
+    block's recompute with other strides than its forward had, and dynamo guards on strides: the recompute could
+    run another graph, with other saved tensors (tests/model/test_memory_equivalence.py)."""
+    host = torch.empty_like(t, device="cpu", pin_memory=t.device.type == "cuda")
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 def _pack_cpu(t: Tensor) -> Any:
     if t.requires_grad and t.device.type != "cpu":
-        host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, pin_memory=t.device.type == "cuda")
-        host.copy_(t, non_blocking=True)
-        return ("cpu", t.device, host)
+        return ("cpu", t.device, _host_copy(t))
     return ("ref", t)
 
 
@@ -228,18 +235,9 @@ def run_blocks(
         return run
 
     for start in range(0, len(blocks), k):
-        if mem.compile_blocks:
-            state = tuple(t.contiguous() for t in state)  # see the note below
         with boundary_storage(mem):
             state = recompute(segment(blocks[start : start + k]), *state, *extra)
     return state
-
-
-# Compiled blocks under recompute get contiguous inputs, a defensive measure: with `cpu` boundary storage the
-# recompute in backward gets its inputs back as contiguous host copies, and dynamo guards on strides, so a forward
-# handed a tensor with other strides would compile one graph and its recompute run another, with other saved
-# tensors (reproduced on the CPU by tests/model/test_memory_equivalence.py). The inputs measured so far were
-# contiguous already; `contiguous()` copies nothing then.
 
 
 def _leaf_param_storage(t: Tensor) -> bool:

@@ -11,9 +11,10 @@ Attention kernels (`MemoryConfig.attention`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -131,6 +132,25 @@ def _warn_flex_fallback(device_type: str) -> None:
         log.warning("MemoryConfig.attention='flex' needs CUDA; running the naive kernel for %s", device_type)
 
 
+@contextlib.contextmanager
+def _flex_recompile_limit() -> Iterator[None]:
+    """Dynamo's recompile limit at _FLEX_RECOMPILE_LIMIT, failing loudly at it, for one eager call of the compiled
+    flex kernel. Called eagerly (no-grad passes), the kernel gets a graph per attention kind (one or two bias
+    terms, widths) and per shape until its sizes turn symbolic: more than dynamo's default 8 in session 6's
+    `fit`, after which FlexAttention ran unfused, building every score matrix.
+
+    The two settings are set and restored directly: `torch._dynamo.config.patch` costs about 0.5 ms per call
+    (CPU, torch 2.13), a tenth of a second per no-grad pass of the 48-block stack; this costs about 8 us.
+    """
+    cfg = torch._dynamo.config
+    before = cfg.recompile_limit, cfg.fail_on_recompile_limit_hit
+    cfg.recompile_limit, cfg.fail_on_recompile_limit_hit = max(before[0], _FLEX_RECOMPILE_LIMIT), True
+    try:
+        yield
+    finally:
+        cfg.recompile_limit, cfg.fail_on_recompile_limit_hit = before
+
+
 def _bias_reader(bias: Tensor, full: Sequence[int]) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """A score_mod term reading `bias` (broadcastable to `full` = [*lead, H, Q, K]) at a flat batch index."""
     bias = bias.reshape((1,) * (len(full) - bias.dim()) + tuple(bias.shape))
@@ -180,11 +200,7 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], *
     if kernel is flex_attention:
         out = kernel(*flat, score_mod=score_mod, scale=c**-0.5)  # type: ignore[misc]
     else:
-        # Called eagerly (no-grad passes, validation), the compiled kernel gets a graph per attention kind (one or
-        # two bias terms, widths) and per shape until its sizes turn symbolic: more than dynamo's default limit
-        # of 8 in session 6's `fit`, after which FlexAttention ran unfused, materialising every score matrix. A
-        # higher limit for this one function; reaching it fails loudly rather than running unfused.
-        with torch._dynamo.config.patch(recompile_limit=_FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        with _flex_recompile_limit():
             out = kernel(*flat, score_mod=score_mod, scale=c**-0.5)  # type: ignore[misc]
     if pad:
         out = out[..., :c]

@@ -14,6 +14,8 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from protfold.bench.measure import environment
+
 log = logging.getLogger(__name__)
 
 
@@ -189,8 +191,9 @@ class StepStats(pl.Callback):
             "median_step_s_after_first": median,
             "samples_per_s": trainer.world_size * self.samples_per_step / median if timed else float("nan"),
             "peak_gib_rank0": max(self.peaks) if self.peaks else None,
+            # the card, torch version, command line and date, as every bench record has them
+            **{k: v for k, v in environment(device, None).items() if k != "device"},
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            "torch": torch.__version__,
         }
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

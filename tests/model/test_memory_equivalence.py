@@ -261,18 +261,17 @@ def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_
 @pytest.mark.parametrize("storage", ["bf16", "cpu"])
 def test_compiled_recompute_runs_the_forward_graph(kind, storage, tiny_cfg_no_dropout, trunk_inputs, randomize,
                                                    monkeypatch) -> None:
-    """Block boundaries kept as copies come back in backward as new tensors: on the GPU, `cpu` storage's host
-    copies are contiguous, while the forward may be handed a view with other strides (a stack's first input).
-    Dynamo guards on strides, so a recompute could run another graph than its forward: a CheckpointError, or
-    worse, other saved tensors of the same shapes. run_blocks hands compiled blocks contiguous tensors, so forward
-    and recompute take one graph, with the results of eager blocks under the same storage. On the CPU `cpu`
-    storage keeps references, so its GPU copy (a contiguous host tensor) is made here for CPU tensors too. (bf16
-    storage keeps the strides: those cases pass either way.)"""
+    """Block boundaries kept as copies come back in backward as new tensors, and dynamo guards on strides: if a
+    copy lost the strides of a forward input (a view with other strides, say), the recompute could run another
+    graph than its forward: a CheckpointError, or worse, other saved tensors of the same shapes. The copies keep
+    the strides (`memory._host_copy` for `cpu`; bf16's `to` already did), so forward and recompute take one graph,
+    with the results of eager blocks under the same storage. On the CPU `cpu` storage keeps references, so its GPU
+    copy is made here for CPU tensors too."""
     from protfold.model import memory
 
     if storage == "cpu":
         def copy_as_on_gpu(t):
-            return ("cpu", t.device, torch.empty(t.shape, dtype=t.dtype).copy_(t)) if t.requires_grad else ("ref", t)
+            return ("cpu", t.device, memory._host_copy(t)) if t.requires_grad else ("ref", t)
 
         monkeypatch.setattr(memory, "_pack_cpu", copy_as_on_gpu)
     _, counter = _compile_with_aot_eager(monkeypatch)

@@ -91,6 +91,7 @@ def test_main_job_writes_checkpoints_metrics_config_and_curves(sample_cache, cwd
 
     perf = json.loads((run / "perf.json").read_text())
     assert perf["steps"] == 4 and perf["world_size"] == 1 and len(perf["step_s"]) == 4
+    assert perf["card"] == "cpu" and perf["torch"] == torch.__version__ and perf["date"] and "fit" in perf["command"]
     assert all(t > 0 for t in perf["step_s"]) and perf["median_step_s_after_first"] > 0
     assert perf["recycles"] == [float(r["train/recycles"]) for r in train]
     assert all(float(r["perf/step_s"]) > 0 for r in train)
