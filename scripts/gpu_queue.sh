@@ -23,7 +23,7 @@ DEADLINE_S=${DEADLINE_S:-1380}
 
 pack() {
   mkdir -p "$OUT"
-  tar -C "$R" --exclude='*.ckpt' --exclude='*.tmp' -czf "$OUT/results.tgz" . 2>/dev/null
+  tar -C "$R" --exclude='*.ckpt' --exclude='*.tmp' --exclude=./cache -czf "$OUT/results.tgz" . 2>/dev/null
   tail -n 40 "$R/driver.log" 2>/dev/null
   cat "$R/jobs.log" 2>/dev/null
 }
@@ -39,7 +39,8 @@ fit() {  # fit NAME EXTRA_ARGS...: af2, bf16, crop 256 / 128 / 1024, 12 steps on
   # ARGS come last, so they can override these settings too (e.g. --trainer.max_steps 24)
   timeout "${FIT_TIMEOUT:-420}" ${PIN:-} python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml \
     --trainer.enable_progress_bar false --trainer.max_steps 12 --trainer.val_check_interval 6 \
-    --trainer.log_every_n_steps 1 --data.samples_per_epoch 24 --trainer.default_root_dir "$R/$name" "$@" \
+    --trainer.log_every_n_steps 1 --data.samples_per_epoch 24 --data.cache_dir "$R/cache" \
+    --trainer.default_root_dir "$R/$name" "$@" \
     > "$R/$name.log" 2>&1
 }
 
@@ -104,7 +105,8 @@ run() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt" 2>&1
   python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" >> "$R/gpu.txt"
   echo "$(date -u +%T) prepare" >> "$R/jobs.log"
-  python3 -m protfold.cli prepare data/samples --out cache/samples --msa-dir data/samples/msas --no-progress \
+  # the prepared samples go with the results, never into the checkout
+  python3 -m protfold.cli prepare data/samples --out "$R/cache" --msa-dir data/samples/msas --no-progress \
     > "$R/prepare.log" 2>&1
   local ddp
   ddp=$(grep -P '\tFIT_DDP$' "$1" | cut -f1 || true)

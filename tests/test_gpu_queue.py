@@ -64,6 +64,12 @@ def test_too_few_cores_leave_workers_unpinned(tmp_path) -> None:
     assert _pin(tmp_path, 0, n_gpu=n_cores) == ""  # one core per GPU: no share of two cores
 
 
+def _repo_state(repo: Path) -> dict[str, int]:
+    """Every file under the checkout (ignored ones included) with its modification time."""
+    return {str(p.relative_to(repo)): p.stat().st_mtime_ns for p in repo.rglob("*")
+            if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts}
+
+
 def test_job_log_records_each_jobs_exit_status(tmp_path) -> None:
     """The driver, on one stand-in GPU, runs a job that succeeds and one that fails. Sessions 4 to 6 logged rc=0
     for every job, failed ones included: `$(date ...)` in the same line reset `$?` before it was read."""
@@ -71,8 +77,12 @@ def test_job_log_records_each_jobs_exit_status(tmp_path) -> None:
     queue.write_text("# a comment line\nfine\ttrue\nbroken\tfalse\n")
     out = tmp_path / "results"
     env = {**_env(tmp_path, 1), "GPU_QUEUE_DIR": str(out)}
-    subprocess.run(["bash", str(SCRIPT), "run", str(queue)], env=env, cwd=SCRIPT.parents[1], capture_output=True,
+    repo = SCRIPT.parents[1]
+    before = _repo_state(repo)
+    subprocess.run(["bash", str(SCRIPT), "run", str(queue)], env=env, cwd=repo, capture_output=True,
                    text=True, timeout=600, check=True)
+    assert _repo_state(repo) == before, "the driver wrote into the checkout"
+    assert (out / "cache" / "1aki_A.npz").is_file()
     ends = [line.split(" ", 2)[2] for line in (out / "jobs.log").read_text().splitlines() if " end " in line]
     assert ends == ["end fine rc=0", "end broken rc=1"], ends
     assert (out / "done").is_file()

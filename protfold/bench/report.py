@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from protfold.io.atomic import write_text_atomic
+
 __all__ = ["format_bytes", "format_table", "write_outputs"]
 
 REQUIRED = ("kind", "preset", "mode", "precision", "crop", "rows", "extra_rows", "recycles", "status",
@@ -129,9 +131,7 @@ def _csv_value(value: Any) -> Any:
 def write_outputs(out_dir: Path, records: Sequence[dict[str, Any]], *, plot: bool = True) -> None:
     """results.json (a list of records), results.csv (same records, list fields as JSON) and memory_time.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps([_jsonable(r) for r in records], indent=1))
-    tmp.replace(out_dir / "results.json")
+    write_text_atomic(out_dir / "results.json", json.dumps([_jsonable(r) for r in records], indent=1))
     keys = list(REQUIRED) + sorted({k for r in records for k in r} - set(REQUIRED))
     with open(out_dir / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)

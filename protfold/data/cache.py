@@ -19,8 +19,8 @@ Keys of an entry (what `read_entry` returns; L residues, N_msa alignment rows, r
 On disk the mask is uint8, residue_index int32 and deletion_matrix the smallest unsigned type that
 holds it; `read_entry` restores the dtypes above. Arrays are stored without pickle.
 
-Writes are atomic: the entry is written to a hidden temporary file in the cache directory, flushed and
-fsync'ed, then renamed over `<id>.npz` with `os.replace`. An interrupted write (crash, Ctrl-C, full disk)
+Writes are atomic (`protfold.io.atomic`): the entry is written to a hidden temporary file in the cache
+directory, flushed and fsync'ed, then renamed over `<id>.npz` with `os.replace`. An interrupted write (crash, Ctrl-C, full disk)
 leaves either the previous complete entry or none, never a partial one; stale temporaries are removed
 by `remove_stale_temporaries` (called by `prepare`).
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -40,12 +39,12 @@ import numpy as np
 
 from protfold import constants as rc
 from protfold.errors import ProtfoldInputError
+from protfold.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 SUFFIX = ".npz"
-_TMP_PREFIX = ".tmp-"
 _ARRAY_KEYS = ("aatype", "all_atom_positions", "all_atom_mask", "residue_index", "msa", "deletion_matrix")
 _STR_KEYS = ("id", "sequence", "method", "source", "fingerprint")
 _LIST_KEYS = ("msa_files", "msa_rejected")
@@ -127,16 +126,8 @@ def write_entry(cache_dir: str | os.PathLike[str], entry: dict[str, Any]) -> Pat
     _check_shapes(entry, entry["id"])
     path = entry_path(cache_dir, entry["id"])
     arrays = _to_disk(entry)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{entry['id']}-", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:  # also KeyboardInterrupt: never leave the temporary behind
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
     _fsync_dir(path.parent)
     return path
 
@@ -168,9 +159,11 @@ def read_entry(path: str | os.PathLike[str], keys: tuple[str, ...] | None = None
 def remove_stale_temporaries(cache_dir: str | os.PathLike[str]) -> int:
     """Delete temporaries left by interrupted writes; returns how many. Not safe while another writer runs."""
     count = 0
-    for tmp in Path(cache_dir).glob(f"{_TMP_PREFIX}*.part"):
-        tmp.unlink(missing_ok=True)
-        count += 1
+    # `.<name>.*.tmp` from atomic_write; `.tmp-*.part` from caches written by earlier protfold versions
+    for pattern in (".*.tmp", ".tmp-*.part"):
+        for tmp in Path(cache_dir).glob(pattern):
+            tmp.unlink(missing_ok=True)
+            count += 1
     if count:
         logger.info("removed %d temporary file(s) of interrupted writes in %s", count, cache_dir)
     return count

@@ -25,7 +25,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from protfold.data import cache
 from protfold.errors import ProtfoldInputError
+from protfold.io.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -368,14 +368,7 @@ def _write_report(path: Path, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _one_line(v) if isinstance(v, str) else v for k, v in row.items()})
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-report-", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, buffer.getvalue())
 
 
 def read_report(path: str | os.PathLike[str]) -> list[dict[str, str]]:

@@ -77,13 +77,16 @@ def _mmcif_resolution(d: dict) -> float | None:
 
 
 def _check_mmcif_complete(path: Path, text: str) -> None:
-    """A file cut after a whole atom row parses as a shorter protein. wwPDB files (and our writer) close
-    every table with a '#' line, so an `_atom_site` loop running to the end of the file means truncation."""
+    """The end of the file may end the last table (CIF needs no closing '#'), but not inside a row: a table
+    running to the end of the file must end with a line break. A row cut between values is caught later,
+    by its table's ragged columns (`_table`)."""
     if not text.lstrip().lower().startswith("data_"):
         raise ProtfoldInputError(path, "not an mmCIF file (does not start with data_)")
-    last_tag = text.rfind("\n_")
-    if last_tag >= 0 and text.startswith("_atom_site.", last_tag + 1) and not re.search(r"\n#\s*\Z", text):
-        raise ProtfoldInputError(path, "truncated mmCIF: the _atom_site table is not closed by '#' at end of file")
+    if text.endswith(("\n", "\r")) or re.search(r"\n#\s*\Z", text):
+        return
+    last_loop, last_hash = text.rfind("\nloop_"), text.rfind("\n#")
+    if last_loop > last_hash:
+        raise ProtfoldInputError(path, "truncated mmCIF: the file ends inside a row of its last table (no line end)")
 
 
 def _table(path: Path, d: dict, prefix: str) -> dict[str, list[str]] | None:

@@ -13,7 +13,6 @@ same directory and moved into place with `os.replace`, so readers never see half
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from protfold import constants as rc
+from protfold.io.atomic import write_text_atomic
 
 _MAX_PDB_COORD = 9999.999
 _MIN_PDB_COORD = -999.999
@@ -82,7 +82,7 @@ def to_pdb(
             lines.append(f"TER   {serial % 100000:5d}      {rc.resnames[chain.aatype[last]]:>3} {chain.chain_id}{chain.numbers[last]:4d}")
             serial += 1
     lines.append("END")
-    return _write_atomic(Path(path), "\n".join(lines) + "\n")
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def to_mmcif(
@@ -131,7 +131,7 @@ def to_mmcif(
             )
             serial += 1
     out.append("#")
-    return _write_atomic(Path(path), "\n".join(out) + "\n")
+    return write_text_atomic(path, "\n".join(out) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -197,17 +197,3 @@ def _cif(value: str) -> str:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from protfold.bench.measure import environment
+from protfold.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +24,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     target: an interrupted write leaves the previous checkpoint intact and no partial file behind."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "wb") as handle:
+            torch.save(checkpoint, handle)
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):

@@ -160,11 +160,12 @@ def test_failed_rename_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.M
 
 def test_stale_temporaries_are_ignored_and_removed(tmp_path: Path) -> None:
     cache.write_entry(tmp_path, _entry())
-    stale = tmp_path / ".tmp-9xyz_B-abc.part"
-    stale.write_bytes(b"PK\x03\x04half")
+    stale = [tmp_path / ".9xyz_B.npz.k2j4.tmp", tmp_path / ".tmp-9xyz_B-abc.part"]  # this and older versions
+    for path in stale:
+        path.write_bytes(b"PK\x03\x04half")
     assert cache.list_entries(tmp_path) == ["9xyz_B"]
-    assert cache.remove_stale_temporaries(tmp_path) == 1
-    assert not stale.exists()
+    assert cache.remove_stale_temporaries(tmp_path) == 2
+    assert not any(path.exists() for path in stale)
 
 
 def test_prepare_interrupted_mid_run_leaves_complete_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,9 +28,11 @@ def _atom_lines(text: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "cut", ["mid_token", "before_last_column", "after_first_token", "row_boundary", "mid_row_closed_by_hash"]
+    "cut", ["mid_token", "before_last_column", "after_first_token", "before_last_column_newline",
+            "mid_row_closed_by_hash"]
 )
 def test_truncated_mmcif_mid_atom_table(cut, tmp_path, samples):
+    """A file that ends inside an atom row is refused, whether or not a '#' follows the cut row."""
     text = samples.structure_file("1aki").read_text()
     lines = text.splitlines(keepends=True)
     atom_rows = _atom_lines(text)
@@ -40,14 +42,41 @@ def test_truncated_mmcif_mid_atom_table(cut, tmp_path, samples):
         "mid_token": line[: line.index(".", 40) + 2],  # inside a coordinate
         "before_last_column": line.rstrip().rsplit(maxsplit=1)[0] + " ",
         "after_first_token": "ATOM ",
-        "row_boundary": "",
+        # ends with a line break, so only the short last row shows the cut
+        "before_last_column_newline": line.rstrip().rsplit(maxsplit=1)[0] + "\n",
         # the end-of-file check cannot see this one: the loop is closed, but its last row lacks values
         "mid_row_closed_by_hash": line.rstrip().rsplit(maxsplit=3)[0] + "\n#\n",
     }[cut]
     path = tmp_path / "1aki_truncated.cif"
     path.write_text(head + tail)
     error = _raises_naming_file(parse_structure, path)
-    assert ("incomplete" if cut == "mid_row_closed_by_hash" else "not closed by '#'") in error.reason
+    assert ("incomplete" if cut.endswith("_newline") or cut.endswith("_hash") else "ends inside a row") in error.reason
+
+
+def test_mmcif_whose_last_table_ends_at_end_of_file_is_valid(tmp_path, samples):
+    """CIF lets the end of the file close the last loop: no '#' after it is not truncation."""
+    text = samples.structure_file("1aki").read_text()
+    stripped = text.rstrip()
+    assert stripped.endswith("#")
+    path = tmp_path / "1aki_open_end.cif"
+    path.write_text(stripped[:-1].rstrip() + "\n")
+    (ours,), (reference,) = parse_structure(path), parse_structure(samples.structure_file("1aki"))
+    assert ours.sequence == reference.sequence
+    np.testing.assert_array_equal(ours.atom_mask, reference.atom_mask)
+    np.testing.assert_array_equal(ours.atom_positions, reference.atom_positions)
+
+
+def test_mmcif_cut_after_a_whole_atom_row_keeps_the_full_sequence(tmp_path, samples):
+    """Cut at a row boundary the file is valid CIF; the residues after the cut are unobserved (masked), and
+    the sequence stays whole (from _entity_poly_seq), so nothing is silently shortened."""
+    text = samples.structure_file("1aki").read_text()
+    lines = text.splitlines(keepends=True)
+    row = _atom_lines(text)[len(_atom_lines(text)) // 2]
+    path = tmp_path / "1aki_cut.cif"
+    path.write_text("".join(lines[:row]))
+    (cut,), (full,) = parse_structure(path), parse_structure(samples.structure_file("1aki"))
+    assert cut.sequence == full.sequence
+    assert 0 < cut.atom_mask.sum() < full.atom_mask.sum()
 
 
 def test_truncated_gzip(tmp_path, samples):
