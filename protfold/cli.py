@@ -13,6 +13,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from protfold.errors import ProtfoldInputError
+
 Handler = Callable[[list[str]], int]
 
 
@@ -33,7 +35,6 @@ def _prepare(argv: list[str]) -> int:
         parser.error("--workers must be >= 1")
 
     from protfold.data.prepare import prepare
-    from protfold.errors import ProtfoldInputError
 
     try:
         report = prepare(
@@ -61,9 +62,62 @@ def _lightning(argv: list[str], name: str) -> int:
 
 
 def _predict(argv: list[str]) -> int:
-    from protfold.train.lightning_cli import run_predict_cli
+    parser = argparse.ArgumentParser(
+        prog="protfold predict",
+        description="Predict structures: writes OUT/<id>/<id>.pdb, <id>.cif (pLDDT x 100 in B-factors) and "
+        "<id>_confidence.json. Existing outputs are skipped unless --overwrite. Ids that are not safe file names "
+        "are made so (reported); two inputs with the same id are refused.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `protfold fit`")
+    parser.add_argument("--input", required=True, help="FASTA file, folder of FASTA files, or a prepared cache")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--msa_dir", help="MSAs: MSA_DIR/<id>/ (a3m, sto, fasta) or MSA_DIR/<id>.a3m")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--memory", default=None, help="inference memory preset (configs/memory/NAME.yaml) or YAML file")
+    parser.add_argument("--max_msa_clusters", type=int, default=128)
+    parser.add_argument("--max_extra_msa", type=int, default=1024)
+    args = parser.parse_args(argv)
 
-    return run_predict_cli(argv)
+    from protfold.config import load_memory_preset
+    from protfold.data.targets import collect_targets
+
+    try:
+        memory = load_memory_preset(args.memory) if args.memory else None
+    except ValueError as err:
+        parser.error(f"--memory: {err}")
+    try:
+        targets = collect_targets(args.input, args.msa_dir)  # before torch and the model: input errors come at once
+        device = _check_device(args.device)
+        from protfold.train.predict import run_predict
+
+        report = run_predict(ckpt_path=args.ckpt_path, targets=targets, out=args.out, overwrite=args.overwrite,
+                             device=device, memory=memory, max_msa_clusters=args.max_msa_clusters,
+                             max_extra_msa=args.max_extra_msa)
+    except ProtfoldInputError as err:
+        print(f"protfold predict: {err}", file=sys.stderr)
+        return 1
+    for path in report.written:
+        print(f"protfold predict: wrote {path}")
+    if report.existing:
+        lead = "nothing new written: " if not report.written and not report.failed else ""
+        print(f"protfold predict: {lead}{len(report.existing)} target(s) already predicted, skipped "
+              "(use --overwrite)")
+    for failure in report.failed:
+        print(f"protfold predict: failed: {failure}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def _check_device(device: str | None) -> str | None:
+    """`--device`: a CUDA device on a machine without one is a plain mistake, reported in one line."""
+    if device is None or not device.startswith("cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ProtfoldInputError("--device", f"{device} requested, but this machine has no usable CUDA device "
+                                             f"(torch {torch.__version__}); use --device cpu")
+    return device
 
 
 def _bench(argv: list[str]) -> int:

@@ -184,7 +184,7 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Feature pipeline settings (AF2 supplement 1.2; training values from AF2_NOTES.md)."""
+    """Feature pipeline settings (AF2 supplement 1.2; training values from its section 1.11, Table 4)."""
 
     crop_size: int = 256
     crop_mode: Literal["contiguous", "spatial", "mixed"] = "mixed"
@@ -211,7 +211,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss weights (AF2 supplement 1.9; OpenFold's configuration values, see AF2_NOTES.md)."""
+    """Loss weights (AF2 supplement 1.9 and 1.11, Table 4; the values of OpenFold's configuration)."""
 
     fape_backbone: float = 0.5
     fape_sidechain: float = 0.5

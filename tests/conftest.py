@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# One torch thread in every test and every process a test starts (the train tests' conftest says why);
+# `protfold fit` leaves torch's threads alone when OMP_NUM_THREADS is set.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # ------------------------------------------------------------------ prepared sample cache (data/prepare)
 

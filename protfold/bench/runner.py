@@ -280,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise SystemExit(f"protfold bench: --device {args.device!r} is not a device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"protfold bench: --device {args.device} requested, but this machine has no usable CUDA "
+                         f"device (torch {torch.__version__}); use --device cpu")
     precisions = _names(args.precisions)
     bad = set(precisions) - {"fp32", "bf16"}
     if bad:

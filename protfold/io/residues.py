@@ -19,12 +19,15 @@ logger = logging.getLogger(__name__)
 
 _X_ATOMS = ("N", "CA", "C", "O")
 _ATOM_RENAMES = {("MSE", "SE"): "SD"}
+_RARE_PARENTS = {"SEC": "C", "PYL": "K"}  # the 21st and 22nd amino acids, which Biopython's table leaves out
 
 def residue_letter(resname: str) -> str | None:
     """Three-letter (or modified) residue name -> one-letter parent, 'X' for UNK; None if not an amino acid."""
     resname = resname.strip().upper()
     if resname == "UNK":
         return "X"
+    if resname in _RARE_PARENTS:
+        return _RARE_PARENTS[resname]
     letter = protein_letters_3to1_extended.get(resname)
     if letter is None or len(letter) != 1:
         return None

@@ -1,22 +1,26 @@
-"""`protfold fit | validate | test` on LightningCLI, and the argument parser of `protfold predict`."""
+"""`protfold fit | validate | test` on LightningCLI."""
 
 from __future__ import annotations
 
-import argparse
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from protfold.config import MemoryConfig, load_memory_preset, model_preset
+from protfold.config import MemoryConfig, model_preset
 from protfold.data.datamodule import ProteinDataModule
+from protfold.errors import ProtfoldInputError
 from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, StepStats, TrainingCurvePlot
+from protfold.train.checkpoints import read_checkpoint
 from protfold.train.module import ProtfoldModule
 
 log = logging.getLogger(__name__)
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values that are not file paths
 RUN_NAME = "protfold"  # runs go to <trainer.default_root_dir>/protfold/version_N/
 
 
@@ -27,27 +31,66 @@ class ProtfoldCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.add_argument("--logger_kind", default="csv", choices=["csv", "tensorboard"],
                             help="logger used when trainer.logger is not set (CSV by default)")
+        parser.add_argument("--torch_threads", type=Optional[int], default=None,
+                            help="torch's intra-op CPU threads (default: the cores this process may use, less "
+                            "one per data worker, unless OMP_NUM_THREADS is set)")
 
     def _parse_ckpt_path(self) -> None:
         """validate/test: the checkpoint's model settings are used (Lightning's behaviour). fit: the config
         given is what runs; Lightning would silently replace every model setting by the checkpoint's (the
         preset, but also memory switches and loss weights the user changed for the resumed run), and a
-        checkpoint of another model configuration is reported by `_check_checkpoint_matches` instead."""
-        if self.config.get("subcommand") != "fit":
+        checkpoint of another model configuration is reported by `_check_checkpoint_matches` instead.
+        A --ckpt_path that is not a checkpoint is reported in one line before anything else reads it."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        path = self.config[subcommand].get("ckpt_path")
+        if path and path not in _LIGHTNING_CKPT_NAMES:
+            try:
+                read_checkpoint(path)
+            except ProtfoldInputError as err:
+                raise SystemExit(f"protfold {subcommand}: --ckpt_path {err}") from None
+        if subcommand != "fit":
             super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _check_config(config)
-        trainer = config.trainer
-        if trainer.logger is None or trainer.logger is True:
-            root = trainer.default_root_dir or "runs"
-            kind = "CSVLogger" if config.logger_kind == "csv" else "TensorBoardLogger"
-            trainer.logger = {"class_path": f"lightning.pytorch.loggers.{kind}",
-                              "init_args": {"save_dir": root, "name": RUN_NAME}}
+        set_torch_threads(config.torch_threads, data_workers=config.data.num_workers)
         _resolve_last_checkpoint(config)
         if self.subcommand == "fit":
             _check_checkpoint_matches(config)
+
+    def instantiate_trainer(self, **kwargs: Any):  # noqa: ANN201
+        """The default logger is made here, not written into the config: a run's saved config.yaml keeps
+        `logger: null`, so reusing it with another default_root_dir logs under that root."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if "logger" not in kwargs and (trainer.logger is None or trainer.logger is True):
+            from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+            kind = CSVLogger if config.logger_kind == "csv" else TensorBoardLogger
+            kwargs["logger"] = kind(save_dir=trainer.default_root_dir or "runs", name=RUN_NAME)
+        return super().instantiate_trainer(**kwargs)
+
+
+def set_torch_threads(requested: int | None, *, data_workers: int) -> int:
+    """Set torch's intra-op threads so that they and the data workers do not oversubscribe the cores: a CPU
+    step with more busy threads than cores runs many times slower (threads wait on each other), not faster.
+    `requested` wins; else OMP_NUM_THREADS (the user's choice) is left alone; else the cores this process
+    may use, less one per data worker, at least one. Returns the thread count in force."""
+    import torch
+
+    if requested is not None and requested < 1:
+        raise SystemExit(f"protfold: config error: torch_threads={requested} must be >= 1")
+    if requested is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = requested or max(1, cores - data_workers)
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d (%d cores, %d data workers; --torch_threads or OMP_NUM_THREADS to change)",
+             threads, cores, data_workers)
+    return threads
 
 
 def _resolve_last_checkpoint(config: Any) -> None:
@@ -117,7 +160,9 @@ def _check_checkpoint_matches(config: Any) -> None:
 def trainer_defaults() -> dict[str, Any]:
     best = BestAndLastCheckpoint(monitor="val/lddt_ca", mode="max", save_last=True, save_top_k=1,
                            filename="best-{step}", auto_insert_metric_name=False)
-    return {"callbacks": [best, TrainingCurvePlot(), StepStats()], "plugins": [AtomicCheckpointIO()]}
+    # the plugin as a class path, not an instance: the saved config.yaml must be readable by `fit -c` again
+    atomic_io = {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__qualname__}"}
+    return {"callbacks": [best, TrainingCurvePlot(), StepStats()], "plugins": [atomic_io]}
 
 
 def run_lightning(argv: list[str]) -> int:
@@ -126,11 +171,25 @@ def run_lightning(argv: list[str]) -> int:
     # LightningCLI reads sys.argv (passing args= as well makes it warn). Keep argv[0], the running script:
     # Lightning's DDP launcher starts the other ranks as `python <argv[0]> <argv[1:]>`.
     sys.argv = [saved_argv[0] if saved_argv else "protfold", *argv]
+    _one_log_output()
     try:
         _make_cli()
+    except ArgumentError as err:  # the error first, then one line of help instead of a page of usage
+        name = argv[0] if argv else "fit"
+        print(f"protfold {name}: error: {err}\n(`protfold {name} --help` lists every option)", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         sys.argv = saved_argv
     return 0
+
+
+def _one_log_output() -> None:
+    """Lightning gives its logger a handler of its own; with protfold's root handler every line printed twice.
+    Where the root logger has a handler, Lightning's lines go through it alone."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).handlers.clear()
 
 
 def _make_cli() -> ProtfoldCLI:
@@ -139,44 +198,5 @@ def _make_cli() -> ProtfoldCLI:
         ProteinDataModule,
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "exit_on_error": False},
     )
-
-
-def run_predict_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="protfold predict",
-        description="Predict structures: writes OUT/<id>/<id>.pdb, <id>.cif (pLDDT x 100 in B-factors) and "
-        "<id>_confidence.json. Existing outputs are skipped unless --overwrite.",
-    )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `protfold fit`")
-    parser.add_argument("--input", required=True, help="FASTA file, folder of FASTA files, or a prepared cache")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--msa_dir", help="MSAs: MSA_DIR/<id>/ (a3m, sto, fasta) or MSA_DIR/<id>.a3m")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--memory", default=None, help="inference memory preset (configs/memory/NAME.yaml) or YAML file")
-    parser.add_argument("--max_msa_clusters", type=int, default=128)
-    parser.add_argument("--max_extra_msa", type=int, default=1024)
-    args = parser.parse_args(argv)
-
-    from protfold.errors import ProtfoldInputError
-    from protfold.train.predict import run_predict
-
-    try:
-        memory = load_memory_preset(args.memory) if args.memory else None
-    except ValueError as err:
-        print(f"protfold predict: --memory: {err}", file=sys.stderr)
-        return 2
-    try:
-        written = run_predict(ckpt_path=args.ckpt_path, source=args.input, out=args.out, msa_dir=args.msa_dir,
-                              overwrite=args.overwrite, device=args.device, memory=memory,
-                              max_msa_clusters=args.max_msa_clusters, max_extra_msa=args.max_extra_msa)
-    except ProtfoldInputError as err:
-        print(f"protfold predict: {err}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(f"protfold predict: wrote {path}")
-    if not written:
-        print("protfold predict: nothing new written (outputs exist; use --overwrite)")
-    return 0

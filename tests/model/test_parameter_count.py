@@ -7,7 +7,7 @@ import torch
 from protfold.config import MemoryConfig, model_preset
 from protfold.model.alphafold import AlphaFold, parameter_count
 
-# OpenFold reports 93,229,082 parameters for the AF2 monomer model with templates (AF2_NOTES.md). Its template
+# OpenFold reports 93,229,082 parameters for the AF2 monomer model with templates (its documentation). Its template
 # modules, with OpenFold's template config (c_t 64, 2 pair-stack blocks, triangle attention 4 x 16, triangle
 # multiplication hidden 64, pair transition x2, pointwise attention 4 x 16, angle features 57 -> 256), hold:
 TEMPLATE_PARAMS = {

@@ -120,7 +120,9 @@ def test_predict_from_prepared_cache(predictor, sample_cache, tmp_path):
 @pytest.mark.parametrize("text, reason", [
     ("MKVLAAG\n>x\nMKV\n", "before the first '>'"),
     (">x\nMKV1LZ\n", "not amino acids"),
+    (">x\nMK*VL\n", "'*' is allowed only at the end"),
     (">x\n>y\nMKV\n", "empty sequence"),
+    (">x\n*\n", "empty sequence"),
     ("", "no FASTA records"),
 ])
 def test_predict_bad_fasta_names_the_file(pretrained, tmp_path, capsys, text, reason):
@@ -130,18 +132,21 @@ def test_predict_bad_fasta_names_the_file(pretrained, tmp_path, capsys, text, re
     code = main(["predict", "--ckpt_path", str(pretrained), "--input", str(fasta), "--out", str(out),
                  "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert str(fasta) in err and reason in err, err
+    assert len(err.strip().splitlines()) == 1, err
     assert not out.exists() or not any(out.rglob("*.pdb"))
 
 
 def test_predict_missing_inputs_are_clear_errors(pretrained, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert main(["predict", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--input", "x.fasta", "--out", out]) == 2
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">toy7\nMKVLAAG\n")
+    assert main(["predict", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--input", str(fasta), "--out", out]) == 1
     assert "nope.ckpt" in capsys.readouterr().err
     missing = tmp_path / "missing.fasta"
     assert main(["predict", "--ckpt_path", str(pretrained), "--input", str(missing), "--out", out,
-                 "--device", "cpu"]) == 2
+                 "--device", "cpu"]) == 1
     assert str(missing) in capsys.readouterr().err
 
 
@@ -168,7 +173,8 @@ def test_predict_uses_ema_weights(predictor, tmp_path):
 
     from protfold.config import DataConfig
     from protfold.train.module import ProtfoldModule
-    from protfold.train.predict import iter_targets, predict_target
+    from protfold.data.targets import collect_targets
+    from protfold.train.predict import predict_target
 
     fasta = tmp_path / "q.fasta"
     fasta.write_text(">toy7\nMKVLAAG\n")
@@ -177,10 +183,113 @@ def test_predict_uses_ema_weights(predictor, tmp_path):
                  "--device", "cpu"]) == 0
     written = np.asarray(json.loads((out / "toy7" / "toy7_confidence.json").read_text())["plddt"])
     module = ProtfoldModule.load_from_checkpoint(predictor, map_location="cpu").eval()
-    (target,) = iter_targets(fasta)
+    (target,) = collect_targets(fasta)
     data = DataConfig(max_msa_clusters=128, max_extra_msa=1024)
     raw = predict_target(module, target, device=torch.device("cpu"), data=data)["plddt"]
     with module.ema.swapped_in():
         ema = predict_target(module, target, device=torch.device("cpu"), data=data)["plddt"]
     np.testing.assert_allclose(written, ema, atol=1e-4)
     assert np.abs(raw - ema).max() > 1e-3, "raw and EMA weights give the same pLDDT: the test cannot tell"
+
+
+# ----------------------------------------------------------------------------- ids, duplicates, letters
+
+
+def _run(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_predict_never_writes_outside_out(predictor, tmp_path, capsys, caplog):
+    """A record named like a path is written under --out with a safe name, and the run says so."""
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    fasta = work / "q.fasta"
+    fasta.write_text(">../../escape\nMKVLAAG\n>/abs/path x\nMKVLA\n")
+    out = work / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    with caplog.at_level("WARNING"):
+        code, _ = _run(["predict", "--ckpt_path", str(predictor), "--input", str(fasta), "--out", str(out),
+                        "--device", "cpu"], capsys)
+    assert code == 0
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(p == out or out in p.parents for p in new), sorted(map(str, new))
+    assert sorted(p.name for p in out.iterdir()) == ["_.._escape", "_abs_path"]
+    _check_target(out, "_.._escape", "MKVLAAG", varied=False)
+    assert "'../../escape' is written as '_.._escape'" in caplog.text
+
+
+def test_predict_refuses_an_id_with_no_usable_character(predictor, tmp_path, capsys):
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">...\nMKV\n")
+    code, text = _run(["predict", "--ckpt_path", str(predictor), "--input", str(fasta), "--out",
+                       str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert code == 1 and str(fasta) in text and "no character usable" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_duplicate_ids_naming_both_files(predictor, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.fasta").write_text(">same\nMKVLAAG\n")
+    (folder / "b.fasta").write_text(">same other words\nGGGG\n")
+    code, text = _run(["predict", "--ckpt_path", str(predictor), "--input", str(folder), "--out",
+                       str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert code == 1
+    assert str(folder / "a.fasta") in text and str(folder / "b.fasta") in text and "unique" in text
+    assert not (tmp_path / "out").exists(), "nothing is predicted when the inputs collide"
+
+
+def test_fasta_stop_codon_and_rare_amino_acids(tmp_path):
+    """A trailing '*' is dropped; U (selenocysteine) and O (pyrrolysine) are read as their parents C and K."""
+    from protfold.io.fasta import read_fasta
+
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">sel\nMKUV\nLAO*\n>plain\nmkv*\n")
+    assert read_fasta(fasta) == [("sel", "MKCVLAK"), ("plain", "MKV")]
+
+
+def test_structure_parser_maps_selenocysteine_like_fasta():
+    from protfold.io.residues import residue_letter
+
+    assert (residue_letter("SEC"), residue_letter("PYL"), residue_letter("MSE")) == ("C", "K", "M")
+
+
+def test_predicted_mmcif_is_named_after_its_entry(predictor, tmp_path):
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">toyA\nMKVLAAG\n>toyB\nMKVLA\n")
+    out = tmp_path / "out"
+    assert main(["predict", "--ckpt_path", str(predictor), "--input", str(fasta), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    for name in ("toyA", "toyB"):
+        text = (out / name / f"{name}.cif").read_text()
+        assert text.startswith(f"data_{name}\n") and f"_entry.id {name}\n" in text
+
+
+def test_predict_reports_input_errors_before_loading_torch(tmp_path):
+    """An input mistake needs no model: it is reported without importing torch (a fresh process)."""
+    import subprocess
+    import sys
+
+    fasta = tmp_path / "bad.fasta"
+    fasta.write_text(">x\nMKV1\n")
+    code = ("import sys, runpy; sys.argv = ['protfold', 'predict', '--ckpt_path', 'none.ckpt', '--input', "
+            f"{str(fasta)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
+            "from protfold.cli import main\nrc = main()\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+            "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert str(fasta) in done.stderr and "not amino acids" in done.stderr
+
+
+def test_predict_with_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">toy7\nMKVLAAG\n")
+    for name, content in (("text.ckpt", b"not a checkpoint\n"), ("cut.ckpt", b"PK\x03\x04" + bytes(100))):
+        bogus = tmp_path / name
+        bogus.write_bytes(content)
+        code, text = _run(["predict", "--ckpt_path", str(bogus), "--input", str(fasta), "--out",
+                           str(tmp_path / "out"), "--device", "cpu"], capsys)
+        assert code == 1 and str(bogus) in text and "checkpoint" in text, text
+        assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
