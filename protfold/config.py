@@ -147,6 +147,11 @@ class ModelConfig:
     c_plddt: int = 128
     msa_classes: int = 23
     experimentally_resolved: bool = True
+    # AF2 supplement 1.9.7: the predicted aligned error head (PAE and pTM; on in the `_ptm` presets, as in
+    # AF2's `model_*_ptm` parameters); bins over [0, pae_max_bin] A, the last one open
+    predicted_aligned_error: bool = False
+    pae_bins: int = 64
+    pae_max_bin: float = 31.0
     max_recycles: int = 3  # extra passes in training: 0..max_recycles drawn per step
     eval_recycles: int = 3  # fixed count in evaluation
     max_crop: int = 4096  # the longest crop the model accepts (config error beyond it)

@@ -80,7 +80,7 @@ class AlphaFold(nn.Module):
         z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask, inplace_inputs=own)
         m, z, s = self.evoformer(m, z, batch["msa_mask"], pair_mask, inplace_inputs=own)
         outputs = self.structure_module(s, z, batch["aatype"], seq_mask)
-        outputs.update(self.heads(m, z, outputs["single"]))
+        outputs.update(self.heads(m, z, outputs["single"], seq_mask))
         outputs["msa_first_row"] = m[..., 0, :, :]
         outputs["pair"] = z
         return outputs
