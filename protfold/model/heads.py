@@ -56,7 +56,8 @@ class MaskedMSAHead(nn.Module):
 
 
 class ExperimentallyResolvedHead(nn.Module):
-    """AF2 supplement 1.9.10: per-atom (atom37) logits that the atom is resolved in the experiment."""
+    """AF2 supplement 1.9.10: per-atom (atom37) logits that the atom is resolved in the experiment, from the
+    Evoformer's single representation."""
 
     def __init__(self, *, cfg: ModelConfig) -> None:
         super().__init__()
@@ -101,20 +102,23 @@ class AuxiliaryHeads(nn.Module):
         self.experimentally_resolved = ExperimentallyResolvedHead(cfg=cfg) if cfg.experimentally_resolved else None
         self.predicted_aligned_error = PredictedAlignedErrorHead(cfg=cfg) if cfg.predicted_aligned_error else None
 
-    def forward(self, m: Tensor, z: Tensor, s: Tensor, seq_mask: Tensor | None = None) -> dict[str, Tensor]:
-        """m: [B, S, N, c_m] (first MSA rows), z: [B, N, N, c_z], s: [B, N, c_s] (structure module single),
-        seq_mask: [B, N] (the residues pTM counts; None: all).
+    def forward(self, m: Tensor, z: Tensor, *, s_evoformer: Tensor, s_structure: Tensor,
+                seq_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """m: [B, S, N, c_m] (the final MSA representation), z: [B, N, N, c_z] (final pair), s_evoformer:
+        [B, N, c_s] (the Evoformer's single, Linear(m[0])), s_structure: [B, N, c_s] (the structure module's
+        final single), seq_mask: [B, N] (the residues pTM counts; None: all).
 
-        Returns distogram_logits, plddt_logits, masked_msa_logits and (if enabled)
-        experimentally_resolved_logits and the outputs of `PredictedAlignedErrorHead`.
+        Returns distogram_logits, plddt_logits (from s_structure, Algorithm 29), masked_msa_logits and (if
+        enabled) experimentally_resolved_logits (from s_evoformer, supplement 1.9.10, as AF2 and OpenFold do)
+        and the outputs of `PredictedAlignedErrorHead`.
         """
         out = {
             "distogram_logits": self.distogram(z),
-            "plddt_logits": self.plddt(s),
+            "plddt_logits": self.plddt(s_structure),
             "masked_msa_logits": self.masked_msa(m),
         }
         if self.experimentally_resolved is not None:
-            out["experimentally_resolved_logits"] = self.experimentally_resolved(s)
+            out["experimentally_resolved_logits"] = self.experimentally_resolved(s_evoformer)
         if self.predicted_aligned_error is not None:
             out.update(self.predicted_aligned_error(z, seq_mask))
         return out
