@@ -14,7 +14,7 @@ from torch import Tensor
 
 from protfold import metrics
 from protfold.errors import ProtfoldInputError
-from protfold.config import LossConfig, MemoryConfig, OptimConfig, model_preset
+from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig, model_preset
 from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.train.ema import EMA
@@ -41,7 +41,7 @@ class ProtfoldModule(pl.LightningModule):
     """AlphaFold2 training recipe on Lightning (manual optimisation, so bad steps can be skipped).
 
     Args:
-        preset: model preset name (`tiny`, `small`, `af2`).
+        preset: model preset name (`tiny`, `small`, `af2`; `tiny_ptm`, `small_ptm`, `af2_ptm` add the PAE head).
         model_overrides: ModelConfig fields to change on top of the preset.
         memory: memory switches used in training.
         inference_memory: switches used in validation and prediction (defaults to `memory`).
@@ -91,11 +91,13 @@ class ProtfoldModule(pl.LightningModule):
             for name, p in self.model.named_parameters():
                 if not name.startswith(("structure_module.", "heads.")):
                     p.requires_grad_(False)
-        head = self.model.heads.experimentally_resolved
-        if head is not None and loss.experimentally_resolved == 0:
-            # no loss term reaches it (AF2 trains it only in fine-tuning): keep it out of the optimiser, as
-            # DDP stops at the second step on parameters that get no gradient
-            head.requires_grad_(False)
+        _check_loss_heads(self.model_cfg, loss)
+        for head, weight in ((self.model.heads.experimentally_resolved, loss.experimentally_resolved),
+                             (self.model.heads.predicted_aligned_error, loss.pae)):
+            if head is not None and weight == 0:
+                # no loss term reaches it (AF2 trains both only in fine-tuning): keep it out of the optimiser, as
+                # DDP stops at the second step on parameters that get no gradient
+                head.requires_grad_(False)
         # the average restarts from the (possibly loaded) weights, never from a stale one (OpenFold #426)
         self.ema = EMA(self.model, decay=optim.ema_decay)
         self.bad_steps_in_row = 0
@@ -232,6 +234,8 @@ class ProtfoldModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ema"] = self.ema.state_dict()
         checkpoint["torch_rng"] = torch.get_rng_state()
+        if self.device.type == "cuda":  # this rank's device only: reading all of them would open a context on each
+            checkpoint["torch_cuda_rng"] = torch.cuda.get_rng_state(self.device)
         checkpoint["bad_steps_total"] = self.bad_steps_total
         checkpoint["model_config"] = asdict(self.model_cfg)
 
@@ -246,9 +250,42 @@ class ProtfoldModule(pl.LightningModule):
         _start_next_epoch_at_first_batch(checkpoint)
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-        if "torch_rng" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng"])
+        _restore_rng_states(checkpoint)
         self.bad_steps_total = int(checkpoint.get("bad_steps_total", 0))
+
+
+def _rng_bytes(state: Tensor) -> Tensor:
+    """A saved RNG state as the contiguous CPU uint8 tensor torch's setters take. `map_location` moves it with
+    the rest of the checkpoint (onto the GPU when predicting there), and a state may come back as another
+    dtype or a view; the bytes of the state are its values, so a value cast keeps them."""
+    return state.detach().to(device="cpu", dtype=torch.uint8).contiguous()
+
+
+def _restore_rng_states(checkpoint: dict[str, Any]) -> None:
+    """Restore the CPU RNG state, and the CUDA one (of the current device) where CUDA is available; a
+    checkpoint written on a GPU and loaded without one skips it and says so."""
+    if "torch_rng" in checkpoint:
+        torch.set_rng_state(_rng_bytes(checkpoint["torch_rng"]))
+    cuda_state = checkpoint.get("torch_cuda_rng")
+    if cuda_state is None:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(_rng_bytes(cuda_state))
+    else:
+        log.info("the checkpoint's CUDA RNG state is not restored: CUDA is not available here")
+
+
+def _check_loss_heads(model_cfg: ModelConfig, loss: LossConfig) -> None:
+    """A loss weight on a head the model lacks, or PAE bins the loss reads otherwise than the head, is a
+    configuration error (a silently absent loss term would train something else than asked)."""
+    if loss.pae > 0 and not model_cfg.predicted_aligned_error:
+        raise ValueError(
+            f"loss.pae={loss.pae} needs the predicted aligned error head: use a `_ptm` preset (tiny_ptm, small_ptm, "
+            "af2_ptm) or model_overrides predicted_aligned_error: true"
+        )
+    if loss.pae > 0 and loss.pae_max_bin != model_cfg.pae_max_bin:
+        raise ValueError(f"loss.pae_max_bin={loss.pae_max_bin} differs from the model's pae_max_bin="
+                         f"{model_cfg.pae_max_bin}: the loss must bin errors as the head does")
 
 
 def _start_next_epoch_at_first_batch(checkpoint: dict[str, Any]) -> None:
