@@ -147,6 +147,11 @@ class ModelConfig:
     c_plddt: int = 128
     msa_classes: int = 23
     experimentally_resolved: bool = True
+    # AF2 supplement 1.9.7: the predicted aligned error head (PAE and pTM; on in the `_ptm` presets, as in
+    # AF2's `model_*_ptm` parameters); bins over [0, pae_max_bin] A, the last one open
+    predicted_aligned_error: bool = False
+    pae_bins: int = 64
+    pae_max_bin: float = 31.0
     max_recycles: int = 3  # extra passes in training: 0..max_recycles drawn per step
     eval_recycles: int = 3  # fixed count in evaluation
     max_crop: int = 4096  # the longest crop the model accepts (config error beyond it)
@@ -167,12 +172,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
     ),
     "af2": {},
 }
+# AF2's `model_*_ptm` networks: the same sizes with the predicted aligned error head (PAE and pTM)
+_PRESETS.update({f"{name}_ptm": {**sizes, "predicted_aligned_error": True} for name, sizes in list(_PRESETS.items())})
 
 PRESET_NAMES = tuple(_PRESETS)
 
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
-    """The named preset (`tiny`, `small`, `af2`) with optional field overrides."""
+    """The named preset (`tiny`, `small`, `af2`, or `tiny_ptm`, `small_ptm`, `af2_ptm` with the PAE head) with
+    optional field overrides."""
     if name not in _PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}")
     known = {f.name for f in fields(ModelConfig)}
@@ -227,9 +235,14 @@ class LossConfig:
     distogram_max: float = 21.6875
     masked_msa: float = 2.0
     plddt: float = 0.01
+    # examples outside this resolution range (A) get no pLDDT, experimentally resolved or PAE loss (AF2: all three)
     plddt_min_resolution: float = 0.1
     plddt_max_resolution: float = 3.0
     experimentally_resolved: float = 0.0  # 0.01 in fine-tuning
+    # predicted aligned error (AF2 supplement 1.9.7, logged as `pae`): 0.1 in fine-tuning, with the PAE head on
+    # (ModelConfig.predicted_aligned_error, the `_ptm` presets); bins over [0, pae_max_bin] A as in the model
+    pae: float = 0.0
+    pae_max_bin: float = 31.0
     violation: float = 0.0  # 1.0 in fine-tuning
     violation_tolerance_factor: float = 12.0
     clash_overlap_tolerance: float = 1.5

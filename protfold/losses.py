@@ -15,7 +15,7 @@ from protfold import constants as rc
 from protfold.config import LossConfig
 from protfold.geometry import Rigid
 from protfold.metrics import lddt
-from protfold.model.memory import recompute
+from protfold.model.memory import recompute, upcast
 from protfold.violations import violation_loss
 
 # Side-chain FAPE (every frame x every atom) and Alg. 26's atom-pair distances are computed in chunks that keep
@@ -245,6 +245,34 @@ def experimentally_resolved_loss(
     return _masked_mean(bce, atom37_exists, (-2, -1)) * _resolution_filter(resolution, min_resolution, max_resolution)
 
 
+def predicted_aligned_error_loss(
+    logits: Tensor, pred_frames: Tensor, true_frames: Tensor, frames_mask: Tensor, resolution: Tensor | None, *,
+    max_bin: float = 31.0, min_resolution: float = 0.1, max_resolution: float = 3.0,
+) -> Tensor:
+    """AF2 supplement 1.9.7 (AF2's `PredictedAlignedErrorHead.loss`, OpenFold's `tm_loss`): cross-entropy of the
+    PAE logits against the binned aligned error of the predicted backbone frames.
+
+    The error e_ij = |T_i^-1 x_j - T_i^true^-1 x_j^true| (x_j the frame origins, Ca; no gradient through it) is
+    binned by its square against breaks linspace(0, max_bin, bins - 1) squared, the last bin open; averaged
+    over pairs whose two frames exist. logits: [B, N, N, bins]; pred_frames: [B, N, 4, 4] (the final layer's,
+    A); true_frames: [B, N, 4, 4]; frames_mask: [B, N]; resolution: [B] or None -> [B]. Zero for examples whose
+    resolution is outside [min_resolution, max_resolution]; with `resolution` None no example is filtered.
+    """
+    with torch.no_grad():
+        pred, true = _rigid(upcast(pred_frames.detach())), _rigid(upcast(true_frames))
+        local_pred = pred.unsqueeze(-1).invert_apply(pred.trans[..., None, :, :])  # [B, N (frames), N (points), 3]
+        local_true = true.unsqueeze(-1).invert_apply(true.trans[..., None, :, :])
+        error2 = torch.sum((local_pred - local_true) ** 2, dim=-1)  # [B, N, N]
+        breaks = torch.linspace(0.0, max_bin, logits.shape[-1] - 1, device=logits.device, dtype=error2.dtype)
+        true_bins = torch.sum(error2[..., None] > breaks.square(), dim=-1)
+    ce = F.cross_entropy(upcast(logits).movedim(-1, 1), true_bins, reduction="none")  # [B, N, N]
+    pair_mask = frames_mask[..., :, None] * frames_mask[..., None, :]
+    loss = _masked_mean(ce, pair_mask, (-2, -1))
+    if resolution is None:
+        return loss
+    return loss * _resolution_filter(resolution, min_resolution, max_resolution).to(loss.dtype)
+
+
 def _sidechain_term(outputs: dict, batch: dict, cfg: LossConfig) -> Tensor:
     pred14 = outputs["final_atom14"]
     b, n = pred14.shape[:2]
@@ -291,6 +319,11 @@ def alphafold_loss(outputs: dict, batch: dict, cfg: LossConfig, *, use_clamped_f
         weighted["experimentally_resolved"] = (cfg.experimentally_resolved, experimentally_resolved_loss(
             outputs["experimentally_resolved_logits"], batch["atom37_atom_exists"], batch["all_atom_mask"],
             batch["resolution"], min_resolution=cfg.plddt_min_resolution, max_resolution=cfg.plddt_max_resolution))
+    if cfg.pae > 0:
+        weighted["pae"] = (cfg.pae, predicted_aligned_error_loss(
+            outputs["pae_logits"], outputs["frames"][-1], batch["backbone_rigid_tensor"],
+            batch["backbone_rigid_mask"], batch.get("resolution"), max_bin=cfg.pae_max_bin,
+            min_resolution=cfg.plddt_min_resolution, max_resolution=cfg.plddt_max_resolution))
     if cfg.violation > 0:
         weighted["violation"] = (cfg.violation, violation_loss(
             outputs["final_atom14"], batch["atom14_atom_exists"] * batch["seq_mask"][..., None],
@@ -314,6 +347,7 @@ __all__ = [
     "fape_frame_chunk",
     "masked_msa_loss",
     "plddt_loss",
+    "predicted_aligned_error_loss",
     "renamed_ground_truth",
     "sidechain_fape_loss",
     "torsion_angle_loss",

@@ -40,7 +40,7 @@ else:
     ops = [("msa_row", lambda: blk._msa_row_step(m, z, mm)),
            ("opm", lambda: blk._opm_step(m, z, mm)),
            ("tri_mul_out", lambda: blk._pair_step(blk.tri_mul_out, blk.pair_dropout_row, z, pm)),
-           ("tri_mul_in", lambda: blk._pair_step(blk.tri_mul_in, blk.pair_dropout_col, z, pm)),
+           ("tri_mul_in", lambda: blk._pair_step(blk.tri_mul_in, blk.pair_dropout_row, z, pm)),
            ("tri_att_start", lambda: blk._pair_step(blk.tri_att_start, blk.pair_dropout_row, z, pm)),
            ("tri_att_end", lambda: blk._pair_step(blk.tri_att_end, blk.pair_dropout_col, z, pm)),
            ("pair_trans", lambda: blk._pair_step(blk.pair_trans, nn.Identity(), z, pm)),

@@ -90,7 +90,7 @@ def perfect_outputs(batch: dict, layers: int = 2) -> dict[str, torch.Tensor]:
         "positions": stack(batch["atom14_gt_positions"]), "final_atom14": batch["atom14_gt_positions"],
         "final_atom37": batch["all_atom_positions"], "distogram_logits": torch.randn(b, n, n, 64),
         "masked_msa_logits": torch.randn(b, 3, n, 23), "plddt_logits": torch.randn(b, n, 50),
-        "experimentally_resolved_logits": torch.randn(b, n, 37),
+        "experimentally_resolved_logits": torch.randn(b, n, 37), "pae_logits": torch.randn(b, n, n, 64),
     }
 
 
@@ -214,6 +214,62 @@ def test_msa_plddt_and_resolved_losses(chain) -> None:
     torch.testing.assert_close(resolved, torch.full((2,), math.log(2.0)))
 
 
+def _two_frames(shift: float) -> torch.Tensor:
+    """Two identity-rotation frames 4 A apart on x, the second moved by `shift` A along y: [1, 2, 4, 4]."""
+    frames = torch.eye(4).repeat(1, 2, 1, 1)
+    frames[0, 1, 0, 3] = 4.0
+    frames[0, 1, 1, 3] = shift
+    return frames
+
+
+def test_pae_loss_by_hand() -> None:
+    """Residue 2 (frame and Ca) moved by 1.2 A: the aligned error is 1.2 A for (1, 2) and (2, 1), 0 on the
+    diagonal. Squared breaks 0, 0.25, 1, 2.25, ...: 1.44 falls in bin 3, 0 in bin 0. Logits 2 at bin 3 and 0
+    elsewhere give CE log(63 + e^2) - 2 off the diagonal and log(63 + e^2) on it."""
+    true, pred, mask = _two_frames(0.0), _two_frames(1.2), torch.ones(1, 2)
+    logits = torch.zeros(1, 2, 2, 64)
+    logits[..., 3] = 2.0
+    expected = math.log(63 + math.exp(2.0)) - 1.0  # mean of two pairs at -2 and two at 0
+    loss = losses.predicted_aligned_error_loss(logits, pred, true, mask, torch.tensor([1.5]))
+    assert loss.shape == (1,) and loss.item() == pytest.approx(expected, rel=1e-6)
+    # residue 2 masked: only pair (1, 1) counts, true bin 0
+    only_first = losses.predicted_aligned_error_loss(logits, pred, true, torch.tensor([[1.0, 0.0]]), None)
+    assert only_first.item() == pytest.approx(math.log(63 + math.exp(2.0)), rel=1e-6)
+    # resolution outside [0.1, 3.0] A: no loss; uniform logits: log(64) whatever the error
+    assert losses.predicted_aligned_error_loss(logits, pred, true, mask, torch.tensor([4.0])).item() == 0.0
+    uniform = losses.predicted_aligned_error_loss(torch.zeros(1, 2, 2, 64), pred, true, mask, None)
+    assert uniform.item() == pytest.approx(math.log(64), rel=1e-6)
+
+
+def test_pae_loss_near_zero_for_a_perfect_prediction_and_invariant(chain) -> None:
+    batch = synthetic_batch(chain)
+    true, mask = batch["backbone_rigid_tensor"], batch["backbone_rigid_mask"]
+    pred = backbone_frames(batch["all_atom_positions"] + 0.7 * torch.randn(2, N_RES, 37, 3)).to_tensor_4x4()
+    # the true bins of this prediction, from the definition written out per pair
+    local = lambda f: Rigid.from_tensor_4x4(f)[..., None].invert_apply(f[..., None, :, :3, 3])  # noqa: E731
+    error2 = ((local(pred) - local(true)) ** 2).sum(-1)
+    bins = (error2[..., None] > torch.linspace(0, 31, 63) ** 2).sum(-1)
+    assert bins.max() > 0 and bins.min() == 0
+    confident = 30.0 * torch.nn.functional.one_hot(bins, 64).float()
+    perfect = losses.predicted_aligned_error_loss(confident, pred, true, mask, None)
+    assert (perfect < 1e-10).all()
+    wrong = 30.0 * torch.nn.functional.one_hot((bins + 7) % 64, 64).float()
+    assert (losses.predicted_aligned_error_loss(wrong, pred, true, mask, None) > 20).all()
+    # a global rotation and translation of the prediction changes no aligned error
+    rot, shift = random_rotation(), 10.0 * torch.randn(3)
+    moved = pred.clone()
+    moved[..., :3, :3] = rot @ pred[..., :3, :3]
+    moved[..., :3, 3] = pred[..., :3, 3] @ rot.T + shift
+    logits = torch.randn(2, N_RES, N_RES, 64, requires_grad=True)
+    frames = pred.clone().requires_grad_(True)
+    loss = losses.predicted_aligned_error_loss(logits, frames, true, mask, batch["resolution"])
+    torch.testing.assert_close(losses.predicted_aligned_error_loss(logits, moved, true, mask, batch["resolution"]),
+                               loss, rtol=1e-5, atol=1e-6)
+    assert loss[1] == 0  # example 1 is at 4.0 A
+    loss.sum().backward()
+    assert logits.grad.abs().sum() > 0 and frames.grad is None  # AF2 stops the gradient to the frames
+
+
 def test_violations_zero_on_real_structure_and_positive_when_broken(chain) -> None:
     aatype = torch.as_tensor(chain.aatype)[None]
     pos14 = atom37_to_atom14(torch.as_tensor(chain.atom_positions)[None], aatype)
@@ -238,12 +294,12 @@ def test_violations_zero_on_real_structure_and_positive_when_broken(chain) -> No
 
 def test_alphafold_loss_perfect_prediction_and_gradients(chain) -> None:
     batch = synthetic_batch(chain)
-    cfg = LossConfig(violation=1.0, experimentally_resolved=0.01)
+    cfg = LossConfig(violation=1.0, experimentally_resolved=0.01, pae=0.1)
     clamp_flags = torch.tensor([True, False])
     total, terms = losses.alphafold_loss(perfect_outputs(batch), batch, cfg, use_clamped_fape=clamp_flags)
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
     assert set(terms) == {"fape_backbone", "fape_sidechain", "torsion", "distogram", "masked_msa", "plddt",
-                          "experimentally_resolved", "violation"}
+                          "experimentally_resolved", "violation", "pae"}
     for key in ("fape_backbone", "fape_sidechain"):
         assert terms[key].item() < 2e-3  # the sqrt(eps) / length_scale floor
     assert terms["torsion"].item() < 1e-6
@@ -252,11 +308,12 @@ def test_alphafold_loss_perfect_prediction_and_gradients(chain) -> None:
     total, terms = losses.alphafold_loss(outputs, batch, cfg, use_clamped_fape=True)
     total.backward()
     assert total.item() > 0 and all(v.item() > 0 for v in terms.values())
-    for key in ("frames", "final_atom14", "angles", "distogram_logits", "plddt_logits", "masked_msa_logits"):
+    for key in ("frames", "final_atom14", "angles", "distogram_logits", "plddt_logits", "masked_msa_logits",
+                "pae_logits"):
         assert outputs[key].grad is not None and torch.isfinite(outputs[key].grad).all(), key
     # the sqrt(min(N_res, crop)) scale: each example weighted by sqrt of its residues in the crop
     unscaled, _ = losses.alphafold_loss(outputs, batch, LossConfig(scale_by_sqrt_length=False, violation=1.0,
-                                        experimentally_resolved=0.01), use_clamped_fape=True)
+                                        experimentally_resolved=0.01, pae=0.1), use_clamped_fape=True)
     assert total.item() > unscaled.item()
 
 

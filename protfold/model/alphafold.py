@@ -68,7 +68,9 @@ class AlphaFold(nn.Module):
         return (ref.new_zeros(b, n, self.cfg.c_m), ref.new_zeros(b, n, n, self.cfg.c_z), ref.new_zeros(b, n, 3))
 
     def iteration(self, batch: dict[str, Tensor], prev: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
-        """One pass of Algorithm 2 (lines 5-19)."""
+        """One pass of Algorithm 2 (lines 5-19). Besides the structure module's outputs (`single` is its final
+        single representation) and the heads' logits: single_evoformer [B, N, c_s] (the Evoformer's single,
+        input of the structure module and the experimentally resolved head), msa_first_row, pair."""
         seq_mask = batch["seq_mask"]
         pair_mask = seq_mask[..., :, None] * seq_mask[..., None, :]
         m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
@@ -80,7 +82,8 @@ class AlphaFold(nn.Module):
         z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask, inplace_inputs=own)
         m, z, s = self.evoformer(m, z, batch["msa_mask"], pair_mask, inplace_inputs=own)
         outputs = self.structure_module(s, z, batch["aatype"], seq_mask)
-        outputs.update(self.heads(m, z, outputs["single"]))
+        outputs.update(self.heads(m, z, s_evoformer=s, s_structure=outputs["single"], seq_mask=seq_mask))
+        outputs["single_evoformer"] = s
         outputs["msa_first_row"] = m[..., 0, :, :]
         outputs["pair"] = z
         return outputs

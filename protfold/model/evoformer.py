@@ -269,10 +269,13 @@ class EvoformerBlock(nn.Module):
         return m, z
 
     def _pair_updates(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
-        """The pair stack of Algorithm 6 in order, each with its shared dropout."""
+        """The pair stack of Algorithm 6 in order, each with its shared dropout: per row for both triangle
+        multiplications and the starting-node attention, per column for the ending-node attention (Algorithm 6,
+        and the `orientation` of each update in AF2's config). Every execution path (eager, recomputed, compiled,
+        no-grad in place) reads this one table."""
         return (
             (self.tri_mul_out, self.pair_dropout_row),
-            (self.tri_mul_in, self.pair_dropout_col),
+            (self.tri_mul_in, self.pair_dropout_row),
             (self.tri_att_start, self.pair_dropout_row),
             (self.tri_att_end, self.pair_dropout_col),
             (self.pair_trans, nn.Identity()),

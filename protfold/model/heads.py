@@ -1,13 +1,15 @@
-"""Output heads (AF2 supplement 1.9): distogram, pLDDT, masked MSA, experimentally resolved.
+"""Output heads (AF2 supplement 1.9): distogram, pLDDT, masked MSA, experimentally resolved, predicted aligned error.
 
 Every final layer is zero-initialised ("final" init), as in AF2, so untrained heads predict uniform bins.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from protfold.config import ModelConfig
+from protfold.model.confidence import predicted_aligned_error, predicted_tm_score
 from protfold.model.primitives import Linear
 
 
@@ -54,7 +56,8 @@ class MaskedMSAHead(nn.Module):
 
 
 class ExperimentallyResolvedHead(nn.Module):
-    """AF2 supplement 1.9.10: per-atom (atom37) logits that the atom is resolved in the experiment."""
+    """AF2 supplement 1.9.10: per-atom (atom37) logits that the atom is resolved in the experiment, from the
+    Evoformer's single representation."""
 
     def __init__(self, *, cfg: ModelConfig) -> None:
         super().__init__()
@@ -65,8 +68,31 @@ class ExperimentallyResolvedHead(nn.Module):
         return self.linear(s)
 
 
+class PredictedAlignedErrorHead(nn.Module):
+    """AF2 supplement 1.9.7: logits over `pae_bins` aligned-error bins for every pair (i, j) from the final
+    pair representation (AF2's `predicted_aligned_error_head`: one Linear, no LayerNorm, not symmetrised),
+    and the confidence measures derived from them (`protfold.model.confidence`)."""
+
+    def __init__(self, *, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.max_bin = cfg.pae_max_bin
+        self.linear = Linear(cfg.c_z, cfg.pae_bins, init="final")
+
+    def forward(self, z: Tensor, seq_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """z: [B, N, N, c_z], seq_mask: [B, N] (None: every residue counts) -> pae_logits [B, N, N, bins],
+        predicted_aligned_error [B, N, N] (A), max_predicted_aligned_error [] (A), ptm [B] (over the residues
+        of seq_mask). The last three are reports, computed without grad (only the logits reach the loss)."""
+        logits = self.linear(z)
+        with torch.no_grad():
+            pae, max_pae = predicted_aligned_error(logits.detach(), max_bin=self.max_bin)
+            ptm = predicted_tm_score(logits.detach(), seq_mask, max_bin=self.max_bin)
+        return {"pae_logits": logits, "predicted_aligned_error": pae, "max_predicted_aligned_error": max_pae,
+                "ptm": ptm}
+
+
 class AuxiliaryHeads(nn.Module):
-    """All heads together; the experimentally resolved head only when `cfg.experimentally_resolved`."""
+    """All heads together; the experimentally resolved head only when `cfg.experimentally_resolved`, the
+    predicted aligned error head only when `cfg.predicted_aligned_error` (checkpoints without it still load)."""
 
     def __init__(self, *, cfg: ModelConfig) -> None:
         super().__init__()
@@ -74,21 +100,35 @@ class AuxiliaryHeads(nn.Module):
         self.plddt = PLDDTHead(cfg=cfg)
         self.masked_msa = MaskedMSAHead(cfg=cfg)
         self.experimentally_resolved = ExperimentallyResolvedHead(cfg=cfg) if cfg.experimentally_resolved else None
+        self.predicted_aligned_error = PredictedAlignedErrorHead(cfg=cfg) if cfg.predicted_aligned_error else None
 
-    def forward(self, m: Tensor, z: Tensor, s: Tensor) -> dict[str, Tensor]:
-        """m: [B, S, N, c_m] (first MSA rows), z: [B, N, N, c_z], s: [B, N, c_s] (structure module single).
+    def forward(self, m: Tensor, z: Tensor, *, s_evoformer: Tensor, s_structure: Tensor,
+                seq_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """m: [B, S, N, c_m] (the final MSA representation), z: [B, N, N, c_z] (final pair), s_evoformer:
+        [B, N, c_s] (the Evoformer's single, Linear(m[0])), s_structure: [B, N, c_s] (the structure module's
+        final single), seq_mask: [B, N] (the residues pTM counts; None: all).
 
-        Returns distogram_logits, plddt_logits, masked_msa_logits and (if enabled)
-        experimentally_resolved_logits.
+        Returns distogram_logits, plddt_logits (from s_structure, Algorithm 29), masked_msa_logits and (if
+        enabled) experimentally_resolved_logits (from s_evoformer, supplement 1.9.10, as AF2 and OpenFold do)
+        and the outputs of `PredictedAlignedErrorHead`.
         """
         out = {
             "distogram_logits": self.distogram(z),
-            "plddt_logits": self.plddt(s),
+            "plddt_logits": self.plddt(s_structure),
             "masked_msa_logits": self.masked_msa(m),
         }
         if self.experimentally_resolved is not None:
-            out["experimentally_resolved_logits"] = self.experimentally_resolved(s)
+            out["experimentally_resolved_logits"] = self.experimentally_resolved(s_evoformer)
+        if self.predicted_aligned_error is not None:
+            out.update(self.predicted_aligned_error(z, seq_mask))
         return out
 
 
-__all__ = ["AuxiliaryHeads", "DistogramHead", "ExperimentallyResolvedHead", "MaskedMSAHead", "PLDDTHead"]
+__all__ = [
+    "AuxiliaryHeads",
+    "DistogramHead",
+    "ExperimentallyResolvedHead",
+    "MaskedMSAHead",
+    "PLDDTHead",
+    "PredictedAlignedErrorHead",
+]

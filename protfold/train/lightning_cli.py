@@ -83,6 +83,18 @@ def _check_config(config: Any) -> None:
             "needs the experimentally resolved head, which this model has not; set "
             "model.model_overrides.experimentally_resolved: true or the loss weight to 0"
         )
+    pae = getattr(model.loss, "pae", 0)
+    if pae > 0 and not cfg.predicted_aligned_error:
+        raise SystemExit(
+            f"protfold: config error: model.loss.pae={pae} needs the predicted aligned error head, which this model "
+            "has not; use a `_ptm` preset (model.preset tiny_ptm, small_ptm or af2_ptm), set "
+            "model.model_overrides.predicted_aligned_error: true, or set the loss weight to 0"
+        )
+    if pae > 0 and model.loss.pae_max_bin != cfg.pae_max_bin:
+        raise SystemExit(
+            f"protfold: config error: model.loss.pae_max_bin={model.loss.pae_max_bin} differs from the model's "
+            f"pae_max_bin={cfg.pae_max_bin}; set both to the same value"
+        )
     if data.crop_size > cfg.max_crop:
         raise SystemExit(
             f"protfold: config error: data.crop_size={data.crop_size} is beyond the model's limit "

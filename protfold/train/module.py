@@ -14,7 +14,7 @@ from torch import Tensor
 
 from protfold import metrics
 from protfold.errors import ProtfoldInputError
-from protfold.config import LossConfig, MemoryConfig, OptimConfig, model_preset
+from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig, model_preset
 from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.train.ema import EMA
@@ -41,7 +41,7 @@ class ProtfoldModule(pl.LightningModule):
     """AlphaFold2 training recipe on Lightning (manual optimisation, so bad steps can be skipped).
 
     Args:
-        preset: model preset name (`tiny`, `small`, `af2`).
+        preset: model preset name (`tiny`, `small`, `af2`; `tiny_ptm`, `small_ptm`, `af2_ptm` add the PAE head).
         model_overrides: ModelConfig fields to change on top of the preset.
         memory: memory switches used in training.
         inference_memory: switches used in validation and prediction (defaults to `memory`).
@@ -91,11 +91,13 @@ class ProtfoldModule(pl.LightningModule):
             for name, p in self.model.named_parameters():
                 if not name.startswith(("structure_module.", "heads.")):
                     p.requires_grad_(False)
-        head = self.model.heads.experimentally_resolved
-        if head is not None and loss.experimentally_resolved == 0:
-            # no loss term reaches it (AF2 trains it only in fine-tuning): keep it out of the optimiser, as
-            # DDP stops at the second step on parameters that get no gradient
-            head.requires_grad_(False)
+        _check_loss_heads(self.model_cfg, loss)
+        for head, weight in ((self.model.heads.experimentally_resolved, loss.experimentally_resolved),
+                             (self.model.heads.predicted_aligned_error, loss.pae)):
+            if head is not None and weight == 0:
+                # no loss term reaches it (AF2 trains both only in fine-tuning): keep it out of the optimiser, as
+                # DDP stops at the second step on parameters that get no gradient
+                head.requires_grad_(False)
         # the average restarts from the (possibly loaded) weights, never from a stale one (OpenFold #426)
         self.ema = EMA(self.model, decay=optim.ema_decay)
         self.bad_steps_in_row = 0
@@ -249,6 +251,19 @@ class ProtfoldModule(pl.LightningModule):
         if "torch_rng" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng"])
         self.bad_steps_total = int(checkpoint.get("bad_steps_total", 0))
+
+
+def _check_loss_heads(model_cfg: ModelConfig, loss: LossConfig) -> None:
+    """A loss weight on a head the model lacks, or PAE bins the loss reads otherwise than the head, is a
+    configuration error (a silently absent loss term would train something else than asked)."""
+    if loss.pae > 0 and not model_cfg.predicted_aligned_error:
+        raise ValueError(
+            f"loss.pae={loss.pae} needs the predicted aligned error head: use a `_ptm` preset (tiny_ptm, small_ptm, "
+            "af2_ptm) or model_overrides predicted_aligned_error: true"
+        )
+    if loss.pae > 0 and loss.pae_max_bin != model_cfg.pae_max_bin:
+        raise ValueError(f"loss.pae_max_bin={loss.pae_max_bin} differs from the model's pae_max_bin="
+                         f"{model_cfg.pae_max_bin}: the loss must bin errors as the head does")
 
 
 def _start_next_epoch_at_first_batch(checkpoint: dict[str, Any]) -> None:

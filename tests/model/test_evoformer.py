@@ -85,6 +85,47 @@ def test_shared_dropout_shares_its_mask() -> None:
     assert torch.equal(SharedDropout(0.5, shared_dim=-3).eval()(x), x)
 
 
+# AF2 supplement Algorithm 6 and AF2's config (`orientation` of each pair update): both triangle multiplicative
+# updates and the starting-node attention drop per row (one mask shared by all rows i: shared dim -3), the
+# ending-node attention per column (shared by all columns j: dim -2).
+PAIR_DROPOUT_AXES = {"tri_mul_out": -3, "tri_mul_in": -3, "tri_att_start": -3, "tri_att_end": -2}
+# every execution path of a block in train mode: with grad (eager, recomputed per update) and without grad
+# (the recycling passes of training: plain, and the in-place row-chunked path that draws masks in `_AddInto`)
+BLOCK_PATHS = {
+    "grad": (True, MEM),
+    "grad, recompute_inside_block": (True, MemoryConfig(recompute_inside_block=True)),
+    "no grad": (False, MEM),
+    "no grad, chunked in place": (False, MemoryConfig(low_memory_triangle=True, pair_chunk=3)),
+}
+
+
+@pytest.mark.parametrize("path", BLOCK_PATHS)
+@pytest.mark.parametrize("update", PAIR_DROPOUT_AXES)
+def test_pair_dropout_orientation(tiny_cfg, randomize, update: str, path: str) -> None:
+    """Only `update` has non-zero weights (AF2 init leaves every other residual update at zero), so the block's
+    change to z is dropout(update(z)): its ratio to the update without dropout is 0 or 1 / (1 - p) and must be
+    the same along the shared axis, and differ along the other one."""
+    grad, mem = BLOCK_PATHS[path]
+    block = EvoformerBlock.from_config(tiny_cfg, mem=mem)
+    randomize(getattr(block, update))
+    n = 9
+    z, m = torch.randn(1, n, n, tiny_cfg.c_z), torch.randn(1, 3, n, tiny_cfg.c_m)
+    msa_mask, pair_mask = torch.ones(1, 3, n), torch.ones(1, n, n)
+    with torch.no_grad():
+        clean = block.eval()(m, z, msa_mask, pair_mask)[1] - z
+    with torch.set_grad_enabled(grad):
+        dropped = block.train()(m, z, msa_mask, pair_mask)[1].detach() - z
+    assert clean.abs().min() > 0
+    ratio = dropped / clean
+    p = tiny_cfg.pair_dropout
+    kept = torch.isclose(ratio, torch.tensor(1.0 / (1.0 - p)), rtol=1e-3)
+    assert (kept | (ratio.abs() < 1e-3)).all() and kept.any() and not kept.all()
+    shared = PAIR_DROPOUT_AXES[update]
+    other = -2 if shared == -3 else -3
+    assert (kept == kept.narrow(shared, 0, 1)).all(), "mask not shared along its axis"
+    assert not (kept == kept.narrow(other, 0, 1)).all(), "mask shared along the other axis too"
+
+
 def test_evoformer_block_contract(tiny_cfg, trunk_inputs, randomize) -> None:
     block = randomize(EvoformerBlock.from_config(tiny_cfg, mem=MEM)).train()
     t = trunk_inputs

@@ -16,7 +16,7 @@ B, S, N = 2, 3, 7
 def test_shapes_and_zero_init(tiny_cfg) -> None:
     heads = AuxiliaryHeads(cfg=tiny_cfg)
     m, z, s = torch.randn(B, S, N, tiny_cfg.c_m), torch.randn(B, N, N, tiny_cfg.c_z), torch.randn(B, N, tiny_cfg.c_s)
-    out = heads(m, z, s)
+    out = heads(m, z, s_evoformer=s, s_structure=s)
     shapes = {
         "distogram_logits": (B, N, N, 64), "plddt_logits": (B, N, 50), "masked_msa_logits": (B, S, N, 23),
         "experimentally_resolved_logits": (B, N, 37),
@@ -30,7 +30,8 @@ def test_experimentally_resolved_head_optional(tiny_cfg) -> None:
     from protfold.config import model_preset
 
     heads = AuxiliaryHeads(cfg=model_preset("tiny", experimentally_resolved=False))
-    out = heads(torch.randn(B, S, N, tiny_cfg.c_m), torch.randn(B, N, N, tiny_cfg.c_z), torch.randn(B, N, tiny_cfg.c_s))
+    s = torch.randn(B, N, tiny_cfg.c_s)
+    out = heads(torch.randn(B, S, N, tiny_cfg.c_m), torch.randn(B, N, N, tiny_cfg.c_z), s_evoformer=s, s_structure=s)
     assert "experimentally_resolved_logits" not in out
 
 

@@ -1,7 +1,7 @@
 """Fine-tuning with `protfold fit -c configs/finetune.yaml --model.init_from CKPT`.
 
-The `pretrained` checkpoint (tests/train/conftest.py) has no experimentally resolved head, 3 Evoformer
-blocks and 25 pLDDT bins; the fine-tuned model is the tiny preset with the head on (configs/finetune.yaml):
+The `pretrained` checkpoint (tests/train/conftest.py) has no experimentally resolved or PAE head, 3 Evoformer
+blocks and 25 pLDDT bins; the fine-tuned model is the tiny preset with both heads on (configs/finetune.yaml):
 2 blocks and 50 bins. So the report must list missing, unexpected and shape-mismatched parameters.
 """
 
@@ -46,18 +46,19 @@ def test_finetune_reports_keys_and_starts_ema_from_loaded_weights(run_kit, pretr
     run = _finetune(run_kit, tmp_path / "ft", pretrained)
     report = fit_start["report"]
     assert report is not None and report.source == str(pretrained)
-    head = "heads.experimentally_resolved.linear"
-    assert report.missing == [f"{head}.bias", f"{head}.weight"]
+    heads = ("heads.experimentally_resolved.linear", "heads.predicted_aligned_error.linear")
+    assert report.missing == [f"{head}.{p}" for head in heads for p in ("bias", "weight")]
     assert report.unexpected and all(k.startswith("evoformer.blocks.2.") for k in report.unexpected)
     mismatched = {name: (ours, theirs) for name, ours, theirs in report.mismatched}
     assert mismatched == {"heads.plddt.net.5.weight": ((50, 8), (25, 8)), "heads.plddt.net.5.bias": ((50,), (25,))}
     text = str(report)
-    assert "2 missing" in text and "unexpected" in text and "shape mismatch" in text and "(50, 8)" in text
+    assert "4 missing" in text and "unexpected" in text and "shape mismatch" in text and "(50, 8)" in text
 
     # the EMA starts from the loaded (EMA) weights, the model too; new or re-shaped tensors keep their init
     source = run_kit.load(pretrained)["ema"]["shadow"]
     torch.manual_seed(0)  # LightningCLI seeds 0 before building the model: the same fresh init
-    fresh = ProtfoldModule(preset="tiny", model_overrides={"experimentally_resolved": True}).model.state_dict()
+    overrides = {"experimentally_resolved": True, "predicted_aligned_error": True}
+    fresh = ProtfoldModule(preset="tiny", model_overrides=overrides).model.state_dict()
     ema, weights = fit_start["ema"], fit_start["weights"]
     assert ema.keys() == weights.keys() == fresh.keys()
     loaded = [k for k in ema if k not in report.missing and k not in mismatched]
@@ -70,20 +71,21 @@ def test_finetune_reports_keys_and_starts_ema_from_loaded_weights(run_kit, pretr
         differs_from_init += name in loaded and not torch.equal(source[name], fresh[name])
     assert differs_from_init > 0.9 * len(loaded), "loaded weights look like a fresh initialisation"
 
-    # the fine-tuning settings took effect: config, optimizer and the two extra loss terms
+    # the fine-tuning settings took effect: config, optimizer and the three extra loss terms
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["crop_size"] == 96 and config["data"]["max_msa_clusters"] == 32
     assert config["model"]["loss"]["violation"] == 1.0
     assert config["model"]["loss"]["experimentally_resolved"] == 0.01
+    assert config["model"]["loss"]["pae"] == 0.1
     assert config["model"]["loss"]["fape_backbone"] == 0.5  # untouched fields keep their defaults
     last = run_kit.load(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2
     assert last["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(5e-4)
-    assert "heads.experimentally_resolved.linear.weight" in last["ema"]["shadow"]
+    assert {f"{head}.weight" for head in heads} <= last["ema"]["shadow"].keys()
     with open(run / "metrics.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("train/loss")]
     assert len(rows) == 2
-    for term in ("train/violation", "train/experimentally_resolved"):
+    for term in ("train/violation", "train/experimentally_resolved", "train/pae"):
         assert all(r[term] not in ("", None) for r in rows), term
 
 

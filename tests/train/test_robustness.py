@@ -211,3 +211,9 @@ def test_config_error_loss_weight_without_its_head(run_kit, tmp_path, capsys, mo
                                  "0.01", "--model.model_overrides", "{experimentally_resolved: false}")
     assert "model.loss.experimentally_resolved=0.01 needs the experimentally resolved head" in message
     assert "model.model_overrides.experimentally_resolved: true" in message
+
+
+def test_config_error_pae_loss_without_its_head(run_kit, tmp_path, capsys, monkeypatch):
+    message = _fails_before_work(run_kit, tmp_path, capsys, monkeypatch, "--model.loss.pae", "0.1")
+    assert "model.loss.pae=0.1 needs the predicted aligned error head" in message
+    assert "tiny_ptm" in message and "model.model_overrides.predicted_aligned_error: true" in message
