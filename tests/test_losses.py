@@ -245,7 +245,7 @@ def test_pae_loss_near_zero_for_a_perfect_prediction_and_invariant(chain) -> Non
     batch = synthetic_batch(chain)
     true, mask = batch["backbone_rigid_tensor"], batch["backbone_rigid_mask"]
     pred = backbone_frames(batch["all_atom_positions"] + 0.7 * torch.randn(2, N_RES, 37, 3)).to_tensor_4x4()
-    # the true bins of this prediction, from the definition written out per pair
+    # the true bins of this prediction: the aligned error of every point j in every frame i, binned by hand
     local = lambda f: Rigid.from_tensor_4x4(f)[..., None].invert_apply(f[..., None, :, :3, 3])  # noqa: E731
     error2 = ((local(pred) - local(true)) ** 2).sum(-1)
     bins = (error2[..., None] > torch.linspace(0, 31, 63) ** 2).sum(-1)

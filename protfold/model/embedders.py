@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protfold.config import MemoryConfig, ModelConfig
+from protfold.model.memory import upcast
 from protfold.model.primitives import Linear
 
 __all__ = ["ExtraMSAEmbedder", "InputEmbedder", "RecyclingEmbedder"]
@@ -77,12 +78,14 @@ class RecyclingEmbedder(nn.Module):
                    max_bin=cfg.recycle_max_bin, mem=mem)
 
     def distogram(self, x: Tensor) -> Tensor:
-        """x: [*, N, 3] -> one-hot [*, N, N, bins] with lower_k < d < lower_{k+1} (squared, in fp32)."""
-        x = x.float()
+        """x: [*, N, 3] -> one-hot [*, N, N, bins] with lower_k < d < lower_{k+1}, compared squared in at least fp32
+        (float64 stays float64, as in OpenFold); the one-hot takes the dtype of `linear_d`'s weight, which reads
+        it (fp32 under autocast, float64 in a `.double()` model)."""
+        x = upcast(x)
         d2 = (x[..., :, None, :] - x[..., None, :, :]).square().sum(-1, keepdim=True)
-        lower = self.lower.float().square()
+        lower = self.lower.to(x.dtype).square()
         upper = torch.cat([lower[1:], lower.new_full((1,), 1e8)])
-        return ((d2 > lower) & (d2 < upper)).to(x.dtype)
+        return ((d2 > lower) & (d2 < upper)).to(self.linear_d.weight.dtype)
 
     def forward(self, m0_prev: Tensor, z_prev: Tensor, x_prev: Tensor) -> tuple[Tensor, Tensor]:
         z = self.linear_d(self.distogram(x_prev)) + self.norm_z(z_prev)

@@ -183,14 +183,15 @@ class TriangleMultiplication(nn.Module):
         slices = self._slices(max(1, -(-per_channel * self.c_hidden // int(edge_bytes))))
         x_host: list[Tensor] = []
         for k, sl in enumerate(slices):
-            # b for this slice, channels first and fp32 (the exact up-cast of the compute-dtype projection)
+            # b for this slice, channels first and in at least fp32 (the exact up-cast of the compute-dtype
+            # projection; a float64 model keeps float64, like `upcast` on a)
             b32: Tensor | None = None
             for start in range(0, n_res, rows):
                 n = min(rows, n_res - start)
                 part = self._project(self.norm_in(z.narrow(-3, start, n)), pair_mask.narrow(-2, start, n), "b", sl)
                 if b32 is None:
-                    b32 = torch.empty(*z.shape[:-3], part.shape[-1], n_res, n_res, dtype=torch.float32,
-                                      device=z.device)
+                    b32 = torch.empty(*z.shape[:-3], part.shape[-1], n_res, n_res, device=z.device,
+                                      dtype=torch.promote_types(part.dtype, torch.float32))
                     if host:  # this slice's part of x, in the compute dtype, in host memory
                         x_host.append(_host_buffer(z, sl.stop - sl.start, part.dtype))
                     elif x is None:  # x in the compute dtype (bf16 under autocast), like the regular path

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from protfold.config import model_preset
-from protfold.model.confidence import aligned_error_bin_centres, predicted_aligned_error, predicted_tm_score
+from protfold.model.confidence import (
+    aligned_error_bin_centres,
+    predicted_aligned_error,
+    predicted_tm_score,
+)
 from protfold.model.heads import AuxiliaryHeads, PredictedAlignedErrorHead
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "alphafold_params_small"
