@@ -2,7 +2,8 @@
 
 Subcommands are a table of name -> handler(argv) -> exit code, so others can be added in one line.
 `fit`, `validate` and `test` run LightningCLI (protfold.train.lightning_cli), `predict` writes structures
-from a checkpoint, and `bench` runs the memory-mode comparison (protfold.bench).
+from a checkpoint, `convert` turns AlphaFold2 / OpenFold weights into one (protfold.weights), and `bench`
+runs the memory-mode comparison (protfold.bench).
 Heavy modules are imported inside the handlers, so `protfold --help` and `protfold prepare` stay quick.
 """
 
@@ -66,6 +67,39 @@ def _predict(argv: list[str]) -> int:
     return run_predict_cli(argv)
 
 
+def _convert(argv: list[str]) -> int:
+    from protfold.config import PRESET_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="protfold convert",
+        description="AlphaFold2 parameters (params_model_{3,4,5}[_ptm].npz) or an OpenFold checkpoint -> a protfold "
+        "checkpoint for `protfold predict --ckpt_path` and `protfold fit --model.init_from` (whose EMA average "
+        "starts from these weights). Writes only CKPT.",
+    )
+    parser.add_argument("source", metavar="SRC", help="AlphaFold2 .npz, OpenFold .pt/.ckpt, or a protfold checkpoint")
+    parser.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=PRESET_NAMES, help="model preset the parameters must fit (default: read "
+                       "from the file: af2_ptm if it has the PAE head, else af2, with the sizes of its tensors)")
+    which.add_argument("--config", metavar="JSON", help="JSON file of ModelConfig sizes instead of a preset")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing CKPT")
+    args = parser.parse_args(argv)
+
+    from protfold.errors import ProtfoldInputError
+    from protfold.weights import convert
+
+    try:
+        imported = convert(args.source, args.out, args.preset or args.config, overwrite=args.overwrite)
+    except ProtfoldInputError as exc:
+        print(f"protfold convert: {exc}", file=sys.stderr)
+        return 1
+    resolved = imported.config
+    changed = f" with {len(resolved.overrides)} sizes changed" if resolved.overrides else ""
+    print(f"protfold convert: wrote {args.out}: {len(imported.state_dict)} tensors of {imported.format} weights, "
+          f"preset {resolved.preset}{changed} ({resolved.label})")
+    return 0
+
+
 def _bench(argv: list[str]) -> int:
     from protfold.bench.runner import main as bench_main
 
@@ -78,6 +112,7 @@ SUBCOMMANDS: dict[str, Handler] = {
     "validate": lambda argv: _lightning(argv, "validate"),
     "test": lambda argv: _lightning(argv, "test"),
     "predict": _predict,
+    "convert": _convert,
     "bench": _bench,
 }
 _HELP = {
@@ -86,6 +121,7 @@ _HELP = {
     "validate": "validate a checkpoint (LightningCLI)",
     "test": "test a checkpoint (LightningCLI)",
     "predict": "predict structures from FASTA / a prepared cache with a checkpoint",
+    "convert": "AlphaFold2 / OpenFold weights -> protfold checkpoint",
     "bench": "compare memory modes",
 }
 
