@@ -56,9 +56,14 @@ def _prepare(argv: list[str]) -> int:
 
 
 def _lightning(argv: list[str], name: str) -> int:
+    from protfold.errors import ProtfoldInputError
     from protfold.train.lightning_cli import run_lightning
 
-    return run_lightning([name, *argv])
+    try:
+        return run_lightning([name, *argv])
+    except ProtfoldInputError as exc:  # e.g. --model.init_from weights that cannot be used
+        print(f"protfold {name}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _predict(argv: list[str]) -> int:

@@ -161,7 +161,10 @@ def run_predict_cli(argv: list[str]) -> int:
         description="Predict structures: writes OUT/<id>/<id>.pdb, <id>.cif (pLDDT x 100 in B-factors) and "
         "<id>_confidence.json. Existing outputs are skipped unless --overwrite.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `protfold fit`")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `protfold fit` or `protfold "
+                        "convert`, or AlphaFold2 / OpenFold weights directly (params_model_3_ptm.npz, *.pt)")
+    parser.add_argument("--preset", default=None, help="for AlphaFold2 / OpenFold weights: model preset or JSON "
+                        "file of sizes (default: read from the file; af2_ptm with the PAE head, else af2)")
     parser.add_argument("--input", required=True, help="FASTA file, folder of FASTA files, or a prepared cache")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--msa_dir", help="MSAs: MSA_DIR/<id>/ (a3m, sto, fasta) or MSA_DIR/<id>.a3m")
@@ -183,7 +186,8 @@ def run_predict_cli(argv: list[str]) -> int:
     try:
         written = run_predict(ckpt_path=args.ckpt_path, source=args.input, out=args.out, msa_dir=args.msa_dir,
                               overwrite=args.overwrite, device=args.device, memory=memory,
-                              max_msa_clusters=args.max_msa_clusters, max_extra_msa=args.max_extra_msa)
+                              max_msa_clusters=args.max_msa_clusters, max_extra_msa=args.max_extra_msa,
+                              model_config=args.preset)
     except ProtfoldInputError as err:
         print(f"protfold predict: {err}", file=sys.stderr)
         return 2

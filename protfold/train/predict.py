@@ -138,15 +138,15 @@ def write_prediction(out_dir: Path, target_id: str, pred: dict) -> Path:
 
 def run_predict(*, ckpt_path: str, source: str, out: str, msa_dir: str | None = None, overwrite: bool = False,
                 device: str | None = None, memory: MemoryConfig | None = None,
-                max_msa_clusters: int = 128, max_extra_msa: int = 1024) -> list[Path]:
-    """Predict every target; skip those whose outputs exist unless `overwrite`. Returns written PDB paths."""
-    from protfold.train.module import ProtfoldModule
+                max_msa_clusters: int = 128, max_extra_msa: int = 1024, model_config: str | None = None) -> list[Path]:
+    """Predict every target; skip those whose outputs exist unless `overwrite`. Returns written PDB paths.
+    `ckpt_path` may also be AF2 / OpenFold weights, for the model `model_config` names (see `load_module`)."""
+    from protfold.train.module import load_module
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not Path(ckpt_path).is_file():
         raise ProtfoldInputError(ckpt_path, "checkpoint not found")
-    # the checkpoint holds every weight: a fine-tuned run's `init_from` source is not read again (it may be gone)
-    module = ProtfoldModule.load_from_checkpoint(ckpt_path, map_location=dev, init_from=None)
+    module = load_module(ckpt_path, map_location=dev, model_config=model_config)
     module.eval().to(dev)
     if memory is not None:
         module.inference_memory = memory

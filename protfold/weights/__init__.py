@@ -26,6 +26,7 @@ from protfold.weights.checkpoint import convert, protfold_checkpoint
 from protfold.weights.importer import (
     ImportedWeights,
     ResolvedConfig,
+    as_preset,
     export_af2,
     read_config,
     read_external_weights,
@@ -51,5 +52,5 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | None = None)
     return model.eval()
 
 
-__all__ = ["ImportedWeights", "ResolvedConfig", "convert", "export_af2", "load_model", "protfold_checkpoint",
+__all__ = ["ImportedWeights", "ResolvedConfig", "as_preset", "convert", "export_af2", "load_model", "protfold_checkpoint",
            "read_config", "read_external_weights", "read_weights"]
