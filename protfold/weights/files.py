@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -100,10 +101,7 @@ class AF2File:
     def _header(self, key: str) -> tuple[int, ...]:
         try:
             with self._zip.open(f"{key}.npy") as member:
-                version = np.lib.format.read_magic(member)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
-                shape, _, dtype = read_header(member)
+                shape, _, dtype = _read_header(member)
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
             raise ProtfoldInputError(self.path, f"truncated or corrupt .npz: array {key!r}: {one_line(err)}") from None
         if dtype.kind != "f":
@@ -122,15 +120,37 @@ class AF2File:
                 self.path, f"an AlphaFold2 model with templates (model_1/model_2): templates are not supported; "
                 f"{_SUPPORTED}")
 
-    def array(self, key: str) -> np.ndarray:
+    def blocks(self, key: str, *, stacked: bool) -> Iterator[np.ndarray]:
+        """The array `key`, or for a `stacked` one its blocks array[0], array[1], ... one at a time: read in
+        order straight from the archive, so one block is in memory at a time and the member's checksum is
+        still verified when its last byte is read (a corrupt file fails there)."""
         try:
             with self._zip.open(f"{key}.npy") as member:
-                return np.lib.format.read_array(member, allow_pickle=False)
+                shape, fortran_order, dtype = _read_header(member)
+                if fortran_order:  # np.savez of AF2's (C-ordered) arrays never writes one
+                    raise ValueError("a Fortran-ordered array, not AlphaFold2's layout")
+                parts, block_shape = (shape[0], shape[1:]) if stacked else (1, shape)
+                for _ in range(parts):
+                    block = np.empty(block_shape, dtype)
+                    view = memoryview(block).cast("B")
+                    if member.readinto(view) != block.nbytes:
+                        raise EOFError("the array's data ends early")
+                    yield block
+                if member.read(1):
+                    raise ValueError("more data than its header says")
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
             raise ProtfoldInputError(self.path, f"truncated or corrupt .npz: array {key!r}: {one_line(err)}") from None
 
     def close(self) -> None:
         self._zip.close()
+
+
+def _read_header(member: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from an open `.npy`, which is left at the start of the array's data."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    return np.lib.format.read_array_header_2_0(member)
 
 
 # ------------------------------------------------------------------------------------- PyTorch checkpoints

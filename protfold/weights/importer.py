@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from protfold.config import PRESET_NAMES, MemoryConfig, ModelConfig, model_preset
 from protfold.errors import ProtfoldInputError
@@ -24,9 +25,10 @@ from protfold.weights.files import AF2File, Format, TorchWeights, load_torch, sn
 from protfold.weights.mapping import (
     AF2_PREFIX,
     Param,
-    af2_blocks,
+    af2_shapes,
     af2_to_torch,
     block_names,
+    from_af2,
     n_blocks,
     openfold_to_protfold,
     parameter_table,
@@ -202,12 +204,28 @@ def _read(path: Path, config: Any, allow_missing: bool, *, protfold: bool, conve
     return _read_torch(path, loaded, config, allow_missing, convert)
 
 
-def _model_shapes(cfg: ModelConfig) -> dict[str, Tensor]:
-    """The state dict of `cfg`'s model on the meta device: names and shapes, no memory."""
+class _OnMeta(TorchFunctionMode):
+    """Tensor factories make meta tensors (shapes, no memory), as `torch.device("meta")` does, except
+    torch.linspace: its meta kernel loads torch's Python reference implementations (~75 MB resident, a fifth of
+    a full-size file), and the model makes only one small buffer with it."""
+
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.arange, torch.tensor,
+                           torch.rand, torch.randn})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the state dict of `cfg`'s model, built without allocating its weights."""
     from protfold.model.alphafold import AlphaFold
 
-    with torch.device("meta"):
-        return AlphaFold(cfg=cfg, mem=MemoryConfig()).state_dict()
+    with _OnMeta():
+        model = AlphaFold(cfg=cfg, mem=MemoryConfig())
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _read_af2(af2: AF2File, config: Any, allow_missing: bool, convert: bool) -> ImportedWeights:
@@ -223,8 +241,7 @@ def _read_af2(af2: AF2File, config: Any, allow_missing: bool, convert: bool) -> 
         names = block_names(table[key], len(parts))
         shapes.update({n: tuple(af2_to_torch(part, table[key].layout).shape) for n, part in zip(names, parts)})
     resolved = resolve_config(config, path=af2.path, shapes=shapes)
-    model = _model_shapes(resolved.cfg)
-    expected = {key: tuple(t.shape) for key, t in to_af2(model, resolved.cfg).items()}
+    expected = af2_shapes(_model_shapes(resolved.cfg), resolved.cfg)
     imported = ImportedWeights(af2.path, "alphafold2", {}, resolved)
     for key, param in table.items():
         if key not in af2.shapes:
@@ -236,10 +253,11 @@ def _read_af2(af2: AF2File, config: Any, allow_missing: bool, convert: bool) -> 
             continue
         if af2.shapes[key] != expected[key]:
             raise _shape_error(af2.path, key, af2.shapes[key], expected[key], resolved)
-    for key, param in table.items():  # every check passed: now read the arrays, one at a time
+    for key, param in table.items():  # every check passed: now read the arrays, one block at a time
         if convert and key in expected and key in af2.shapes:
-            array = torch.from_numpy(af2.array(key)).float()
-            imported.state_dict.update(af2_blocks(array, param, resolved.cfg))
+            names = block_names(param, n_blocks(param, resolved.cfg))
+            for name, block in zip(names, af2.blocks(key, stacked=param.stack is not None), strict=True):
+                imported.state_dict[name] = from_af2(torch.from_numpy(block).float(), param, resolved.cfg)
     return imported
 
 
@@ -275,8 +293,8 @@ def _read_torch(path: Path, loaded: TorchWeights, config: Any, allow_missing: bo
             if pf not in model:
                 _no_place(imported, name, param)
                 continue
-            if tuple(weights[name].shape) != tuple(model[pf].shape):
-                raise _shape_error(path, name, tuple(weights[name].shape), tuple(model[pf].shape), resolved)
+            if tuple(weights[name].shape) != model[pf]:
+                raise _shape_error(path, name, tuple(weights[name].shape), model[pf], resolved)
             if convert:
                 tensor = weights[name].float()
                 imported.state_dict[pf] = openfold_to_protfold(tensor, param, resolved.cfg) if own else tensor

@@ -22,7 +22,6 @@ projections protfold lays out per head (`model.structure.InvariantPointAttention
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -236,6 +235,19 @@ def torch_to_af2(tensor: Tensor, layout: Layout, heads: int) -> Tensor:
     return tensor.t().reshape(heads, -1, tensor.shape[0])  # heads_out
 
 
+def af2_shape(shape: tuple[int, ...], layout: Layout, heads: int) -> tuple[int, ...]:
+    """The shape `torch_to_af2` gives a block of `shape` (plain arithmetic: shape checks need no tensors)."""
+    if layout == "vector":
+        return shape
+    if layout == "heads_bias":
+        return (heads, shape[0] // heads)
+    if layout == "linear":
+        return shape[::-1]
+    if layout == "heads_in":
+        return (shape[1], heads, shape[0] // heads)
+    return (heads, shape[1] // heads, shape[0])  # heads_out
+
+
 def ipa_permutation(kind: IPA, cfg: ModelConfig) -> Tensor:
     """Index p with protfold[k] = openfold[p[k]] along the permuted axis (rows; columns for `out`)."""
     h, c = cfg.ipa_heads, cfg.ipa_head_dim
@@ -261,17 +273,15 @@ def openfold_to_protfold(tensor: Tensor, param: Param, cfg: ModelConfig, *, inve
     return tensor.index_select(dim, index.to(tensor.device))
 
 
-def af2_blocks(array: Tensor, param: Param, cfg: ModelConfig) -> Iterator[tuple[str, Tensor]]:
-    """(protfold name, tensor) of every block of one AF2 array: fresh contiguous tensors, not views of it."""
-    blocks = array.unbind(0) if param.stack else (array,)
-    for name, part in zip(block_names(param, len(blocks)), blocks):
-        yield name, openfold_to_protfold(af2_to_torch(part, param.layout), param, cfg).clone(
-            memory_format=torch.contiguous_format)
+def from_af2(block: Tensor, param: Param, cfg: ModelConfig) -> Tensor:
+    """One block of an AF2 array (array[i] of a stacked one) -> protfold's tensor, contiguous (it shares
+    memory with `block` only where no layout change is needed)."""
+    return openfold_to_protfold(af2_to_torch(block, param.layout), param, cfg).contiguous()
 
 
 def to_af2(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """protfold state dict -> AF2 arrays (full keys), stacked blocks on the leading axis. Parameters of heads
-    the model lacks are left out; works on meta tensors (shapes only)."""
+    the model lacks are left out."""
     out: dict[str, Tensor] = {}
     for param in parameter_table(cfg.n_resnet_blocks):
         names = block_names(param, n_blocks(param, cfg))
@@ -284,5 +294,16 @@ def to_af2(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]
     return out
 
 
-__all__ = ["AF2_PREFIX", "Param", "af2_blocks", "block_names", "n_blocks", "openfold_to_protfold",
-           "parameter_table", "to_af2"]
+def af2_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The AF2 key -> shape that `to_af2` gives a state dict with these protfold `shapes`."""
+    out = {}
+    for param in parameter_table(cfg.n_resnet_blocks):
+        names = block_names(param, n_blocks(param, cfg))
+        if names[0] in shapes:
+            block = af2_shape(tuple(shapes[names[0]]), param.layout, getattr(cfg, param.heads) if param.heads else 1)
+            out[AF2_PREFIX + param.af2] = (len(names), *block) if param.stack else block
+    return out
+
+
+__all__ = ["AF2_PREFIX", "Param", "af2_shapes", "af2_to_torch", "block_names", "from_af2", "n_blocks",
+           "openfold_to_protfold", "parameter_table", "to_af2"]

@@ -15,7 +15,7 @@ import torch
 from protfold.config import MemoryConfig, model_preset
 from protfold.model.alphafold import AlphaFold
 from protfold.weights import export_af2, read_config, read_weights
-from protfold.weights.mapping import AF2_PREFIX
+from protfold.weights.mapping import AF2_PREFIX, af2_shapes
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "alphafold_params_small"
 PAE_KEYS = {f"{AF2_PREFIX}predicted_aligned_error_head/logits//{p}" for p in ("weights", "bias")}
@@ -81,6 +81,8 @@ def test_full_size_round_trip_through_an_af2_file(preset, tmp_path, fixture_npz)
     assert shapes["structure_module/fold_iteration/invariant_point_attention/kv_point_local//weights"] == (384, 432)
     assert shapes["structure_module/fold_iteration/invariant_point_attention/output_projection//weights"] == (2112, 384)
     assert sum(a.size for a in arrays.values()) == sum(t.numel() for t in ours.values())  # one slot per number
+    # the shape arithmetic that checks files without tensors agrees with the layout functions
+    assert af2_shapes({k: tuple(t.shape) for k, t in ours.items()}, cfg) == {k: a.shape for k, a in arrays.items()}
 
     path = tmp_path / f"params_{preset}.npz"
     np.savez(path, **arrays)
