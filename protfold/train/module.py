@@ -236,6 +236,8 @@ class ProtfoldModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ema"] = self.ema.state_dict()
         checkpoint["torch_rng"] = torch.get_rng_state()
+        if self.device.type == "cuda":  # this rank's device only: reading all of them would open a context on each
+            checkpoint["torch_cuda_rng"] = torch.cuda.get_rng_state(self.device)
         checkpoint["bad_steps_total"] = self.bad_steps_total
         checkpoint["model_config"] = asdict(self.model_cfg)
 
@@ -250,9 +252,29 @@ class ProtfoldModule(pl.LightningModule):
         _start_next_epoch_at_first_batch(checkpoint)
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-        if "torch_rng" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng"])
+        _restore_rng_states(checkpoint)
         self.bad_steps_total = int(checkpoint.get("bad_steps_total", 0))
+
+
+def _rng_bytes(state: Tensor) -> Tensor:
+    """A saved RNG state as the contiguous CPU uint8 tensor torch's setters take. `map_location` moves it with
+    the rest of the checkpoint (onto the GPU when predicting there), and a state may come back as another
+    dtype or a view; the bytes of the state are its values, so a value cast keeps them."""
+    return state.detach().to(device="cpu", dtype=torch.uint8).contiguous()
+
+
+def _restore_rng_states(checkpoint: dict[str, Any]) -> None:
+    """Restore the CPU RNG state, and the CUDA one (of the current device) where CUDA is available; a
+    checkpoint written on a GPU and loaded without one skips it and says so."""
+    if "torch_rng" in checkpoint:
+        torch.set_rng_state(_rng_bytes(checkpoint["torch_rng"]))
+    cuda_state = checkpoint.get("torch_cuda_rng")
+    if cuda_state is None:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(_rng_bytes(cuda_state))
+    else:
+        log.info("the checkpoint's CUDA RNG state is not restored: CUDA is not available here")
 
 
 def _check_loss_heads(model_cfg: ModelConfig, loss: LossConfig) -> None:

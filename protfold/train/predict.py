@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -19,6 +18,7 @@ from protfold.data.cache import list_entries, msa_to_ids, read_entry
 from protfold.data.crop import collate
 from protfold.data.pipeline import make_example
 from protfold.errors import ProtfoldInputError
+from protfold.io.confidence import confidence_from_outputs, write_confidence
 from protfold.io.msa import find_msa_files, load_msas
 from protfold.io.writer import to_mmcif, to_pdb
 from protfold.metrics import plddt_from_logits
@@ -119,6 +119,7 @@ def predict_target(module, target: Target, *, device: torch.device, data: DataCo
         "atom_mask": rc.restype_atom37_mask[aatype],
         "residue_index": batch["residue_index"][0].cpu().numpy(),
         "plddt": plddt,
+        **confidence_from_outputs(outputs),  # pae, max_pae, ptm: with the predicted aligned error head
     }
 
 
@@ -128,11 +129,7 @@ def write_prediction(out_dir: Path, target_id: str, pred: dict) -> Path:
     b_factors = pred["plddt"]  # pLDDT on the 0-100 scale, i.e. pLDDT x 100
     pdb = to_pdb(chain, folder / f"{target_id}.pdb", b_factors=b_factors)
     to_mmcif(chain, folder / f"{target_id}.cif", b_factors=b_factors)
-    confidence = {"id": target_id, "mean_plddt": float(np.mean(pred["plddt"])),
-                  "plddt": [round(float(x), 4) for x in pred["plddt"]]}
-    tmp = folder / f".{target_id}_confidence.json.tmp"
-    tmp.write_text(json.dumps(confidence, indent=1))
-    os.replace(tmp, folder / f"{target_id}_confidence.json")
+    write_confidence(folder, target_id, pred)  # <id>_confidence.json, <id>_plddt.png and <id>_pae.png
     return pdb
 
 

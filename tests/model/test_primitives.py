@@ -179,21 +179,24 @@ def test_eager_flex_fails_loudly_at_its_limit(monkeypatch) -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
     monkeypatch.setattr(primitives, "_FLEX_RECOMPILE_LIMIT", 4)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # the kernel's own limit (4) applies, not this
     monkeypatch.setattr(primitives, "_flex_compiled", torch.compile(flex_attention, backend="eager", dynamic=False))
     torch._dynamo.reset()
-    compiled = 0
-    try:
-        with torch.no_grad(), pytest.raises(FailOnRecompileLimitHit):
-            for n in range(3, 13):
-                q, k, v = torch.randn(3, 2, 1, n, 16).unbind(0)
-                primitives._flex_attention(q, k, v, [torch.randn(1, n, n)], compiled=True)
-                compiled += 1
-    finally:
-        torch._dynamo.reset()
-    assert compiled == 4  # the 5th shape needs a 5th graph
-    assert not torch._dynamo.config.fail_on_recompile_limit_hit  # the process-wide settings are left as they were
-    assert torch._dynamo.config.recompile_limit == 2
+    compiled, default = 0, torch._dynamo.config.recompile_limit
+    # config.patch, not monkeypatch: dynamo's settings are not in the config module's __dict__, so pytest's undo
+    # deletes the setting instead of restoring it, and every later compile then fails to read recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=2):  # the kernel's own limit (4) applies, not this
+        try:
+            with torch.no_grad(), pytest.raises(FailOnRecompileLimitHit):
+                for n in range(3, 13):
+                    q, k, v = torch.randn(3, 2, 1, n, 16).unbind(0)
+                    primitives._flex_attention(q, k, v, [torch.randn(1, n, n)], compiled=True)
+                    compiled += 1
+        finally:
+            torch._dynamo.reset()
+        assert compiled == 4  # the 5th shape needs a 5th graph
+        assert not torch._dynamo.config.fail_on_recompile_limit_hit  # the process-wide settings are left as they were
+        assert torch._dynamo.config.recompile_limit == 2
+    assert torch._dynamo.config.recompile_limit == default  # readable again, as it was before the test
 
 
 def test_logits_are_fp32_under_autocast() -> None:

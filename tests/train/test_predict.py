@@ -85,10 +85,10 @@ def test_predict_fasta_writes_readable_files_then_skips_then_overwrites(predicto
     assert main(args) == 0
     for name, seq in records.items():
         assert sorted(p.name for p in (out / name).iterdir()) == sorted(
-            [f"{name}.pdb", f"{name}.cif", f"{name}_confidence.json"])
+            [f"{name}.pdb", f"{name}.cif", f"{name}_confidence.json", f"{name}_plddt.png"])
         _check_target(out, name, seq)
     before = _mtimes(out)
-    assert len(before) == 6
+    assert len(before) == 8
 
     capsys.readouterr()
     assert main(args) == 0

@@ -1,0 +1,76 @@
+"""`protfold predict` with a `_ptm` model: PAE and pTM in `<id>_confidence.json`, the PAE and pLDDT PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from protfold.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def ptm_predictor(pretrained, tmp_path_factory) -> Path:
+    """The pretrained tiny checkpoint as a `tiny_ptm` model: the PAE head added with random weights (raw and
+    EMA), so its PAE and pTM vary over residue pairs."""
+    ckpt = torch.load(pretrained, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["preset"] = "tiny_ptm"
+    ckpt["model_config"]["predicted_aligned_error"] = True
+    c_z = ckpt["model_config"]["c_z"]
+    gen = torch.Generator().manual_seed(3)
+    for weights, prefix in ((ckpt["state_dict"], "model."), (ckpt["ema"]["shadow"], "")):
+        weights[prefix + "heads.predicted_aligned_error.linear.weight"] = torch.randn(64, c_z, generator=gen)
+        weights[prefix + "heads.predicted_aligned_error.linear.bias"] = torch.randn(64, generator=gen)
+    path = tmp_path_factory.mktemp("ptm_predictor") / "ptm.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def _predict(ckpt: Path, tmp_path: Path, sequence: str = "MKVLAAGWRD") -> Path:
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(f">toy\n{sequence}\n")
+    out = tmp_path / "out"
+    assert main(["predict", "--ckpt_path", str(ckpt), "--input", str(fasta), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    return out / "toy"
+
+
+def test_predict_writes_pae_ptm_and_both_pngs(ptm_predictor, tmp_path) -> None:
+    from protfold.config import DataConfig
+    from protfold.train.module import ProtfoldModule
+    from protfold.train.predict import iter_targets, predict_target
+
+    folder = _predict(ptm_predictor, tmp_path)
+    n = 10
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["toy.pdb", "toy.cif", "toy_confidence.json", "toy_pae.png", "toy_plddt.png"])
+    record = json.loads((folder / "toy_confidence.json").read_text())
+    pae = np.asarray(record["predicted_aligned_error"])
+    assert pae.shape == (n, n) and record["max_predicted_aligned_error"] == 31.75
+    assert ((pae >= 0) & (pae <= 31.75)).all() and pae.std() > 0.1
+    assert 0 < record["ptm"] <= 1 and len(record["plddt"]) == n
+    for png in ("toy_pae.png", "toy_plddt.png"):
+        assert (folder / png).read_bytes()[:8] == PNG_MAGIC, png
+        import matplotlib.image
+
+        assert matplotlib.image.imread(folder / png).ndim == 3, png
+
+    # the values are the EMA model's own outputs, rounded as written
+    module = ProtfoldModule.load_from_checkpoint(ptm_predictor, map_location="cpu").eval()
+    (target,) = iter_targets(tmp_path / "q.fasta")
+    with module.ema.swapped_in():
+        pred = predict_target(module, target, device=torch.device("cpu"), data=DataConfig())
+    np.testing.assert_allclose(pae, pred["pae"], atol=0.005 + 1e-6)
+    assert record["ptm"] == pytest.approx(pred["ptm"], abs=1e-4)
+
+
+def test_predict_without_the_head_has_no_pae(pretrained, tmp_path) -> None:
+    folder = _predict(pretrained, tmp_path)
+    assert not (folder / "toy_pae.png").exists() and (folder / "toy_plddt.png").is_file()
+    record = json.loads((folder / "toy_confidence.json").read_text())
+    assert not {"predicted_aligned_error", "max_predicted_aligned_error", "ptm"} & record.keys()
