@@ -52,5 +52,5 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | None = None)
     return model.eval()
 
 
-__all__ = ["ImportedWeights", "ResolvedConfig", "as_preset", "convert", "export_af2", "load_model", "protfold_checkpoint",
-           "read_config", "read_external_weights", "read_weights"]
+__all__ = ["ImportedWeights", "ResolvedConfig", "as_preset", "convert", "export_af2", "load_model",
+           "protfold_checkpoint", "read_config", "read_external_weights", "read_weights"]
