@@ -215,9 +215,8 @@ def _strip(name: str) -> str:
 
 
 def _openfold_v2_name(name: str) -> str:
-    for old, new in _OPENFOLD_V1.items():
-        if old in name and new not in name:
-            name = name.replace(old, new)
+    for old, new in _OPENFOLD_V1.items():  # no old name is part of a current one: renaming twice is a no-op
+        name = name.replace(old, new)
     return name
 
 

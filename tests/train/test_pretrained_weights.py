@@ -12,7 +12,7 @@ import torch
 
 from protfold.cli import main
 from protfold.train.module import ProtfoldModule
-from protfold.weights import read_weights
+from protfold.weights import load_model, read_weights
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "alphafold_params_small"
 SIZES = json.loads((FIXTURE / "config.json").read_text())["protfold_model_config"]
@@ -34,6 +34,10 @@ def test_converted_checkpoint_layout(converted):
     for name, tensor in imported.state_dict.items():  # raw and EMA weights both the imported ones
         assert torch.equal(ckpt["state_dict"][f"model.{name}"], tensor), name
         assert torch.equal(ckpt["ema"]["shadow"][name], tensor), name
+    model = load_model(converted)  # its own saved configuration
+    assert not model.training and model.cfg == imported.config.cfg
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, imported.state_dict[name]), name
 
 
 def test_predict_from_converted_checkpoint_and_from_the_files_directly(converted, tmp_path, capsys):

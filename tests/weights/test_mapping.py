@@ -40,6 +40,37 @@ def test_npz_and_openfold_state_dict_give_identical_weights_for_every_parameter(
     assert not npz.missing and not npz.ignored and not pt.missing and not pt.ignored
 
 
+def _openfold_v1_name(name: str) -> str:
+    """The fixture's (current) OpenFold names as older OpenFold releases wrote them (EvoformerBlockCore)."""
+    for new, old in ((".msa_transition.", ".core.msa_transition."), ("pair_stack.tri_", "core.tri_"),
+                     (".outer_product_mean.", ".core.outer_product_mean."), ("_points.linear.", "_points."),
+                     ("pair_stack.pair_transition", "core.pair_transition")):
+        name = name.replace(new, old)
+    return name
+
+
+OPENFOLD_LAYOUTS = {  # how OpenFold checkpoints hold the weights -> a file made from the fixture's state dict
+    "lightning state_dict": lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "global_step": 7},
+    # Lightning checkpoint with EMA: the EMA weights are taken (as OpenFold's own loader does), not the raw ones
+    "lightning ema.params": lambda sd: {"state_dict": {f"model.{k}": torch.zeros_like(v) for k, v in sd.items()},
+                                        "ema": {"decay": 0.999, "params": sd}},
+    "DeepSpeed module. prefix": lambda sd: {f"module.model.{k}": v for k, v in sd.items()},
+    "v1 names": lambda sd: {_openfold_v1_name(k): v for k, v in sd.items()},
+}
+
+
+@pytest.mark.parametrize("layout", OPENFOLD_LAYOUTS)
+def test_openfold_checkpoint_layouts(layout, tmp_path):
+    state = torch.load(FIXTURE / "openfold_state_dict.pt", weights_only=True)
+    if layout == "v1 names":
+        assert sum(_openfold_v1_name(k) != k for k in state) > 100  # the renaming is exercised
+    torch.save(OPENFOLD_LAYOUTS[layout](state), tmp_path / "openfold.ckpt")
+    got, want = read_weights(tmp_path / "openfold.ckpt"), read_weights(FIXTURE / "params.npz")
+    assert got.format == "openfold" and got.state_dict.keys() == want.state_dict.keys()
+    for name, tensor in want.state_dict.items():
+        assert torch.equal(got.state_dict[name], tensor), name
+
+
 def test_sizes_read_from_the_file_are_the_fixture_config():
     config = json.loads((FIXTURE / "config.json").read_text())["protfold_model_config"]
     for source in ("params.npz", "openfold_state_dict.pt"):
