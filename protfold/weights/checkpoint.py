@@ -52,7 +52,7 @@ def convert(source: str | Path, out: str | Path, config: str | Path | ModelConfi
     try:
         torch.save(protfold_checkpoint(imported), tmp)
         os.replace(tmp, out)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError on a full disk
         raise ProtfoldInputError(out, f"cannot write the checkpoint: {one_line(err)}") from None
     finally:
         tmp.unlink(missing_ok=True)

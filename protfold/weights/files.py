@@ -171,15 +171,18 @@ def load_torch(path: str | Path) -> Any:
     path = Path(path)
     mmap = zipfile.is_zipfile(path)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as err:
-            if "weights only load failed" not in str(err).lower():
-                raise
-            log.info("%s holds Python objects besides tensors; loading it with full unpickling", path)
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower():
+            raise ProtfoldInputError(path, f"truncated or corrupt checkpoint: {one_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - a bad file can fail anywhere inside the unpickler
         raise ProtfoldInputError(path, f"truncated or corrupt checkpoint: {one_line(err)}") from None
+    log.debug("%s holds Python objects besides tensors; loading it with full unpickling", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - as above; e.g. a pickled class whose module is not installed
+        raise ProtfoldInputError(path, f"cannot read the Python objects it holds besides tensors: {one_line(err)}"
+                                 ) from None
 
 
 def torch_weights(path: str | Path, obj: Any) -> TorchWeights:
