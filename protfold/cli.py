@@ -2,7 +2,8 @@
 
 Subcommands are a table of name -> handler(argv) -> exit code, so others can be added in one line.
 `fit`, `validate` and `test` run LightningCLI (protfold.train.lightning_cli), `predict` writes structures
-from a checkpoint, and `bench` runs the memory-mode comparison (protfold.bench).
+from a checkpoint, `convert` turns AlphaFold2 / OpenFold weights into one (protfold.weights), and `bench`
+runs the memory-mode comparison (protfold.bench).
 Heavy modules are imported inside the handlers, so `protfold --help` and `protfold prepare` stay quick.
 """
 
@@ -56,9 +57,14 @@ def _prepare(argv: list[str]) -> int:
 
 
 def _lightning(argv: list[str], name: str) -> int:
+    from protfold.errors import ProtfoldInputError
     from protfold.train.lightning_cli import run_lightning
 
-    return run_lightning([name, *argv])
+    try:
+        return run_lightning([name, *argv])
+    except ProtfoldInputError as exc:  # e.g. --model.init_from weights that cannot be used
+        print(f"protfold {name}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _predict(argv: list[str]) -> int:
@@ -68,7 +74,10 @@ def _predict(argv: list[str]) -> int:
         "<id>_confidence.json. Existing outputs are skipped unless --overwrite. Ids that are not safe file names "
         "are made so (reported); two inputs with the same id are refused.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `protfold fit`")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `protfold fit` or `protfold "
+                        "convert`, or AlphaFold2 / OpenFold weights directly (params_model_3_ptm.npz, *.pt)")
+    parser.add_argument("--preset", default=None, help="for AlphaFold2 / OpenFold weights: model preset or JSON "
+                        "file of sizes (default: read from the file; af2_ptm with the PAE head, else af2)")
     parser.add_argument("--input", required=True, help="FASTA file, folder of FASTA files, or a prepared cache")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--msa_dir", help="MSAs: MSA_DIR/<id>/ (a3m, sto, fasta) or MSA_DIR/<id>.a3m")
@@ -93,7 +102,7 @@ def _predict(argv: list[str]) -> int:
 
         report = run_predict(ckpt_path=args.ckpt_path, targets=targets, out=args.out, overwrite=args.overwrite,
                              device=device, memory=memory, max_msa_clusters=args.max_msa_clusters,
-                             max_extra_msa=args.max_extra_msa)
+                             max_extra_msa=args.max_extra_msa, model_config=args.preset)
     except ProtfoldInputError as err:
         print(f"protfold predict: {err}", file=sys.stderr)
         return 1
@@ -120,6 +129,39 @@ def _check_device(device: str | None) -> str | None:
     return device
 
 
+def _convert(argv: list[str]) -> int:
+    from protfold.config import PRESET_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="protfold convert",
+        description="AlphaFold2 parameters (params_model_{3,4,5}[_ptm].npz) or an OpenFold checkpoint -> a protfold "
+        "checkpoint for `protfold predict --ckpt_path` and `protfold fit --model.init_from` (whose EMA average "
+        "starts from these weights). Writes only CKPT.",
+    )
+    parser.add_argument("source", metavar="SRC", help="AlphaFold2 .npz, OpenFold .pt/.ckpt, or a protfold checkpoint")
+    parser.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=PRESET_NAMES, help="model preset the parameters must fit (default: read "
+                       "from the file: af2_ptm if it has the PAE head, else af2, with the sizes of its tensors)")
+    which.add_argument("--config", metavar="JSON", help="JSON file of ModelConfig sizes instead of a preset")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing CKPT")
+    args = parser.parse_args(argv)
+
+    from protfold.errors import ProtfoldInputError
+    from protfold.weights import convert
+
+    try:
+        imported = convert(args.source, args.out, args.preset or args.config, overwrite=args.overwrite)
+    except ProtfoldInputError as exc:
+        print(f"protfold convert: {exc}", file=sys.stderr)
+        return 1
+    resolved = imported.config
+    changed = f" with {len(resolved.overrides)} sizes changed" if resolved.overrides else ""
+    print(f"protfold convert: wrote {args.out}: {len(imported.state_dict)} tensors of {imported.format} weights, "
+          f"preset {resolved.preset}{changed} ({resolved.label})")
+    return 0
+
+
 def _bench(argv: list[str]) -> int:
     from protfold.bench.runner import main as bench_main
 
@@ -132,6 +174,7 @@ SUBCOMMANDS: dict[str, Handler] = {
     "validate": lambda argv: _lightning(argv, "validate"),
     "test": lambda argv: _lightning(argv, "test"),
     "predict": _predict,
+    "convert": _convert,
     "bench": _bench,
 }
 _HELP = {
@@ -140,6 +183,7 @@ _HELP = {
     "validate": "validate a checkpoint (LightningCLI)",
     "test": "test a checkpoint (LightningCLI)",
     "predict": "predict structures from FASTA / a prepared cache with a checkpoint",
+    "convert": "AlphaFold2 / OpenFold weights -> protfold checkpoint",
     "bench": "compare memory modes",
 }
 

@@ -17,7 +17,9 @@ from protfold.errors import ProtfoldInputError
 from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig, model_preset
 from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
+from protfold.train.checkpoints import read_checkpoint
 from protfold.train.ema import EMA
+from protfold.weights import as_preset, read_external_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,8 @@ class ProtfoldModule(pl.LightningModule):
         self.model = AlphaFold(cfg=self.model_cfg, mem=memory)
         self.finetune_report: FinetuneReport | None = None
         if init_from:
-            self.finetune_report = load_weights(self.model, init_from, which=init_weights)
+            label = f"model.preset {preset!r}" + (" with model.model_overrides" if model_overrides else "")
+            self.finetune_report = load_weights(self.model, init_from, which=init_weights, label=label)
             log.info("%s", self.finetune_report)
         if freeze_trunk:
             for name, p in self.model.named_parameters():
@@ -328,18 +331,18 @@ class FinetuneReport:
         return "\n".join(lines)
 
 
-def load_weights(model: torch.nn.Module, path: str, *, which: str = "ema") -> FinetuneReport:
-    """Copy a checkpoint's weights into `model` where names and shapes match, and report the rest."""
+def load_weights(model: torch.nn.Module, path: str, *, which: str = "ema", label: str = "the model") -> FinetuneReport:
+    """Copy a checkpoint's weights into `model` where names and shapes match, and report the rest.
+    `label` names the model's configuration in the error for AF2 / OpenFold weights of other shapes."""
     if which not in ("ema", "raw"):
         raise ValueError(f"init_weights must be 'ema' or 'raw', got {which!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ProtfoldInputError(path, f"cannot read checkpoint: {err}") from None
-    if which == "ema" and "ema" in ckpt:
-        weights = dict(ckpt["ema"]["shadow"])
+    # AF2 .npz / OpenFold checkpoint: converted for this model's configuration, shapes checked (a mismatch is
+    # an error naming the tensor); heads the file lacks are reported below as missing
+    imported = read_external_weights(path, as_preset(model.cfg, label), allow_missing=True)
+    if imported is not None:
+        weights = imported.state_dict
     else:
-        weights = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
+        weights = _protfold_weights(path, which)
     if not weights:
         raise ProtfoldInputError(path, "checkpoint holds no model weights")
     own = model.state_dict()
@@ -350,6 +353,31 @@ def load_weights(model: torch.nn.Module, path: str, *, which: str = "ema") -> Fi
         source=str(path), loaded=len(take), missing=sorted(k for k in own if k not in weights),
         unexpected=sorted(k for k in weights if k not in own), mismatched=mismatched,
     )
+
+
+def _protfold_weights(path: str, which: str) -> dict[str, Tensor]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ProtfoldInputError(path, f"cannot read checkpoint: {err}") from None
+    if which == "ema" and "ema" in ckpt:
+        return dict(ckpt["ema"]["shadow"])
+    return {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
+
+
+def load_module(path: str, *, map_location: Any = None, model_config: str | None = None) -> ProtfoldModule:
+    """The module of a checkpoint written by `protfold fit` or `protfold convert`, or of AF2 / OpenFold
+    weights given directly: then `model_config` (a preset or a JSON file of sizes; None: read from the file)
+    chooses the model, and the EMA average starts from the imported weights."""
+    imported = read_external_weights(path, model_config)
+    if imported is None:
+        read_checkpoint(path)  # a torch file that is no protfold checkpoint: one clear line, not Lightning's error
+        # the checkpoint holds every weight: a fine-tuned run's `init_from` source is not read again (it may be gone)
+        return ProtfoldModule.load_from_checkpoint(path, map_location=map_location, init_from=None)
+    module = ProtfoldModule(preset=imported.config.preset, model_overrides=imported.config.overrides or None)
+    module.model.load_state_dict(imported.state_dict)
+    module.ema.reset()
+    return module
 
 
 def structure_scores(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -366,4 +394,5 @@ def structure_scores(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> di
     }
 
 
-__all__ = ["FinetuneReport", "NonFiniteStepsError", "ProtfoldModule", "load_weights", "structure_scores", "warmup_step_decay"]
+__all__ = ["FinetuneReport", "NonFiniteStepsError", "ProtfoldModule", "load_module", "load_weights", "structure_scores",
+           "warmup_step_decay"]

@@ -19,7 +19,6 @@ from protfold.errors import ProtfoldInputError
 from protfold.io.confidence import confidence_from_outputs, write_confidence
 from protfold.io.writer import to_mmcif, to_pdb
 from protfold.metrics import plddt_from_logits
-from protfold.train.checkpoints import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +69,13 @@ class PredictReport:
 
 def run_predict(*, ckpt_path: str, targets: list[Target], out: str, overwrite: bool = False,
                 device: str | None = None, memory: MemoryConfig | None = None,
-                max_msa_clusters: int = 128, max_extra_msa: int = 1024) -> PredictReport:
+                max_msa_clusters: int = 128, max_extra_msa: int = 1024,
+                model_config: str | None = None) -> PredictReport:
     """Predict every target (`protfold.data.targets.collect_targets`); skip those whose outputs exist unless
-    `overwrite`. The checkpoint is checked before the model is built; a target whose MSA cannot be used fails
-    alone (reported)."""
-    from protfold.train.module import ProtfoldModule
+    `overwrite`. `ckpt_path` is a protfold checkpoint or AF2 / OpenFold weights, for the model `model_config`
+    names (see `load_module`); it is checked before the model is built. A target whose MSA cannot be used
+    fails alone (reported)."""
+    from protfold.train.module import load_module
 
     out_dir = Path(out)
     todo = [t for t in targets if overwrite or not (out_dir / t.id / f"{t.id}.pdb").exists()]
@@ -83,10 +84,8 @@ def run_predict(*, ckpt_path: str, targets: list[Target], out: str, overwrite: b
         log.info("%s: %s exists, skipped (use --overwrite)", target_id, out_dir / target_id / f"{target_id}.pdb")
     if not todo:
         return report
-    read_checkpoint(ckpt_path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the checkpoint holds every weight: a fine-tuned run's `init_from` source is not read again (it may be gone)
-    module = ProtfoldModule.load_from_checkpoint(ckpt_path, map_location=dev, init_from=None)
+    module = load_module(ckpt_path, map_location=dev, model_config=model_config)
     module.eval().to(dev)
     if memory is not None:
         module.inference_memory = memory

@@ -22,6 +22,7 @@ CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglo
 
 def test_configs_are_found():
     assert "configs/sample.yaml" in CONFIGS and "configs/finetune.yaml" in CONFIGS
+    assert "configs/finetune_af2.yaml" in CONFIGS
     for folder in ("configs/memory/", "configs/model/", "configs/trainer/"):
         assert any(c.startswith(folder) for c in CONFIGS), folder
 
@@ -49,6 +50,24 @@ def test_config_parses_and_builds(config, cwd_repo, capsys):
     assert n_params > 10_000
     if model["preset"] in ("af2", "af2_ptm"):
         assert 80e6 < n_params < 110e6, n_params  # AF2 without templates: ~93M parameters
+
+
+def test_finetune_af2_is_af2s_fine_tuning_stage(cwd_repo, capsys, tmp_path):
+    """configs/finetune_af2.yaml as its header says to run it, with an init_from path of the user's."""
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", "configs/sample.yaml", "-c", "configs/finetune_af2.yaml",
+              "--model.init_from", str(tmp_path / "af2_model_3_ptm.ckpt"), "--print_config"])
+    out = capsys.readouterr()
+    assert exc.value.code in (0, None), out.err[-2000:]
+    resolved = yaml.safe_load(out.out)
+    model, data = resolved["model"], resolved["data"]
+    assert model["preset"] == "af2_ptm" and model["init_from"] == str(tmp_path / "af2_model_3_ptm.ckpt")
+    assert model["init_weights"] == "ema" and model["optim"]["ema_decay"] == 0.999
+    assert (data["crop_size"], data["max_msa_clusters"], data["max_extra_msa"]) == (384, 512, 5120)
+    assert model["optim"]["lr"] == 5e-4 and model["optim"]["warmup_steps"] == 0
+    loss = model["loss"]
+    assert (loss["violation"], loss["experimentally_resolved"], loss["pae"]) == (1.0, 0.01, 0.1)
+    assert resolved["trainer"]["precision"] == "bf16-mixed"
 
 
 def _assert_contains(resolved: dict, own: dict, where: str) -> None:

@@ -37,7 +37,7 @@ def test_ckpt_path_that_is_not_a_checkpoint(run_kit, tmp_path, capsys, command):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     message = str(exc.value.code)
-    assert message.startswith(f"protfold {command}: --ckpt_path {bogus}: not a readable checkpoint"), message
+    assert message.startswith(f"protfold {command}: --ckpt_path {bogus}: not a PyTorch checkpoint"), message
     assert "\n" not in message
     assert not (tmp_path / "run").exists()
 
