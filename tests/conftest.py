@@ -16,6 +16,27 @@ import pytest
 # `protfold fit` leaves torch's threads alone when OMP_NUM_THREADS is set.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+REPO = Path(__file__).resolve().parents[1]
+_SCRATCH = {".git", "__pycache__", ".pytest_cache", ".whl", ".gl", ".ruff_cache"}
+
+
+def _checkout_files() -> dict[str, int]:
+    """Every file of the checkout (ignored ones too, scratch folders aside) with its modification time."""
+    return {str(p.relative_to(REPO)): p.stat().st_mtime_ns for p in REPO.rglob("*")
+            if p.is_file() and not _SCRATCH & set(p.relative_to(REPO).parts) and ".egg-info" not in str(p)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_stays_untouched():
+    """The suite writes only to temporary folders: a test that writes into the checkout (a cache, a run, a
+    prediction) errors at the end of the session, naming the files."""
+    before = _checkout_files()
+    yield
+    after = _checkout_files()
+    changed = sorted(k for k in after if before.get(k) != after[k]) + sorted(set(before) - set(after))
+    assert not changed, f"the test suite wrote into the checkout: {changed[:10]}"
+
+
 # ------------------------------------------------------------------ prepared sample cache (data/prepare)
 
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
