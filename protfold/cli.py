@@ -83,7 +83,7 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--msa_dir", help="MSAs: MSA_DIR/<id>/ (a3m, sto, fasta) or MSA_DIR/<id>.a3m")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--memory", default=None, help="inference memory preset (configs/memory/NAME.yaml) or YAML file")
+    parser.add_argument("--memory", default=None, help="inference memory preset NAME (low, low_host, ...) or YAML file")
     parser.add_argument("--max_msa_clusters", type=int, default=128)
     parser.add_argument("--max_extra_msa", type=int, default=1024)
     args = parser.parse_args(argv)
