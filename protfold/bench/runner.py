@@ -22,10 +22,11 @@ import torch
 from tqdm import tqdm
 
 from protfold.bench import report
-from protfold.bench.measure import environment, failure, free_memory, parse_bytes, relative_diff
+from protfold.bench.measure import failure, free_memory, parse_bytes, relative_diff
 from protfold.bench.synthetic import synthetic_batch
 from protfold.bench.workloads import ModeResult, Network, Point, Settings, probe_peak, run_mode
 from protfold.config import PRESET_NAMES, MemoryConfig, load_memory_preset, model_preset
+from protfold.env import environment
 
 log = logging.getLogger(__name__)
 
