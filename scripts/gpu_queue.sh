@@ -106,7 +106,7 @@ run() {
   python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" >> "$R/gpu.txt"
   echo "$(date -u +%T) prepare" >> "$R/jobs.log"
   # the prepared samples go with the results, never into the checkout
-  python3 -m protfold.cli prepare data/samples --out "$R/cache" --msa-dir data/samples/msas --no-progress \
+  python3 -m protfold.cli prepare data/samples --out "$R/cache" --msa_dir data/samples/msas --no_progress \
     > "$R/prepare.log" 2>&1
   local ddp
   ddp=$(grep -P '\tFIT_DDP$' "$1" | cut -f1 || true)
