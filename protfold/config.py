@@ -215,7 +215,6 @@ class DataConfig:
     masked_msa_uniform: float = 0.1
     masked_msa_profile: float = 0.1
     masked_msa_same: float = 0.1
-    spatial_crop_distance: float = 10.0  # Angstrom interface cutoff style radius for spatial crops
 
     def __post_init__(self) -> None:
         if self.crop_size < 1:
