@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from protfold.bench.measure import environment
 from protfold.config import MemoryConfig, ModelConfig, model_preset
+from protfold.env import environment
 from protfold.model import primitives
 from protfold.model.evoformer import EvoformerStack
 from protfold.model.memory import reset_compiled

@@ -22,7 +22,7 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
   | tee -a "$OUT/gpu.txt"
 
 stamp "prepare the shipped samples"
-python3 -m protfold.cli prepare data/samples --out "$WORK/cache" --msa-dir data/samples/msas --no-progress
+python3 -m protfold.cli prepare data/samples --out "$WORK/cache" --msa_dir data/samples/msas --no_progress
 
 stamp "write a randomly initialised af2_ptm model in AlphaFold2's .npz layout"
 python3 - "$WORK/params_model_random_ptm.npz" <<'EOF'

@@ -27,10 +27,14 @@ def _prepare(argv: list[str]) -> int:
     )
     parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder searched recursively for .cif/.pdb/.ent(.gz)")
     parser.add_argument("--out", required=True, metavar="CACHE_DIR", help="cache folder (created if needed)")
-    parser.add_argument("--msa-dir", metavar="MSA_DIR", help="MSAs in MSA_DIR/<pdb id>_<chain>/ (a3m, sto, fasta)")
+    parser.add_argument("--msa_dir", metavar="MSA_DIR", help="MSAs in MSA_DIR/<pdb id>_<chain>/ (a3m, sto, fasta)")
     parser.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
     parser.add_argument("--strict", action="store_true", help="fail (exit 1) if any file is skipped or MSA rejected")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    # The hyphenated spellings of earlier releases still work (scripts keep running), left out of --help: every
+    # protfold command, LightningCLI's included, spells its flags with underscores.
+    parser.add_argument("--msa-dir", dest="msa_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")
@@ -83,7 +87,7 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--msa_dir", help="MSAs: MSA_DIR/<id>/ (a3m, sto, fasta) or MSA_DIR/<id>.a3m")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--memory", default=None, help="inference memory preset (configs/memory/NAME.yaml) or YAML file")
+    parser.add_argument("--memory", default=None, help="inference memory preset NAME (low, low_host, ...) or YAML file")
     parser.add_argument("--max_msa_clusters", type=int, default=128)
     parser.add_argument("--max_extra_msa", type=int, default=1024)
     args = parser.parse_args(argv)

@@ -78,11 +78,23 @@ class MemoryConfig:
             )
 
 
-MEMORY_PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "memory"
+# Package data (pyproject's package-data), so presets are found from any install, not only a source checkout.
+MEMORY_PRESET_DIR = Path(__file__).resolve().parent / "resources" / "memory"
+
+
+def memory_preset_names() -> list[str]:
+    """Names of the shipped memory presets (`protfold/resources/memory/NAME.yaml`)."""
+    return sorted(p.stem for p in MEMORY_PRESET_DIR.glob("*.yaml"))
+
+
+def memory_preset_path(name: str) -> Path | None:
+    """The YAML file of the shipped preset NAME (bare MemoryConfig fields), or None if there is none."""
+    path = MEMORY_PRESET_DIR / f"{name}.yaml"
+    return path if name and Path(name).name == name and path.is_file() else None
 
 
 def load_memory_preset(name_or_path: str) -> MemoryConfig:
-    """MemoryConfig of configs/memory/NAME.yaml, or of a YAML file: `model: memory: {fields}`, `memory:` or bare.
+    """MemoryConfig of a shipped preset NAME, or of a YAML file: `model: memory: {fields}`, `memory:` or bare.
 
     Raises ValueError naming the file (or the known presets) and the reason.
     """
@@ -90,9 +102,9 @@ def load_memory_preset(name_or_path: str) -> MemoryConfig:
 
     path = Path(name_or_path)
     if not path.is_file():
-        path = MEMORY_PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in MEMORY_PRESET_DIR.glob("*.yaml")))
+        path = memory_preset_path(name_or_path)
+    if path is None:
+        known = ", ".join(memory_preset_names())
         raise ValueError(f"unknown memory mode {name_or_path!r} (not a file; presets: {known})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -203,7 +215,6 @@ class DataConfig:
     masked_msa_uniform: float = 0.1
     masked_msa_profile: float = 0.1
     masked_msa_same: float = 0.1
-    spatial_crop_distance: float = 10.0  # Angstrom interface cutoff style radius for spatial crops
 
     def __post_init__(self) -> None:
         if self.crop_size < 1:
@@ -271,5 +282,7 @@ __all__ = [
     "OptimConfig",
     "PRESET_NAMES",
     "load_memory_preset",
+    "memory_preset_names",
+    "memory_preset_path",
     "model_preset",
 ]

@@ -15,7 +15,7 @@ from protfold import constants as rc
 from protfold.config import LossConfig
 from protfold.geometry import Rigid
 from protfold.metrics import lddt
-from protfold.model.memory import recompute, upcast
+from protfold.numerics import recompute, upcast
 from protfold.violations import violation_loss
 
 # Side-chain FAPE (every frame x every atom) and Alg. 26's atom-pair distances are computed in chunks that keep

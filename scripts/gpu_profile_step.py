@@ -1,6 +1,6 @@
 """Profile one af2 training step (bf16, no recycle) per memory mode on CUDA: wall time, kernel time and kernel
 launches, and the top ops by kernel time. Usage: python3 scripts/gpu_profile_step.py CROP MODE[,MODE...]
-(preset names from configs/memory or YAML paths). 128 MSA rows, 1024 extra rows, synthetic inputs."""
+(memory preset names or YAML paths). 128 MSA rows, 1024 extra rows, synthetic inputs."""
 
 from __future__ import annotations
 

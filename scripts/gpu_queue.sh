@@ -2,7 +2,7 @@
 # GPU work queue for one device machine with one or more GPUs: jobs from a queue file (scripts/queues/*.tsv:
 # NAME<TAB>COMMAND per line, most needed first) are taken by one worker per GPU. COMMAND is a bench command
 # (its --out and --time-limit are added), FIT [ARGS] (`protfold fit` of af2 in bf16 on one GPU, with ARGS added,
-# e.g. `FIT -c configs/memory/compiled_flex.yaml`) or FIT_DDP (the same on every GPU, run before the workers
+# e.g. `FIT --model.memory compiled_flex`) or FIT_DDP (the same on every GPU, run before the workers
 # start, alone on the machine).
 #
 # The work outlasts one device call (10 minutes), so `start` launches a driver in its own process session
@@ -106,7 +106,7 @@ run() {
   python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" >> "$R/gpu.txt"
   echo "$(date -u +%T) prepare" >> "$R/jobs.log"
   # the prepared samples go with the results, never into the checkout
-  python3 -m protfold.cli prepare data/samples --out "$R/cache" --msa-dir data/samples/msas --no-progress \
+  python3 -m protfold.cli prepare data/samples --out "$R/cache" --msa_dir data/samples/msas --no_progress \
     > "$R/prepare.log" 2>&1
   local ddp
   ddp=$(grep -P '\tFIT_DDP$' "$1" | cut -f1 || true)

@@ -4,7 +4,7 @@
 # on the device (see the device README) for `protfold prepare` and LightningCLI.
 set -euo pipefail
 OUT=${OUT:?set OUT}
-python3 -m protfold.cli prepare data/samples --out cache/samples --msa-dir data/samples/msas --no-progress
+python3 -m protfold.cli prepare data/samples --out cache/samples --msa_dir data/samples/msas --no_progress
 n=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml --trainer.enable_progress_bar false \
   --trainer.default_root_dir "$OUT/one_gpu" 2>&1 | tee "$OUT/one_gpu.log" | tail -20

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0" 2>/dev/null || python3 -m pip install -q "torch>=2.6,<2.15"
 python3 -m pip install -q -e . -c constraints.txt
-protfold prepare data/samples --out cache/samples --msa-dir data/samples/msas
+protfold prepare data/samples --out cache/samples --msa_dir data/samples/msas
 protfold fit -c configs/sample.yaml "$@"
 run=$(ls -td runs/sample/protfold/version_* | head -n 1)
 protfold validate -c configs/sample.yaml --ckpt_path "$run/checkpoints/last.ckpt" --trainer.logger false

@@ -95,7 +95,7 @@ def count(*, crop: int, memory_name: str, sets: dict[str, Any], blocks: int, ext
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--memory", default="low", help="a configs/memory preset or YAML path")
+    p.add_argument("--memory", default="low", help="a memory preset name or YAML path")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="MemoryConfig overrides")
     p.add_argument("--blocks", type=int, default=48)
     p.add_argument("--extra-blocks", type=int, default=4)

@@ -1,7 +1,7 @@
 """Where the bytes of one training step go, on CPU: peak live bytes per phase of forward + loss + backward.
 
     OMP_NUM_THREADS=1 python3 scripts/train_step_peak.py [--crop 256 --rows 128 --extra 1024 --blocks 2]
-        [--memory configs/memory/low.yaml] [--set attention_chunk_mb=128 ...] [--cpu-autocast]
+        [--memory low] [--set attention_chunk_mb=128 ...] [--cpu-autocast]
 
 The af2-width network with `--blocks` Evoformer blocks (the per-block transient does not depend on the count),
 one no-grad recycle, then the grad pass, `alphafold_loss` (default LossConfig, FAPE clamped) and backward, under
@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 import protfold.losses as losses
 import protfold.model.memory as memory
 from protfold.bench.synthetic import synthetic_batch
-from protfold.config import LossConfig, MemoryConfig, OptimConfig, model_preset
+from protfold.config import LossConfig, MemoryConfig, OptimConfig, load_memory_preset, model_preset
 from protfold.model.alphafold import AlphaFold
 
 MiB = 2**20
@@ -171,13 +171,13 @@ def main() -> None:
     p.add_argument("--extra", type=int, default=1024)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--recycles", type=int, default=1)
-    p.add_argument("--memory", default="configs/memory/low.yaml")
+    p.add_argument("--memory", default="low")
     p.add_argument("--set", nargs="*", default=[], help="MemoryConfig overrides, field=value (yaml values)")
     p.add_argument("--cpu-autocast", action="store_true", help="no CUDA dtype emulation")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    fields = yaml.safe_load(open(args.memory))["model"]["memory"]
+    fields = dataclasses.asdict(load_memory_preset(args.memory))
     for item in args.set:
         key, value = item.split("=", 1)
         fields[key] = yaml.safe_load(value)

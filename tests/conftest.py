@@ -62,10 +62,10 @@ def run_protfold(*args: object, timeout: float = 120) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="session")
 def prepared_samples(tmp_path_factory: pytest.TempPathFactory) -> PreparedSamples:
-    """`protfold prepare data/samples --out CACHE --msa-dir data/samples/msas`, once per session."""
+    """`protfold prepare data/samples --out CACHE --msa_dir data/samples/msas`, once per session."""
     cache_dir = tmp_path_factory.mktemp("prepared_samples")
     start = time.perf_counter()
-    proc = run_protfold("prepare", SAMPLES_DIR, "--out", cache_dir, "--msa-dir", SAMPLES_DIR / "msas")
+    proc = run_protfold("prepare", SAMPLES_DIR, "--out", cache_dir, "--msa_dir", SAMPLES_DIR / "msas")
     elapsed = time.perf_counter() - start
     return PreparedSamples(cache_dir, elapsed, proc.returncode, proc.stdout, proc.stderr)
 

@@ -18,7 +18,7 @@ def bad_tree(tmp_path_factory: pytest.TempPathFactory, prepare_kit):  # noqa: AN
 
 def test_bad_inputs_exit_zero_when_something_was_prepared(bad_tree, prepare_kit) -> None:  # noqa: ANN001
     root, inputs, msas = bad_tree
-    proc = prepare_kit.run_protfold("prepare", inputs, "--out", root / "cache", "--msa-dir", msas, "--workers", "2")
+    proc = prepare_kit.run_protfold("prepare", inputs, "--out", root / "cache", "--msa_dir", msas, "--workers", "2")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "40 entries ok" in proc.stdout and "5 skipped" in proc.stdout and "2 MSA file(s) rejected" in proc.stdout
@@ -29,7 +29,7 @@ def test_bad_inputs_exit_zero_when_something_was_prepared(bad_tree, prepare_kit)
 
 def test_strict_fails_on_any_skip(bad_tree, prepare_kit) -> None:  # noqa: ANN001
     root, inputs, msas = bad_tree
-    proc = prepare_kit.run_protfold("prepare", inputs, "--out", root / "cache", "--msa-dir", msas, "--strict")
+    proc = prepare_kit.run_protfold("prepare", inputs, "--out", root / "cache", "--msa_dir", msas, "--strict")
     assert proc.returncode != 0
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "--strict" in proc.stderr
@@ -40,9 +40,9 @@ def test_strict_fails_on_msa_rejection_alone(tmp_path: Path, prepare_kit) -> Non
     (tmp_path / "msas" / "1a8o_A").mkdir(parents=True)
     (tmp_path / "in" / "1a8o.cif").write_bytes((prepare_kit.samples_dir / "mmcif" / "1a8o.cif").read_bytes())
     (tmp_path / "msas" / "1a8o_A" / "x.a3m").write_text(">q\nMKV\n")
-    args = ["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--msa-dir", str(tmp_path / "msas")]
-    assert cli.main([*args, "--workers", "1", "--no-progress"]) == 0
-    assert cli.main([*args, "--workers", "1", "--no-progress", "--strict"]) == 1
+    args = ["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--msa_dir", str(tmp_path / "msas")]
+    assert cli.main([*args, "--workers", "1", "--no_progress"]) == 0
+    assert cli.main([*args, "--workers", "1", "--no_progress", "--strict"]) == 1
 
 
 def test_nothing_prepared_exits_non_zero(tmp_path: Path, prepare_kit, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
@@ -81,7 +81,20 @@ def test_unknown_subcommand_and_help(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["prepare", "--help"])
     assert info.value.code == 0
-    assert "--msa-dir" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--msa_dir" in out and "--no_progress" in out
+    assert "--msa-dir" not in out  # the old spelling still parses (below) but is not offered
+
+
+def test_prepare_keeps_hyphenated_aliases(tmp_path: Path, prepare_kit) -> None:  # noqa: ANN001
+    """`--msa-dir` / `--no-progress` (earlier spellings) give what `--msa_dir` / `--no_progress` give."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "msas" / "1a8o_A").mkdir(parents=True)
+    (tmp_path / "in" / "1a8o.cif").write_bytes((prepare_kit.samples_dir / "mmcif" / "1a8o.cif").read_bytes())
+    (tmp_path / "msas" / "1a8o_A" / "x.a3m").write_text(">q\nMKV\n")
+    base = ["prepare", str(tmp_path / "in"), "--workers", "1", "--strict"]
+    assert cli.main([*base, "--out", str(tmp_path / "a"), "--msa_dir", str(tmp_path / "msas"), "--no_progress"]) == 1
+    assert cli.main([*base, "--out", str(tmp_path / "b"), "--msa-dir", str(tmp_path / "msas"), "--no-progress"]) == 1
 
 
 def test_memory_presets_load_and_bad_ones_name_the_file(tmp_path) -> None:

@@ -14,11 +14,9 @@ first and not counted; the median of the timed steps is reported.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
 import os
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -34,7 +32,6 @@ from protfold.model.memory import saved_activation_bytes
 __all__ = [
     "Peak",
     "cpu_profiler_peak",
-    "environment",
     "free_memory",
     "median",
     "parse_bytes",
@@ -222,16 +219,3 @@ def failure(exc: Exception, what: str, device: torch.device) -> str:
     print(f"# {what} failed: {message}", file=sys.stderr)
     free_memory(device)
     return message
-
-
-def environment(device: torch.device, argv: list[str] | None) -> dict[str, str]:
-    """Card name, torch version, the command line and the date: carried by every record and the table."""
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    command = "protfold bench " + shlex.join(argv) if argv is not None else shlex.join(sys.argv)
-    return {
-        "device": str(device),
-        "card": card,
-        "torch": torch.__version__,
-        "command": command,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }

@@ -22,10 +22,11 @@ import torch
 from tqdm import tqdm
 
 from protfold.bench import report
-from protfold.bench.measure import environment, failure, free_memory, parse_bytes, relative_diff
+from protfold.bench.measure import failure, free_memory, parse_bytes, relative_diff
 from protfold.bench.synthetic import synthetic_batch
 from protfold.bench.workloads import ModeResult, Network, Point, Settings, probe_peak, run_mode
 from protfold.config import PRESET_NAMES, MemoryConfig, load_memory_preset, model_preset
+from protfold.env import environment
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help=f"preset(s), comma separated: {', '.join(PRESET_NAMES)}")
     p.add_argument("--modes", default="none,recompute,chunked,triangle,low",
-                   help="memory presets (configs/memory/NAME.yaml) or YAML paths, comma separated")
+                   help="memory preset names (protfold/resources/memory) or YAML paths, comma separated")
     p.add_argument("--crops", default="32,64", help="crop sizes (residues), comma separated")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None, help="write results.json, results.csv, memory_time.png here")

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from protfold.bench.measure import (Peak, failure, free_memory, median, peak_of, resident_bytes, saved_bytes,
-                                    timed_peak)
+from protfold.bench.measure import Peak, failure, free_memory, median, peak_of, resident_bytes, saved_bytes, timed_peak
 from protfold.bench.peak_sites import record_peak_sites
 from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig
 from protfold.losses import alphafold_loss

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 import numpy as np
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from protfold.config import DataConfig
@@ -186,7 +186,6 @@ class ProteinDataModule(pl.LightningDataModule):
         masked_msa_uniform: float = 0.1,
         masked_msa_profile: float = 0.1,
         masked_msa_same: float = 0.1,
-        spatial_crop_distance: float = 10.0,
         batch_size: int = 1,
         num_workers: int = 2,
         seed: int = 0,
@@ -199,7 +198,7 @@ class ProteinDataModule(pl.LightningDataModule):
             crop_size=crop_size, crop_mode=crop_mode, spatial_crop_prob=spatial_crop_prob,
             max_msa_clusters=max_msa_clusters, max_extra_msa=max_extra_msa, masked_msa_prob=masked_msa_prob,
             masked_msa_uniform=masked_msa_uniform, masked_msa_profile=masked_msa_profile,
-            masked_msa_same=masked_msa_same, spatial_crop_distance=spatial_crop_distance,
+            masked_msa_same=masked_msa_same,
         )
         if batch_size < 1 or num_workers < 0 or seed < 0 or (samples_per_epoch is not None and samples_per_epoch < 1):
             raise ValueError("batch_size and samples_per_epoch must be >= 1, num_workers and seed >= 0")

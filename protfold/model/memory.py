@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.checkpoint import checkpoint
 
 from protfold.config import MemoryConfig
+from protfold.numerics import recompute, upcast  # below the model, as the losses use them too; re-exported
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +55,6 @@ def fp32_island(x: Tensor) -> Iterator[None]:
     """Disable autocast for `x`'s own device type (never a hard-coded "cuda"); callers cast inputs with `upcast`."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         yield
-
-
-def upcast(x: Tensor) -> Tensor:
-    """x in at least fp32 (half types become fp32; fp32 and fp64 are kept, so float64 gradchecks stay exact)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def recompute(fn: Callable[..., Any], *args: Any, enabled: bool = True) -> Any:
-    """`fn(*args)`, recomputed in backward instead of keeping its intermediates when `enabled` and grad is on.
-
-    Non-reentrant checkpoint with the RNG state preserved, so dropout inside `fn` draws the same mask again.
-    """
-    if not (enabled and torch.is_grad_enabled()):
-        return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
 
 
 def chunk_rows(

@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from protfold.bench.measure import environment
+from protfold.env import environment
 from protfold.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from protfold.config import MemoryConfig, model_preset
+from protfold.config import MemoryConfig, memory_preset_path, model_preset
 from protfold.data.datamodule import ProteinDataModule
 from protfold.errors import ProtfoldInputError
 from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, StepStats, TrainingCurvePlot
@@ -117,7 +117,9 @@ def _check_config(config: Any) -> None:
         if value is None or isinstance(value, MemoryConfig):
             continue
         try:
-            MemoryConfig(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
+            fields = value.as_dict() if hasattr(value, "as_dict") else dict(value)
+            # a group read from a file (`--model.memory NAME` or a path) carries jsonargparse's `__path__` key
+            MemoryConfig(**{k: v for k, v in fields.items() if not k.startswith("__")})
         except (TypeError, ValueError) as err:
             raise SystemExit(f"protfold: config error: model.{key}: {err}") from None
     if getattr(model.loss, "experimentally_resolved", 0) > 0 and not cfg.experimentally_resolved:
@@ -182,7 +184,7 @@ def run_lightning(argv: list[str]) -> int:
     saved_argv = sys.argv
     # LightningCLI reads sys.argv (passing args= as well makes it warn). Keep argv[0], the running script:
     # Lightning's DDP launcher starts the other ranks as `python <argv[0]> <argv[1:]>`.
-    sys.argv = [saved_argv[0] if saved_argv else "protfold", *argv]
+    sys.argv = [saved_argv[0] if saved_argv else "protfold", *preset_paths(argv)]
     _one_log_output()
     try:
         _make_cli()
@@ -193,6 +195,30 @@ def run_lightning(argv: list[str]) -> int:
     finally:
         sys.argv = saved_argv
     return 0
+
+
+_MEMORY_FLAGS = ("--model.memory", "--model.inference_memory")
+
+
+def preset_paths(argv: list[str]) -> list[str]:
+    """`--model.memory NAME` (or `--model.inference_memory NAME`, `=NAME`) with NAME a shipped preset becomes the
+    preset's file: jsonargparse reads a dataclass argument from a YAML file of its fields, and the presets are
+    package data, so selection by name works from any install. Existing paths and YAML strings pass unchanged."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if eq and flag in _MEMORY_FLAGS:
+            out.append(f"{flag}={_preset_file(value)}")
+        elif i > 0 and argv[i - 1] in _MEMORY_FLAGS:
+            out.append(_preset_file(arg))
+        else:
+            out.append(arg)
+    return out
+
+
+def _preset_file(value: str) -> str:
+    path = None if Path(value).exists() else memory_preset_path(value)
+    return str(path) if path else value
 
 
 def _one_log_output() -> None:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from protfold import metrics
-from protfold.errors import ProtfoldInputError
 from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig, model_preset
+from protfold.errors import ProtfoldInputError
 from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.train.checkpoints import read_checkpoint

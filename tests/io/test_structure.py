@@ -14,7 +14,6 @@ from protfold.errors import ProtfoldInputError
 from protfold.io import list_protein_chains, parse_structure
 
 
-
 def _position(chain, number: int | str) -> int:
     return chain.author_numbering.index(str(number))
 

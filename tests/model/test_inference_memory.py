@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from protfold.config import MemoryConfig, model_preset
-from protfold.model.evoformer import EvoformerBlock, EvoformerStack, ExtraMSAStack, OuterProductMean, _AddInto, _chunked_inference
+from protfold.model.evoformer import (
+    EvoformerBlock,
+    EvoformerStack,
+    ExtraMSAStack,
+    OuterProductMean,
+    _AddInto,
+    _chunked_inference,
+)
 from protfold.model.memory import chunk_rows, peak_new_bytes
 from protfold.model.triangle import PairTransition, TriangleAttention, TriangleMultiplication
 

@@ -16,8 +16,6 @@ import torch
 from protfold.train.module import ProtfoldModule
 
 
-
-
 def _draw_after(state: torch.Tensor) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(state)

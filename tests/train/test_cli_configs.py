@@ -5,6 +5,7 @@ with small overrides, writes last.ckpt, a best checkpoint, metrics.csv, config.y
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 import yaml
 
 from protfold.cli import main
-from protfold.config import MemoryConfig, model_preset
+from protfold.config import MemoryConfig, load_memory_preset, memory_preset_names, model_preset
 from protfold.model.alphafold import AlphaFold
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglo
 def test_configs_are_found():
     assert "configs/sample.yaml" in CONFIGS and "configs/finetune.yaml" in CONFIGS
     assert "configs/finetune_af2.yaml" in CONFIGS
-    for folder in ("configs/memory/", "configs/model/", "configs/trainer/"):
+    for folder in ("configs/model/", "configs/trainer/"):
         assert any(c.startswith(folder) for c in CONFIGS), folder
 
 
@@ -50,6 +51,24 @@ def test_config_parses_and_builds(config, cwd_repo, capsys):
     assert n_params > 10_000
     if model["preset"] in ("af2", "af2_ptm"):
         assert 80e6 < n_params < 110e6, n_params  # AF2 without templates: ~93M parameters
+
+
+@pytest.mark.parametrize("name", memory_preset_names())
+def test_memory_preset_by_name(name, cwd_repo, capsys):
+    """`--model.memory NAME` selects the shipped preset (package data) by name; a later field flag still applies."""
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", "configs/sample.yaml", "--model.memory", name, "--model.inference_memory", name,
+              "--model.memory.triangle_slice_mb", "64", "--print_config"])
+    out = capsys.readouterr()
+    assert exc.value.code in (0, None), out.err[-2000:]
+    model = yaml.safe_load(out.out)["model"]
+    preset = load_memory_preset(name)
+    assert MemoryConfig(**model["inference_memory"]) == preset
+    assert MemoryConfig(**model["memory"]) == dataclasses.replace(preset, triangle_slice_mb=64.0)
+
+
+def test_memory_presets_are_shipped():
+    assert {"none", "recompute", "low", "long", "compiled_flex"} <= set(memory_preset_names())
 
 
 def test_finetune_af2_is_af2s_fine_tuning_stage(cwd_repo, capsys, tmp_path):

@@ -1,4 +1,4 @@
-"""`protfold fit` with compiled blocks (`configs/memory/compiled.yaml`, and `compiled_flex`, which is `compiled` on
+"""`protfold fit` with compiled blocks (`--model.memory compiled`, and `compiled_flex`, which is `compiled` on
 the CPU) trains as the eager path does under Lightning: the same losses step by step, within float reordering.
 The README recommends `compiled_flex` first on CUDA, so its Lightning path (precision plugin, EMA callback,
 validation without grad, checkpointing) is exercised here on the CPU; tests/gpu covers the kernels on CUDA, and the
@@ -25,7 +25,7 @@ def test_compiled_blocks_train_like_eager(run_kit, cwd_repo, tmp_path):
     for mode in ("recompute", "compiled_flex"):
         reset_compiled()
         root = tmp_path / mode
-        run_kit.fit(run_kit.fit_args(root, steps=3, val_every=3, extra=("-c", f"configs/memory/{mode}.yaml")))
+        run_kit.fit(run_kit.fit_args(root, steps=3, val_every=3, extra=("--model.memory", mode)))
         losses[mode] = run_kit.train_losses(root)
         run = run_kit.version_dirs(root)[-1]
         assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -54,7 +54,7 @@ def test_compiled_flex_fit_on_gpu(run_kit, cwd_repo, tmp_path, monkeypatch):
         # class should need 2 (static, then symbolic sizes). The flex kernel called eagerly keeps its own limit.
         with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
             run_kit.fit(run_kit.fit_args(root, steps=6, val_every=3,
-                                         extra=(*gpu, "-c", f"configs/memory/{mode}.yaml")))
+                                         extra=(*gpu, "--model.memory", mode)))
         losses[mode] = run_kit.train_losses(root)
         perf = json.loads((run_kit.version_dirs(root)[-1] / "perf.json").read_text())
         assert perf["device"] == torch.cuda.get_device_name() and perf["steps"] == 6, perf  # the steps' card

@@ -172,8 +172,8 @@ def test_predict_uses_ema_weights(predictor, tmp_path):
     import torch
 
     from protfold.config import DataConfig
-    from protfold.train.module import ProtfoldModule
     from protfold.data.targets import collect_targets
+    from protfold.train.module import ProtfoldModule
     from protfold.train.predict import predict_target
 
     fasta = tmp_path / "q.fasta"

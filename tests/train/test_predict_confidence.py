@@ -42,8 +42,8 @@ def _predict(ckpt: Path, tmp_path: Path, sequence: str = "MKVLAAGWRD") -> Path:
 
 def test_predict_writes_pae_ptm_and_both_pngs(ptm_predictor, tmp_path) -> None:
     from protfold.config import DataConfig
-    from protfold.train.module import ProtfoldModule
     from protfold.data.targets import collect_targets
+    from protfold.train.module import ProtfoldModule
     from protfold.train.predict import predict_target
 
     folder = _predict(ptm_predictor, tmp_path)
