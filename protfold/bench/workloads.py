@@ -20,10 +20,10 @@ from protfold.bench.measure import (Peak, failure, free_memory, median, peak_of,
                                     timed_peak)
 from protfold.bench.peak_sites import record_peak_sites
 from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig
-from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.model.evoformer import EvoformerBlock, EvoformerStack
 from protfold.model.memory import reset_compiled
+from protfold.train.step import adam, clip_and_step, freeze_unused_heads, training_loss
 
 __all__ = ["KINDS", "ModeResult", "Network", "Point", "Settings", "probe_peak", "run_mode"]
 
@@ -70,7 +70,9 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any
 
 def _module(kind: str, cfg: ModelConfig, mem: MemoryConfig) -> nn.Module:
     if kind == "train":
-        return AlphaFold(cfg=cfg, mem=mem)
+        model = AlphaFold(cfg=cfg, mem=mem)
+        freeze_unused_heads(model, LossConfig())  # trained as `protfold fit` trains it with these loss weights
+        return model
     if kind == "evoformer":
         return EvoformerStack(cfg, mem=mem)
     return EvoformerBlock.from_config(cfg, mem=mem)
@@ -129,7 +131,8 @@ def _oom_guard(fn: Callable[[], Any]) -> tuple[str, Any]:
 
 
 class _Trainer:
-    """A training-style step on `module`: forward + loss + backward (+ clip 0.1 and Adam when `optimize`)."""
+    """A training-style step on `module`: forward + loss + backward (+ the clipped Adam update of
+    `protfold fit`, `protfold.train.step`, when `optimize`)."""
 
     def __init__(self, module: nn.Module, loss_fn: Callable[[], Tensor], leaves: list[Tensor], *,
                  optimize: bool) -> None:
@@ -137,8 +140,7 @@ class _Trainer:
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.opt = None
         if optimize:
-            optim = OptimConfig()
-            self.opt = torch.optim.Adam(self.params, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+            self.opt = adam(self.params, OptimConfig())
             self._prime()
 
     def _prime(self) -> None:
@@ -151,8 +153,7 @@ class _Trainer:
 
     def _finish(self) -> None:
         if self.opt is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, OptimConfig().grad_clip)
-            self.opt.step()
+            clip_and_step(self.opt, self.params, OptimConfig().grad_clip)
         self.module.zero_grad(set_to_none=True)
         for t in self.leaves:
             t.grad = None
@@ -231,10 +232,14 @@ class _Job:
                                **owns)
 
     def loss(self) -> Tensor:
+        """kind "train": `protfold fit`'s step (`training_loss`) with the default loss weights, FAPE clamped and
+        `point.recycles` recycling passes; otherwise the mean square of the outputs."""
+        if self.point.kind == "train":
+            with autocast(self.s.device, self.point.precision):
+                return training_loss(self.module, self.inputs, n_recycles=self.point.recycles, loss_cfg=LossConfig(),
+                                     clamped_fape=True)[0]
         out = self.forward()
         with autocast(self.s.device, self.point.precision):
-            if self.point.kind == "train":
-                return alphafold_loss(out, self.inputs, LossConfig(), use_clamped_fape=True)[0]
             return sum(o.float().square().mean() for o in out)
 
     def trainer(self) -> _Trainer:
