@@ -71,7 +71,7 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any
 def _module(kind: str, cfg: ModelConfig, mem: MemoryConfig) -> nn.Module:
     if kind == "train":
         model = AlphaFold(cfg=cfg, mem=mem)
-        freeze_unused_heads(model, LossConfig())  # trained as `protfold fit` trains it with these loss weights
+        freeze_unused_heads(model, LossConfig())  # the parameters `protfold fit` trains at the bench's loss weights
         return model
     if kind == "evoformer":
         return EvoformerStack(cfg, mem=mem)
