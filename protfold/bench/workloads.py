@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from protfold.bench.measure import Peak, failure, free_memory, median, peak_of, resident_bytes, saved_bytes, timed_peak
 from protfold.bench.peak_sites import record_peak_sites
 from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig
-from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.model.evoformer import EvoformerBlock, EvoformerStack
 from protfold.model.memory import reset_compiled
+from protfold.train.step import adam, clip_and_step, freeze_unused_heads, training_loss
 
 __all__ = ["KINDS", "ModeResult", "Network", "Point", "Settings", "probe_peak", "run_mode"]
 
@@ -69,7 +69,9 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any
 
 def _module(kind: str, cfg: ModelConfig, mem: MemoryConfig) -> nn.Module:
     if kind == "train":
-        return AlphaFold(cfg=cfg, mem=mem)
+        model = AlphaFold(cfg=cfg, mem=mem)
+        freeze_unused_heads(model, LossConfig())  # the parameters `protfold fit` trains at the bench's loss weights
+        return model
     if kind == "evoformer":
         return EvoformerStack(cfg, mem=mem)
     return EvoformerBlock.from_config(cfg, mem=mem)
@@ -128,7 +130,8 @@ def _oom_guard(fn: Callable[[], Any]) -> tuple[str, Any]:
 
 
 class _Trainer:
-    """A training-style step on `module`: forward + loss + backward (+ clip 0.1 and Adam when `optimize`)."""
+    """A training-style step on `module`: forward + loss + backward (+ the clipped Adam update of
+    `protfold fit`, `protfold.train.step`, when `optimize`)."""
 
     def __init__(self, module: nn.Module, loss_fn: Callable[[], Tensor], leaves: list[Tensor], *,
                  optimize: bool) -> None:
@@ -136,8 +139,7 @@ class _Trainer:
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.opt = None
         if optimize:
-            optim = OptimConfig()
-            self.opt = torch.optim.Adam(self.params, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+            self.opt = adam(self.params, OptimConfig())
             self._prime()
 
     def _prime(self) -> None:
@@ -150,8 +152,7 @@ class _Trainer:
 
     def _finish(self) -> None:
         if self.opt is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, OptimConfig().grad_clip)
-            self.opt.step()
+            clip_and_step(self.opt, self.params, OptimConfig().grad_clip)
         self.module.zero_grad(set_to_none=True)
         for t in self.leaves:
             t.grad = None
@@ -230,10 +231,14 @@ class _Job:
                                **owns)
 
     def loss(self) -> Tensor:
+        """kind "train": `protfold fit`'s step (`training_loss`) with the default loss weights, FAPE clamped and
+        `point.recycles` recycling passes; otherwise the mean square of the outputs."""
+        if self.point.kind == "train":
+            with autocast(self.s.device, self.point.precision):
+                return training_loss(self.module, self.inputs, n_recycles=self.point.recycles, loss_cfg=LossConfig(),
+                                     clamped_fape=True)[0]
         out = self.forward()
         with autocast(self.s.device, self.point.precision):
-            if self.point.kind == "train":
-                return alphafold_loss(out, self.inputs, LossConfig(), use_clamped_fape=True)[0]
             return sum(o.float().square().mean() for o in out)
 
     def trainer(self) -> _Trainer:

@@ -19,6 +19,7 @@ from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.train.checkpoints import read_checkpoint
 from protfold.train.ema import EMA
+from protfold.train.step import adam, freeze_unused_heads, training_loss
 from protfold.weights import as_preset, read_external_weights
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,7 @@ class ProtfoldModule(pl.LightningModule):
                 if not name.startswith(("structure_module.", "heads.")):
                     p.requires_grad_(False)
         _check_loss_heads(self.model_cfg, loss)
-        for head, weight in ((self.model.heads.experimentally_resolved, loss.experimentally_resolved),
-                             (self.model.heads.predicted_aligned_error, loss.pae)):
-            if head is not None and weight == 0:
-                # no loss term reaches it (AF2 trains both only in fine-tuning): keep it out of the optimiser, as
-                # DDP stops at the second step on parameters that get no gradient
-                head.requires_grad_(False)
+        freeze_unused_heads(self.model, loss)
         # the average restarts from the (possibly loaded) weights, never from a stale one (OpenFold #426)
         self.ema = EMA(self.model, decay=optim.ema_decay)
         self.bad_steps_in_row = 0
@@ -118,19 +114,23 @@ class ProtfoldModule(pl.LightningModule):
         clamped = bool(torch.rand((), generator=gen) < self.loss_cfg.fape_clamp_prob)
         return n_recycles, clamped
 
+    def dropout_seed(self, batch_idx: int) -> int:
+        """The seed of this step's dropout draws, from (seed, step, micro-batch, rank)."""
+        micro = batch_idx % self.accumulate
+        seed = np.random.SeedSequence([self.seed, self.global_step, micro, self.global_rank]).generate_state(1)[0]
+        return int(seed)
+
     @contextmanager
     def _dropout_rng(self, batch_idx: int) -> Iterator[None]:
-        """Dropout draws from the global generator seeded by (seed, step, micro-batch, rank), restored after.
+        """Dropout draws from the global generator seeded by `dropout_seed`, restored after.
 
         Loaders and Lightning hooks also draw from the global generator, and a resumed run does not draw as
         often between a checkpoint and its next step as the run that wrote it did; seeding each step keeps a
         resumed run's dropout masks those of the uninterrupted run.
         """
-        micro = batch_idx % self.accumulate
-        seed = np.random.SeedSequence([self.seed, self.global_step, micro, self.global_rank]).generate_state(1)[0]
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(seed))
+            torch.manual_seed(self.dropout_seed(batch_idx))
             yield
 
     # ----- training -----
@@ -140,8 +140,8 @@ class ProtfoldModule(pl.LightningModule):
         self.last_n_recycles = n_recycles
         self.model.set_memory(self.train_memory)
         with self._dropout_rng(batch_idx):
-            outputs = self.model(batch, n_recycles=n_recycles)
-            loss, terms = alphafold_loss(outputs, batch, self.loss_cfg, use_clamped_fape=clamped)
+            loss, terms = training_loss(self.model, batch, n_recycles=n_recycles, loss_cfg=self.loss_cfg,
+                                        clamped_fape=clamped)
             self.manual_backward(loss / self.accumulate)
         if (batch_idx + 1) % self.accumulate == 0:
             self._finish_step(opt, loss)
@@ -182,12 +182,7 @@ class ProtfoldModule(pl.LightningModule):
         return bool(flag.item() > 0.5)
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=self.optim_cfg.lr,
-            betas=tuple(self.optim_cfg.betas),
-            eps=self.optim_cfg.eps,
-        )
+        opt = adam((p for p in self.model.parameters() if p.requires_grad), self.optim_cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_step_decay(self.optim_cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

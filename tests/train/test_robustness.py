@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 
-import protfold.train.module as module_lib
+import protfold.train.step as step_lib
 from protfold.cli import main
 from protfold.train.callbacks import AtomicCheckpointIO
 from protfold.train.module import NonFiniteStepsError, ProtfoldModule
@@ -56,7 +56,7 @@ def step_probe(monkeypatch):
 
 def _poison(monkeypatch, kind: str, bad_calls) -> None:
     """Make the training loss (kind="loss") or its gradients (kind="grad") non-finite on the given calls."""
-    real = module_lib.alphafold_loss
+    real = step_lib.alphafold_loss
     calls = {"n": 0}
 
     def alphafold_loss(outputs, batch, cfg, **kwargs):
@@ -67,7 +67,7 @@ def _poison(monkeypatch, kind: str, bad_calls) -> None:
                 loss = loss * float("nan") if kind == "loss" else _NanGradient.apply(loss)
         return loss, terms
 
-    monkeypatch.setattr(module_lib, "alphafold_loss", alphafold_loss)
+    monkeypatch.setattr(step_lib, "alphafold_loss", alphafold_loss)
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])

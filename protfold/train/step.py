@@ -1,0 +1,56 @@
+"""One training step, shared by `protfold fit` (`ProtfoldModule.training_step`) and `protfold bench`.
+
+`training_loss` is the part both commands must compute alike: the forward pass with recycling and the AF2
+loss. Backward stays with the caller: `fit` goes through Lightning's `manual_backward` (so precision plugins
+and strategies apply), the bench calls `backward` inside its meters. The optimiser side is shared too:
+`freeze_unused_heads` decides what is trained, `adam` builds the optimiser, and `clip_and_step` is the update
+the bench applies by hand (what Lightning's `clip_gradients(..., "norm")` then `opt.step()` do in `fit` when
+no gradient scaler is involved, i.e. fp32 and bf16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from protfold.config import LossConfig, OptimConfig
+from protfold.losses import alphafold_loss
+
+__all__ = ["adam", "clip_and_step", "freeze_unused_heads", "training_loss"]
+
+
+def training_loss(model: nn.Module, batch: dict[str, Tensor], *, n_recycles: int, loss_cfg: LossConfig,
+                  clamped_fape: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward with `n_recycles` no-grad recycling passes before the grad pass, then the AF2 loss.
+
+    Returns (scalar loss, per-term batch means, unweighted). Dropout draws from the global generator: callers
+    seed it to get the same masks (fit per step and micro-batch, the bench once per mode).
+    """
+    outputs = model(batch, n_recycles=n_recycles)
+    return alphafold_loss(outputs, batch, loss_cfg, use_clamped_fape=clamped_fape)
+
+
+def freeze_unused_heads(model: nn.Module, loss_cfg: LossConfig) -> None:
+    """Take the experimentally resolved and PAE heads out of training when their loss weight is 0.
+
+    No loss term reaches them then (AF2 trains both only in fine-tuning); an optimiser would still keep state
+    for them, and DDP stops at the second step on parameters that get no gradient.
+    """
+    heads = model.heads
+    for head, weight in ((heads.experimentally_resolved, loss_cfg.experimentally_resolved),
+                         (heads.predicted_aligned_error, loss_cfg.pae)):
+        if head is not None and weight == 0:
+            head.requires_grad_(False)
+
+
+def adam(params: Iterable[Tensor], optim: OptimConfig) -> torch.optim.Adam:
+    """AF2's optimiser (supplement 1.11.3): Adam with the recipe's learning rate, betas and eps."""
+    return torch.optim.Adam(list(params), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def clip_and_step(opt: torch.optim.Optimizer, params: list[Tensor], max_norm: float) -> None:
+    """Clip the gradients' global norm to `max_norm`, then take the optimiser step."""
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
