@@ -10,7 +10,7 @@ view-like ops that launch no kernel. It does not count the host copies of `check
 in saved-tensor hooks that the meta device cannot follow, so the storage is kept on the device here), and it
 runs without autocast (the meta device has none): a bf16 step adds the casts of autocast, about 20% more ops
 (checked on the CPU), so per-op times derived from bf16 GPU steps and these counts are about 20% high.
-Measured per-op times on the GPU turn counts into time predictions (benchmarks/NOTES.md, "Session 3").
+Measured per-op times on the GPU turn counts into time predictions (docs/benchmarks.md, "How to measure").
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def test_prepare_keeps_hyphenated_aliases(tmp_path: Path, prepare_kit) -> None: 
 
 
 def test_memory_presets_load_and_bad_ones_name_the_file(tmp_path) -> None:
-    """One loader for configs/memory presets (used by `protfold bench` and `protfold predict --memory`)."""
+    """One loader for the memory presets (used by `protfold bench` and `protfold predict --memory`)."""
     import pytest
 
     from protfold.config import MemoryConfig, load_memory_preset

@@ -1,4 +1,4 @@
 """`protfold bench`: the memory-mode comparison (peak memory, saved activations, step time, exactness).
 
-Entry point `protfold.bench.runner.main(argv)`; method and predictions in benchmarks/NOTES.md.
+Entry point `protfold.bench.runner.main(argv)`; method in docs/benchmarks.md.
 """

@@ -2,7 +2,7 @@
 
 For each preset x precision x crop x MSA rows x extra rows, every memory mode runs on the same weights (built
 once per preset with a fixed seed), the same synthetic batch and the same RNG seed, and is compared with mode
-`none` (or, when `none` does not fit, with the lowest-memory mode that does). See benchmarks/NOTES.md.
+`none` (or, when `none` does not fit, with the lowest-memory mode that does). See docs/benchmarks.md.
 
     python3 -m protfold.bench.runner --model tiny --modes none,recompute,low --crops 32,64 --device cpu --out DIR
 """
@@ -135,9 +135,8 @@ def _guarded_run(name: str, point: Point, mem: MemoryConfig, net: Network, s: Se
 def _compare(results: dict[str, ModeResult]) -> None:
     """Fill loss_diff, grad_diff and reference: each mode against `none`, else the lowest-memory mode that ran.
 
-    About ten small CPU ops per parameter tensor (4,915 in af2), run on one thread. Sessions 3 and 4 spent about
-    70 s per compared mode between points on the GPU machines; the suspected cause is every op waking many
-    threads on cores shared with the other GPU's job. On one thread this takes 1-2 s (measured on a 2-core CPU).
+    About ten small CPU ops per parameter tensor (4,915 in af2), run on one thread: with many threads on cores
+    that other work shares, each op wakes them all and the comparison takes tens of seconds instead of 1-2 s.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -302,9 +302,9 @@ class ExtraMSABlock(EvoformerBlock):
 
     A class of its own, with a `forward` of its own, for compiled blocks (`memory.compiled`): dynamo keeps one cache
     per code object, and the two stacks differ in widths, row counts and, under autocast, the stream's dtype (the
-    extra MSA embedding is bf16, the MSA stream fp32). Sharing `EvoformerBlock.forward`, the stacks recompiled each
-    other's graphs, reached dynamo's recompile limit in session 6's `fit` and fell back to eager for some calls, so
-    that a block's recompute in backward ran other code than its forward (CheckpointError).
+    extra MSA embedding is bf16, the MSA stream fp32). Sharing `EvoformerBlock.forward`, the stacks would recompile
+    each other's graphs up to dynamo's recompile limit and then fall back to eager for some calls, so that a
+    block's recompute in backward would run other code than its forward (CheckpointError).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -318,8 +318,8 @@ class ExtraMSABlock(EvoformerBlock):
 def _chunked_inference(mem: MemoryConfig) -> bool:
     """Whether no-grad blocks take the in-place, row-chunked path: only when a memory switch asks for chunking.
 
-    The chunked path costs kernel launches, which bound a GPU step at small crops (benchmarks/NOTES.md), so the
-    no-grad recycling passes of `none` / `recompute` / `offload` keep the plain path they were measured with.
+    The chunked path costs kernel launches, which bound a GPU step at small crops (docs/benchmarks.md), so the
+    no-grad recycling passes of `none` / `recompute` / `offload` keep the plain, faster path.
     """
     return mem.pair_chunk is not None or mem.attention_chunk_mb is not None or mem.low_memory_triangle
 

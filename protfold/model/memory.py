@@ -175,8 +175,8 @@ def compiled(block: torch.nn.Module) -> Callable[..., Any]:
         # fallback_random: dropout draws its masks with the eager kernels from torch's generator, so the compiled
         # block draws the eager masks under the same seed, provided inductor keeps the draws in program order
         # (checked on the GPU by tests/gpu/test_compile_gpu.py; newer torch chains random ops to keep it).
-        # Inductor's own GPU random stream draws others: session 4 measured gradients 100% apart from eager
-        # (benchmarks/NOTES.md). The masks are small (shared over a row or column), so the eager draw costs little.
+        # Inductor's own GPU random stream draws other masks, so gradients would differ from eager's entirely.
+        # The masks are small (shared over a row or column), so the eager draw costs little.
         fn = _COMPILED[type(block)] = torch.compile(type(block).forward, options={"fallback_random": True})
     return functools.partial(fn, block)
 

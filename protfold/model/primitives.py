@@ -136,8 +136,8 @@ def _warn_flex_fallback(device_type: str) -> None:
 def _flex_recompile_limit() -> Iterator[None]:
     """Dynamo's recompile limit at _FLEX_RECOMPILE_LIMIT, failing loudly at it, for one eager call of the compiled
     flex kernel. Called eagerly (no-grad passes), the kernel gets a graph per attention kind (one or two bias
-    terms, widths) and per shape until its sizes turn symbolic: more than dynamo's default 8 in session 6's
-    `fit`, after which FlexAttention ran unfused, building every score matrix.
+    terms, widths) and per shape until its sizes turn symbolic: more than dynamo's default 8 in a `fit` of af2,
+    after which FlexAttention would run unfused, building every score matrix.
 
     The two settings are set and restored directly: `torch._dynamo.config.patch` costs about 0.5 ms per call
     (CPU, torch 2.13), a tenth of a second per no-grad pass of the 48-block stack; this costs about 8 us.
@@ -175,7 +175,7 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor], *
         # Inside a compiled block dynamo traces flex_attention into the block's graph itself. The global must not
         # be read or set there: dynamo guarded the first block's graph on it being unset, compiled a second graph
         # for the later blocks, and the first block's recompute in backward ran the second graph, with other
-        # saved tensors (CheckpointError in `protfold fit`, session 6).
+        # saved tensors (CheckpointError in `protfold fit`).
         kernel = flex_attention
     else:
         if _flex_compiled is None:

@@ -124,7 +124,7 @@ class StepStats(pl.Callback):
         self._samples = 0
         self.samples_per_step = 1
         # The device the steps ran on, kept from the first batch: by `on_fit_end` Lightning has moved the module
-        # back to the CPU (session 6's GPU run wrote "device": "cpu").
+        # back to the CPU (reading it there would record "device": "cpu" for a GPU run).
         self.device: torch.device | None = None
 
     @staticmethod

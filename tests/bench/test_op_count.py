@@ -1,4 +1,5 @@
-"""scripts/op_count.py: ops of one af2 training step counted on the meta device (used for NOTES.md predictions)."""
+"""scripts/op_count.py: ops of one af2 training step counted on the meta device (they predict launch-bound step
+times, docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """compile_blocks with the real (inductor) backend on the GPU against eager, af2 widths, two blocks with block
 recompute, fp32 (skipped without CUDA), for the presets `compiled`, `compiled_flex` and `compiled_inblock`, with
 and without dropout, for the Evoformer and the extra MSA stack (8-channel heads, zero-padded under flex). Also
-times both (printed, for benchmarks/NOTES.md).
+times both (printed).
 
-With dropout the compiled blocks must draw the eager masks (`fallback_random`): session 4 measured gradients
-100% apart without it. Fused kernels reorder fp32 sums, and two randomised blocks amplify that, so tensors are
-compared by their norm-wise relative difference (1e-3; a CPU inductor run of this setup gave at most 1.6e-4, and
+With dropout the compiled blocks must draw the eager masks (`fallback_random`): without it inductor
+draws its own masks and the gradients differ entirely. Fused kernels reorder fp32 sums, and two randomised
+blocks amplify that, so tensors are compared by their norm-wise relative difference (1e-3; a CPU inductor run
+of this setup gave at most 1.6e-4, and
 eager fp32 itself differs from fp64 by more than an elementwise 1e-4 would allow).
 """
 

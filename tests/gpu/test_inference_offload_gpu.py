@@ -2,9 +2,9 @@
 
 The switch moves one tensor, the combined edge x [N, N, c_hidden], off the device, so the triangle update's own
 peak must drop by about x's bytes, with the same output. A whole block's peak drops less where another op (the
-outer product mean, triangle attention) sets it; for an af2 block at 4096 session 4 measured 6.32 against
-9.20 GiB (benchmarks/RESULTS.md). Session 4's version of this test read the peak after an fp32 copy of the
-output on the GPU (302 MB at N = 768), which set both peaks (331 and 289 MB) and failed it.
+outer product mean, triangle attention) sets it; for an af2 block at 4096 the H200 measured 6.32 against
+9.20 GiB (benchmarks/RESULTS.md). The peak is read before any fp32 copy of the output, which on the GPU
+(302 MB at N = 768) would set both peaks itself.
 """
 
 from __future__ import annotations
