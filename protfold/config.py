@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+DEFAULT_TRIANGLE_SLICE_MB = 512.0  # MemoryConfig.triangle_slice_mb when it is not set
+
 
 @dataclass(frozen=True)
 class MemoryConfig:
@@ -26,8 +28,9 @@ class MemoryConfig:
     attention_chunk_mb: float | None = None  # cap on one chunk's fp32 attention logits (MiB): rows adapt to N
     low_memory_triangle: bool = False  # triangle mult. updates keep no [N, N, c_hidden] tensors for backward
     # training, with low_memory_triangle: the [N, N, c_hidden] projections are made and recomputed in channel
-    # slices of at most this many MiB per fp32 edge. Smaller: a lower peak at large N, a few more kernel launches.
-    triangle_slice_mb: float = 512.0
+    # slices of at most this many MiB per fp32 edge (None: DEFAULT_TRIANGLE_SLICE_MB). Smaller: a lower peak at
+    # large N, a few more kernel launches.
+    triangle_slice_mb: float | None = None
     attention: Literal["naive", "sdpa", "flex"] = "naive"  # attention kernel dispatch
     checkpoint_storage: Literal["fp32", "bf16", "cpu"] = "fp32"  # how saved block boundaries are kept
     # recompute each structure-module layer in backward (only its inputs s, frames and the shared z are kept;
@@ -44,8 +47,13 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         if self.attention_chunk_mb is not None and not self.attention_chunk_mb > 0:
             raise ValueError(f"MemoryConfig.attention_chunk_mb must be > 0 or None, got {self.attention_chunk_mb!r}")
-        if not self.triangle_slice_mb > 0:
+        if self.triangle_slice_mb is not None and not self.triangle_slice_mb > 0:
             raise ValueError(f"MemoryConfig.triangle_slice_mb must be > 0, got {self.triangle_slice_mb!r}")
+        if self.triangle_slice_mb is not None and not self.low_memory_triangle:
+            raise ValueError(
+                "MemoryConfig.triangle_slice_mb sizes the channel slices of the low-memory triangle update, so "
+                "alone it changes nothing: set low_memory_triangle as well, or leave triangle_slice_mb unset"
+            )
         for name in ("blocks_per_checkpoint", "msa_chunk", "pair_chunk"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

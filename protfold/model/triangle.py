@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protfold.config import MemoryConfig
+from protfold.config import DEFAULT_TRIANGLE_SLICE_MB, MemoryConfig
 from protfold.model.memory import chunk_rows, fp32_island, infer_rows, recompute, upcast
 from protfold.model.primitives import Attention, Linear, pair_bias_rows, row_attention
 
@@ -127,7 +127,7 @@ class TriangleMultiplication(nn.Module):
         slices made an af2 training step 2.9x slower at N=256), so small pair tensors are not sliced.
         """
         per_channel = z.shape[-3] * z.shape[-2] * 4
-        limit = max(1, int(self.mem.triangle_slice_mb * 2**20))  # below one byte: one channel per slice
+        limit = max(1, int((self.mem.triangle_slice_mb or DEFAULT_TRIANGLE_SLICE_MB) * 2**20))  # below one byte: one channel per slice
         return self._slices(max(1, -(-per_channel * self.c_hidden // limit)))
 
     def _row_chunk(self, n: int, parts: int) -> int:

@@ -122,6 +122,11 @@ def _check_config(config: Any) -> None:
             MemoryConfig(**{k: v for k, v in fields.items() if not k.startswith("__")})
         except (TypeError, ValueError) as err:
             raise SystemExit(f"protfold: config error: model.{key}: {err}") from None
+        if key == "memory" and fields.get("offload_triangle_edge"):
+            raise SystemExit(
+                "protfold: config error: model.memory.offload_triangle_edge acts without grad only, so in training "
+                "it changes nothing: set it in model.inference_memory (validation and prediction) instead"
+            )
     if getattr(model.loss, "experimentally_resolved", 0) > 0 and not cfg.experimentally_resolved:
         raise SystemExit(
             f"protfold: config error: model.loss.experimentally_resolved={model.loss.experimentally_resolved} "

@@ -58,13 +58,13 @@ def test_memory_preset_by_name(name, cwd_repo, capsys):
     """`--model.memory NAME` selects the shipped preset (package data) by name; a later field flag still applies."""
     with pytest.raises(SystemExit) as exc:
         main(["fit", "-c", "configs/sample.yaml", "--model.memory", name, "--model.inference_memory", name,
-              "--model.memory.triangle_slice_mb", "64", "--print_config"])
+              "--model.memory.attention", "sdpa", "--print_config"])
     out = capsys.readouterr()
     assert exc.value.code in (0, None), out.err[-2000:]
     model = yaml.safe_load(out.out)["model"]
     preset = load_memory_preset(name)
     assert MemoryConfig(**model["inference_memory"]) == preset
-    assert MemoryConfig(**model["memory"]) == dataclasses.replace(preset, triangle_slice_mb=64.0)
+    assert MemoryConfig(**model["memory"]) == dataclasses.replace(preset, attention="sdpa")
 
 
 def test_memory_presets_are_shipped():

@@ -216,3 +216,15 @@ def test_config_error_pae_loss_without_its_head(run_kit, tmp_path, capsys, monke
     message = _fails_before_work(run_kit, tmp_path, capsys, monkeypatch, "--model.loss.pae", "0.1")
     assert "model.loss.pae=0.1 needs the predicted aligned error head" in message
     assert "tiny_ptm" in message and "model.model_overrides.predicted_aligned_error: true" in message
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--model.memory.triangle_slice_mb", "128"), ("triangle_slice_mb", "set low_memory_triangle")),
+    (("--model.inference_memory", "{triangle_slice_mb: 64}"), ("model.inference_memory", "triangle_slice_mb")),
+    (("--model.memory.low_memory_triangle", "true", "--model.memory.offload_triangle_edge", "true"),
+     ("model.memory.offload_triangle_edge", "model.inference_memory")),
+])
+def test_config_error_inert_memory_combination(run_kit, tmp_path, capsys, monkeypatch, extra, words):
+    """A memory setting that would change nothing where it is set is refused before any work, naming the fields."""
+    message = _fails_before_work(run_kit, tmp_path, capsys, monkeypatch, *extra)
+    assert all(word in message for word in words), message
