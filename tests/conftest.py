@@ -12,9 +12,20 @@ from pathlib import Path
 
 import pytest
 
-# One torch thread in every test and every process a test starts (the train tests' conftest says why);
-# `protfold fit` leaves torch's threads alone when OMP_NUM_THREADS is set.
+# One torch thread in every test and every process a test starts: on a shared 2-core machine two intra-op
+# threads that compete with other processes make a step many times slower, not faster. `protfold fit` leaves
+# torch's threads alone when OMP_NUM_THREADS is set.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 REPO = Path(__file__).resolve().parents[1]
 _SCRATCH = {".git", "__pycache__", ".pytest_cache", ".whl", ".gl", ".ruff_cache"}

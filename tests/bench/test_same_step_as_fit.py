@@ -26,14 +26,6 @@ N_RES, CROP, ROWS, EXTRA = 13, 16, 3, 5
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def batch() -> dict:
     """One training example of 13 residues padded to 16, a fifth of its atoms unobserved, with masked MSA."""

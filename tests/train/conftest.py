@@ -1,9 +1,8 @@
 """Fixtures of the training-workflow tests: a small split over the prepared sample cache, the common
 command-line settings of a tiny CPU run, and helpers to drive `protfold.cli.main` in-process.
 
-Runs are tiny on purpose (preset `tiny`, crop 24, 4 MSA rows, a few steps) and use one torch thread:
-on a shared 2-core machine two intra-op threads that compete with other processes make a step
-~100x slower, not faster.
+Runs are tiny on purpose (preset `tiny`, crop 24, 4 MSA rows, a few steps), on one torch thread like every
+test (tests/conftest.py says why).
 """
 
 from __future__ import annotations
@@ -21,14 +20,6 @@ CONFIGS = REPO / "configs"
 # Entries that have MSAs (so MSA rows are real) and are short; the validation entry is small too.
 TRAIN_IDS = ["1psm_A", "2crb_A", "3zee_A"]
 VAL_IDS = ["1aki_A"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
