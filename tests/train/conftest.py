@@ -126,3 +126,20 @@ def cwd_repo(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(REPO)
     return REPO
 
+
+@pytest.fixture
+def fit_start(monkeypatch):
+    """Records the module's state when fit starts (before the first step)."""
+    seen: dict = {}
+
+    def on_fit_start(self):
+        seen["report"] = self.finetune_report
+        seen["ema"] = {k: v.clone() for k, v in self.ema.shadow.items()}
+        seen["weights"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        seen["trainable"] = {k for k, p in self.model.named_parameters() if p.requires_grad}
+        seen["hparams"] = dict(self.hparams)
+
+    from protfold.train.module import ProtfoldModule
+
+    monkeypatch.setattr(ProtfoldModule, "on_fit_start", on_fit_start, raising=False)
+    return seen

@@ -20,22 +20,6 @@ FINETUNE = Path(__file__).resolve().parents[2] / "configs" / "finetune.yaml"
 TRUNK_PREFIXES = ("input_embedder.", "recycling_embedder.", "extra_msa_embedder.", "extra_msa_stack.", "evoformer.")
 
 
-@pytest.fixture
-def fit_start(monkeypatch):
-    """Records the module's state when fit starts (before the first step)."""
-    seen: dict = {}
-
-    def on_fit_start(self):
-        seen["report"] = self.finetune_report
-        seen["ema"] = {k: v.clone() for k, v in self.ema.shadow.items()}
-        seen["weights"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        seen["trainable"] = {k for k, p in self.model.named_parameters() if p.requires_grad}
-        seen["hparams"] = dict(self.hparams)
-
-    monkeypatch.setattr(ProtfoldModule, "on_fit_start", on_fit_start, raising=False)
-    return seen
-
-
 def _finetune(run_kit, root: Path, ckpt: Path, *extra: str) -> Path:
     args = run_kit.fit_args(root, steps=2, extra=("-c", str(FINETUNE), "--model.init_from", str(ckpt), *extra))
     run_kit.fit(args)

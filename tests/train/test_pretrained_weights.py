@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from protfold.cli import main
-from protfold.train.module import ProtfoldModule
 from protfold.weights import load_model, read_weights
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "alphafold_params_small"
@@ -60,20 +59,6 @@ def test_predict_from_converted_checkpoint_and_from_the_files_directly(converted
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "has shape" in err[0] and "preset 'tiny'" in err[0]
     assert not (tmp_path / "bad").exists()
-
-
-@pytest.fixture
-def fit_start(monkeypatch):
-    """The module's weights, EMA and fine-tuning report when fit starts."""
-    seen: dict = {}
-
-    def on_fit_start(self):
-        seen["report"] = self.finetune_report
-        seen["ema"] = {k: v.clone() for k, v in self.ema.shadow.items()}
-        seen["weights"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    monkeypatch.setattr(ProtfoldModule, "on_fit_start", on_fit_start, raising=False)
-    return seen
 
 
 @pytest.mark.parametrize("source", ["params.npz", "openfold_state_dict.pt", "converted"])
