@@ -81,10 +81,6 @@ class Rigid:
         """points [*, 3] -> R^T (p - t)."""
         return torch.einsum("...ji,...j->...i", self.rot, points - self.trans)
 
-    def invert(self) -> Rigid:
-        rot_t = self.rot.transpose(-1, -2)
-        return Rigid(rot_t, -(rot_t @ self.trans.unsqueeze(-1)).squeeze(-1))
-
     def detach_rot(self) -> Rigid:
         """AF2 stops the rotation gradient between structure-module layers (supplement 1.8.3)."""
         return Rigid(self.rot.detach(), self.trans)

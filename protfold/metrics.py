@@ -53,11 +53,6 @@ def lddt_ca(pred_atom37: Tensor, true_atom37: Tensor, atom37_mask: Tensor, *, cu
                 per_residue=per_residue)
 
 
-def mean_lddt_ca_per_residue(per_residue: Tensor, mask: Tensor) -> Tensor:
-    """Average of per-residue lDDT over observed residues: [*, N], [*, N] -> [*]."""
-    return torch.sum(per_residue * mask, dim=-1) / torch.clamp(torch.sum(mask, dim=-1), min=1.0)
-
-
 def kabsch(mobile: Tensor, target: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """Weighted least-squares rotation and translation with target ~ mobile @ R^T + t (proper, det R = +1).
 
@@ -172,7 +167,6 @@ __all__ = [
     "kabsch",
     "lddt",
     "lddt_ca",
-    "mean_lddt_ca_per_residue",
     "plddt_from_logits",
     "rmsd",
     "gdt_ts",
