@@ -18,7 +18,7 @@ DEFAULT_TRIANGLE_SLICE_MB = 512.0  # MemoryConfig.triangle_slice_mb when it is n
 class MemoryConfig:
     """Speed/memory trade-offs. Invariant: no field changes what the model computes (tests enforce it).
 
-    Read only by `protfold.model.memory` helpers and the few modules that call them.
+    Resolved once per grad mode and device into the `MemoryPlan` that runs (`protfold.model.plan.resolve`).
     """
 
     blocks_per_checkpoint: int | None = None  # recompute every k Evoformer / extra-MSA blocks in backward

@@ -82,12 +82,12 @@ def count(*, crop: int, memory_name: str, sets: dict[str, Any], blocks: int, ext
     cfg = model_preset("af2", n_evoformer_blocks=blocks, n_extra_msa_blocks=extra_blocks, max_crop=max(crop, 4096))
     meta = torch.device("meta")
     with meta:
-        model = AlphaFold(cfg=cfg, mem=mem)
+        model = AlphaFold(cfg=cfg)
     batch = {k: v.to(meta) if isinstance(v, torch.Tensor) else v
              for k, v in synthetic_batch(crop, rows, extra, seed=0).items()}
     counter = OpCounter()
     with counter:
-        out = model(batch, n_recycles=recycles)
+        out = model(batch, n_recycles=recycles, memory=mem)
         alphafold_loss(out, batch, LossConfig(), use_clamped_fape=True)[0].backward()
     return sum(counter.by_name.values()), counter.by_name
 

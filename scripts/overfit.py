@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from protfold.config import DataConfig, LossConfig, MemoryConfig, model_preset
+from protfold.config import DataConfig, LossConfig, model_preset
 from protfold.data.cache import read_entry
 from protfold.data.crop import collate
 from protfold.data.pipeline import make_example
@@ -47,7 +47,7 @@ def main() -> int:
     length = len(raw["aatype"])
     data = DataConfig(crop_size=length, max_msa_clusters=32, max_extra_msa=64)
     cfg = replace(model_preset("small"), max_recycles=0, eval_recycles=0)
-    model = AlphaFold(cfg=cfg, mem=MemoryConfig())
+    model = AlphaFold(cfg=cfg)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, eps=1e-6)
     losses = LossConfig()
     out = Path(args.out)

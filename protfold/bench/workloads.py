@@ -1,6 +1,6 @@
 """What is measured for one memory mode: the full training step, the Evoformer stack alone, one block's inference.
 
-Each `run_*` function builds its module with the given `MemoryConfig`, loads the shared weights, and returns a
+Each `run_*` function runs its module with the given `MemoryConfig`, from the shared weights, and returns a
 `ModeResult`: the record fields it measured plus what the runner needs to compare modes (loss, gradients or
 outputs, kept on the CPU). Out-of-memory errors are caught per phase (training, inference) and reported as
 status "oom"; the caller frees memory afterwards.
@@ -22,6 +22,7 @@ from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig
 from protfold.model.alphafold import AlphaFold
 from protfold.model.evoformer import EvoformerBlock, EvoformerStack
 from protfold.model.memory import reset_compiled
+from protfold.model.plan import resolve
 from protfold.train.step import adam, clip_and_step, freeze_unused_heads, training_loss
 
 __all__ = ["KINDS", "ModeResult", "Network", "Point", "Settings", "probe_peak", "run_mode"]
@@ -67,20 +68,21 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _module(kind: str, cfg: ModelConfig, mem: MemoryConfig) -> nn.Module:
+def _module(kind: str, cfg: ModelConfig) -> nn.Module:
     if kind == "train":
-        model = AlphaFold(cfg=cfg, mem=mem)
+        model = AlphaFold(cfg=cfg)
         freeze_unused_heads(model, LossConfig())  # the parameters `protfold fit` trains at the bench's loss weights
         return model
     if kind == "evoformer":
-        return EvoformerStack(cfg, mem=mem)
-    return EvoformerBlock.from_config(cfg, mem=mem)
+        return EvoformerStack(cfg)
+    return EvoformerBlock.from_config(cfg)
 
 
 @dataclass
 class Network:
     """The measured module, built once per preset (fixed seed) and kept on the device, and its initial weights
-    (on the CPU). Every mode starts from `reset(mem)`: the same weights, its own memory settings."""
+    (on the CPU). Every mode starts from `reset(mem)`: the same weights; its memory settings are passed on each
+    call."""
 
     kind: str
     cfg: ModelConfig
@@ -90,21 +92,16 @@ class Network:
     @classmethod
     def build(cls, kind: str, cfg: ModelConfig, *, seed: int, device: torch.device) -> Network:
         torch.manual_seed(seed)
-        module = _module(kind, cfg, MemoryConfig())
+        module = _module(kind, cfg)
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         return cls(kind=kind, cfg=cfg, module=module.to(device), state=state)
 
     def reset(self, mem: MemoryConfig) -> nn.Module:
-        """Switch every submodule's MemoryConfig (as AlphaFold.set_memory does), restore the initial weights.
-
-        A compiled mode starts from fresh compile caches (`reset_compiled`): its first step compiles for its own
-        settings only.
+        """Restore the initial weights. A compiled mode starts from fresh compile caches (`reset_compiled`): its
+        first step compiles for its own settings only.
         """
         if mem.compile_blocks:
             reset_compiled()
-        for sub in self.module.modules():
-            if hasattr(sub, "mem"):
-                sub.mem = mem
         self.module.load_state_dict(self.state)
         self.module.zero_grad(set_to_none=True)
         return self.module
@@ -214,7 +211,7 @@ class _Job:
     """One mode at one point: the reset module, its inputs (on the device), and the forward and loss calls."""
 
     def __init__(self, point: Point, mem: MemoryConfig, net: Network, s: Settings, batch: dict | None) -> None:
-        self.point, self.s = point, s
+        self.point, self.s, self.mem = point, s, mem
         self.module = net.reset(mem)
         self.block = point.kind == "inference_block"
         dtype = torch.bfloat16 if point.precision == "bf16" and self.block else torch.float32
@@ -225,10 +222,11 @@ class _Job:
     def forward(self) -> Any:
         with autocast(self.s.device, self.point.precision):
             if self.point.kind == "train":
-                return self.module(self.inputs, n_recycles=self.point.recycles)
+                return self.module(self.inputs, n_recycles=self.point.recycles, memory=self.mem)
             owns = {"inplace": self.s.block_owns_inputs} if self.block else {}
+            plan = resolve(self.mem, grad=torch.is_grad_enabled(), device=self.s.device)
             return self.module(self.inputs["m"], self.inputs["z"], self.inputs["msa_mask"], self.inputs["pair_mask"],
-                               **owns)
+                               plan=plan, **owns)
 
     def loss(self) -> Tensor:
         """kind "train": `protfold fit`'s step (`training_loss`) with the default loss weights, FAPE clamped and
@@ -236,7 +234,7 @@ class _Job:
         if self.point.kind == "train":
             with autocast(self.s.device, self.point.precision):
                 return training_loss(self.module, self.inputs, n_recycles=self.point.recycles, loss_cfg=LossConfig(),
-                                     clamped_fape=True)[0]
+                                     clamped_fape=True, memory=self.mem)[0]
         out = self.forward()
         with autocast(self.s.device, self.point.precision):
             return sum(o.float().square().mean() for o in out)

@@ -10,6 +10,7 @@ from protfold.config import MemoryConfig, ModelConfig
 from protfold.model.embedders import ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder
 from protfold.model.evoformer import EvoformerStack, ExtraMSAStack
 from protfold.model.heads import AuxiliaryHeads
+from protfold.model.plan import MemoryPlan, resolve
 from protfold.model.structure import StructureModule
 
 _CA, _CB = rc.atom_order["CA"], rc.atom_order["CB"]
@@ -27,35 +28,34 @@ class AlphaFold(nn.Module):
 
     Recycling (supplement 1.10): `n_recycles` extra passes run without gradient, each feeding m[0], z and
     the predicted pseudo-beta positions (detached) into the next; only the last pass builds a graph.
+    `memory` is resolved into at most two plans (`protfold.model.plan.resolve`), one for the pass with grad and
+    one for the passes without, and the plans are passed down; no module stores a memory setting.
     forward(batch) reads target_feat [B, N, 22], residue_index [B, N], seq_mask [B, N], msa_feat
     [B, S, N, 49], msa_mask [B, S, N], extra_msa_feat [B, E, N, 25], extra_msa_mask [B, E, N], aatype [B, N].
     """
 
-    def __init__(self, *, cfg: ModelConfig, mem: MemoryConfig) -> None:
+    def __init__(self, *, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.mem = mem
-        self.input_embedder = InputEmbedder.from_config(cfg, mem=mem)
-        self.recycling_embedder = RecyclingEmbedder.from_config(cfg, mem=mem)
-        self.extra_msa_embedder = ExtraMSAEmbedder.from_config(cfg, mem=mem)
-        self.extra_msa_stack = ExtraMSAStack(cfg, mem=mem)
-        self.evoformer = EvoformerStack(cfg, mem=mem)
-        self.structure_module = StructureModule(cfg=cfg, mem=mem)
+        self.input_embedder = InputEmbedder.from_config(cfg)
+        self.recycling_embedder = RecyclingEmbedder.from_config(cfg)
+        self.extra_msa_embedder = ExtraMSAEmbedder.from_config(cfg)
+        self.extra_msa_stack = ExtraMSAStack(cfg)
+        self.evoformer = EvoformerStack(cfg)
+        self.structure_module = StructureModule(cfg=cfg)
         self.heads = AuxiliaryHeads(cfg=cfg)
 
-    def set_memory(self, mem: MemoryConfig) -> None:
-        """Switch the memory settings of every submodule (e.g. inference chunking after training)."""
-        for module in self.modules():
-            if hasattr(module, "mem"):
-                module.mem = mem
-
-    def forward(self, batch: dict[str, Tensor], *, n_recycles: int = 0) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Tensor], *, n_recycles: int = 0,
+                memory: MemoryConfig = MemoryConfig()) -> dict[str, Tensor]:
         prev = self._initial_recycling_inputs(batch)
         grad_on = torch.is_grad_enabled()
+        device = batch["aatype"].device
+        modes = {grad_on} | ({False} if n_recycles else set())  # the last pass, and the recycling passes
+        plans = {grad: resolve(memory, grad=grad, device=device) for grad in modes}
         for i in range(n_recycles + 1):
             last = i == n_recycles
             with torch.set_grad_enabled(grad_on and last):
-                outputs = self.iteration(batch, prev)
+                outputs = self.iteration(batch, prev, plan=plans[grad_on and last])
             if not last:
                 prev = (outputs["msa_first_row"].detach(), outputs["pair"].detach(),
                         pseudo_beta(batch["aatype"], outputs["final_atom37"]).detach())
@@ -67,7 +67,8 @@ class AlphaFold(nn.Module):
         ref = batch["msa_feat"]
         return (ref.new_zeros(b, n, self.cfg.c_m), ref.new_zeros(b, n, n, self.cfg.c_z), ref.new_zeros(b, n, 3))
 
-    def iteration(self, batch: dict[str, Tensor], prev: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+    def iteration(self, batch: dict[str, Tensor], prev: tuple[Tensor, Tensor, Tensor], *,
+                  plan: MemoryPlan) -> dict[str, Tensor]:
         """One pass of Algorithm 2 (lines 5-19). Besides the structure module's outputs (`single` is its final
         single representation) and the heads' logits: single_evoformer [B, N, c_s] (the Evoformer's single,
         input of the structure module and the experimentally resolved head), msa_first_row, pair."""
@@ -78,10 +79,10 @@ class AlphaFold(nn.Module):
         m = torch.cat([m[..., :1, :, :] + m0_update[..., None, :, :], m[..., 1:, :, :]], dim=-3)
         z = z + z_update
         e = self.extra_msa_embedder(batch["extra_msa_feat"])
-        own = not torch.is_grad_enabled()  # e, m, z were made here: without grad the stacks may update them in place
-        z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask, inplace_inputs=own)
-        m, z, s = self.evoformer(m, z, batch["msa_mask"], pair_mask, inplace_inputs=own)
-        outputs = self.structure_module(s, z, batch["aatype"], seq_mask)
+        own = not plan.grad  # e, m, z were made here: without grad the stacks may update them in place
+        z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask, plan=plan, inplace_inputs=own)
+        m, z, s = self.evoformer(m, z, batch["msa_mask"], pair_mask, plan=plan, inplace_inputs=own)
+        outputs = self.structure_module(s, z, batch["aatype"], seq_mask, plan=plan)
         outputs.update(self.heads(m, z, s_evoformer=s, s_structure=outputs["single"], seq_mask=seq_mask))
         outputs["single_evoformer"] = s
         outputs["msa_first_row"] = m[..., 0, :, :]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protfold.config import MemoryConfig, ModelConfig
+from protfold.config import ModelConfig
 from protfold.model.memory import upcast
 from protfold.model.primitives import Linear
 
@@ -25,9 +25,8 @@ class InputEmbedder(nn.Module):
     """
 
     def __init__(self, *, c_m: int, c_z: int, target_feat_dim: int = 22, msa_feat_dim: int = 49,
-                 max_relative_position: int = 32, mem: MemoryConfig) -> None:
+                 max_relative_position: int = 32) -> None:
         super().__init__()
-        self.mem = mem
         self.max_rel = max_relative_position
         self.linear_tf_z_i = Linear(target_feat_dim, c_z)
         self.linear_tf_z_j = Linear(target_feat_dim, c_z)
@@ -36,9 +35,9 @@ class InputEmbedder(nn.Module):
         self.linear_relpos = Linear(2 * max_relative_position + 1, c_z)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, *, mem: MemoryConfig) -> InputEmbedder:
+    def from_config(cls, cfg: ModelConfig) -> InputEmbedder:
         return cls(c_m=cfg.c_m, c_z=cfg.c_z, target_feat_dim=cfg.target_feat_dim, msa_feat_dim=cfg.msa_feat_dim,
-                   max_relative_position=cfg.max_relative_position, mem=mem)
+                   max_relative_position=cfg.max_relative_position)
 
     def relpos(self, residue_index: Tensor) -> Tensor:
         """Algorithm 4: one-hot of clip(r_i - r_j, -32, 32) (65 bins) -> Linear. [*, N] -> [*, N, N, c_z]."""
@@ -63,19 +62,17 @@ class RecyclingEmbedder(nn.Module):
     3.25 to 20.75 A (the last bin open), so distances below 3.25 A fall in no bin.
     """
 
-    def __init__(self, *, c_m: int, c_z: int, bins: int = 15, min_bin: float = 3.25, max_bin: float = 20.75,
-                 mem: MemoryConfig) -> None:
+    def __init__(self, *, c_m: int, c_z: int, bins: int = 15, min_bin: float = 3.25, max_bin: float = 20.75) -> None:
         super().__init__()
-        self.mem = mem
         self.norm_m = nn.LayerNorm(c_m)
         self.norm_z = nn.LayerNorm(c_z)
         self.linear_d = Linear(bins, c_z)
         self.register_buffer("lower", torch.linspace(min_bin, max_bin, bins), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, *, mem: MemoryConfig) -> RecyclingEmbedder:
+    def from_config(cls, cfg: ModelConfig) -> RecyclingEmbedder:
         return cls(c_m=cfg.c_m, c_z=cfg.c_z, bins=cfg.recycle_bins, min_bin=cfg.recycle_min_bin,
-                   max_bin=cfg.recycle_max_bin, mem=mem)
+                   max_bin=cfg.recycle_max_bin)
 
     def distogram(self, x: Tensor) -> Tensor:
         """x: [*, N, 3] -> one-hot [*, N, N, bins] with lower_k < d < lower_{k+1}, compared squared in at least fp32
@@ -95,14 +92,13 @@ class RecyclingEmbedder(nn.Module):
 class ExtraMSAEmbedder(nn.Module):
     """AF2 supplement, Algorithm 2 line 14: Linear(25 -> c_e). extra_msa_feat [*, E, N, 25] -> [*, E, N, c_e]."""
 
-    def __init__(self, *, c_e: int, extra_msa_feat_dim: int = 25, mem: MemoryConfig) -> None:
+    def __init__(self, *, c_e: int, extra_msa_feat_dim: int = 25) -> None:
         super().__init__()
-        self.mem = mem
         self.linear = Linear(extra_msa_feat_dim, c_e)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, *, mem: MemoryConfig) -> ExtraMSAEmbedder:
-        return cls(c_e=cfg.c_e, extra_msa_feat_dim=cfg.extra_msa_feat_dim, mem=mem)
+    def from_config(cls, cfg: ModelConfig) -> ExtraMSAEmbedder:
+        return cls(c_e=cfg.c_e, extra_msa_feat_dim=cfg.extra_msa_feat_dim)
 
     def forward(self, extra_msa_feat: Tensor) -> Tensor:
         return self.linear(extra_msa_feat)

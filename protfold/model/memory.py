@@ -1,9 +1,9 @@
-"""The few helpers that read `MemoryConfig`: chunking, recompute, checkpoint storage, fp32 islands.
+"""Executors that read the `MemoryPlan`: chunking, recompute, checkpoint storage, compiled blocks; fp32 islands.
 
 Every switch here trades speed for memory and never changes what the model computes (the one documented
-exception is `checkpoint_storage="bf16"`, see `boundary_storage`). Modules keep their `MemoryConfig` as an
-attribute and call these helpers one level deep; nothing here is a context manager set in `forward`, so a
-recompute in backward sees the same settings as the first forward.
+exception is `checkpoint_storage="bf16"`, see `boundary_storage`). The plan reaches these helpers as an argument
+(`protfold.model.plan`); nothing here is a context manager set in `forward`, so a recompute in backward sees the
+same plan as the first forward.
 
 Chunking (`chunk_rows`): a row-independent function is applied to slices of its inputs along one dimension.
 Without grad the slices are written into one preallocated output, so only one chunk's intermediates live.
@@ -30,13 +30,14 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from protfold.config import MemoryConfig
+from protfold.model.plan import MemoryPlan
 from protfold.numerics import recompute, upcast  # below the model, as the losses use them too; re-exported
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "boundary_storage",
+    "check_grad",
     "chunk_rows",
     "compiled",
     "fp32_island",
@@ -108,13 +109,13 @@ def chunk_rows(
     return torch.cat(outs, dim=out_dim) if grad else out  # type: ignore[return-value]
 
 
-def infer_rows(mem: MemoryConfig, n: int, parts: int = 16) -> int:
-    """Rows per chunk for the no-grad in-place paths over n pair rows: `mem.pair_chunk`, else n/parts rows.
+def infer_rows(plan: MemoryPlan, n: int, parts: int = 16) -> int:
+    """Rows per chunk for the no-grad in-place paths over n pair rows: `plan.pair_chunk`, else n/parts rows.
 
     Without grad every row-wise pair op (its LayerNorm of z included, fp32 under CUDA autocast) runs in row
     chunks, so no pair-sized intermediate besides the residual stream z is ever alive.
     """
-    return min(n, mem.pair_chunk or max(1, -(-n // parts)))
+    return min(n, plan.pair_chunk or max(1, -(-n // parts)))
 
 
 def _pack_bf16(t: Tensor) -> Any:
@@ -146,7 +147,7 @@ def _unpack(packed: Any) -> Tensor:
     return packed[1]
 
 
-def boundary_storage(mem: MemoryConfig) -> contextlib.AbstractContextManager[Any]:
+def boundary_storage(plan: MemoryPlan) -> contextlib.AbstractContextManager[Any]:
     """How the inputs of a block-level checkpoint (the m, z boundaries) are kept until backward.
 
     "fp32": as they are. "cpu": copied to (pinned) host memory and back, exact. "bf16": rounded to bfloat16.
@@ -156,9 +157,9 @@ def boundary_storage(mem: MemoryConfig) -> contextlib.AbstractContextManager[Any
     # backward recomputes each segment from bf16-rounded m, z, so gradients differ by about bf16 precision
     # (relative ~1e-2). Tested with that documented tolerance, not the fp32 1e-5.
     """
-    if mem.checkpoint_storage == "bf16":
+    if plan.checkpoint_storage == "bf16":
         return torch.autograd.graph.saved_tensors_hooks(_pack_bf16, _unpack)
-    if mem.checkpoint_storage == "cpu":
+    if plan.checkpoint_storage == "cpu":
         return torch.autograd.graph.saved_tensors_hooks(_pack_cpu, _unpack)
     return contextlib.nullcontext()
 
@@ -168,8 +169,8 @@ _COMPILED: dict[type, Callable[..., Any]] = {}
 
 def compiled(block: torch.nn.Module) -> Callable[..., Any]:
     """`block` run through `torch.compile`: one compiled `forward` per block class, shared by every block of
-    that class (dynamo guards on the block passed in), bound with `functools.partial`. Nothing is stored on
-    the module, so its submodules, state_dict, deepcopy and pickling are unchanged."""
+    that class (dynamo guards on the block and on the plan passed in), bound with `functools.partial`. Nothing is
+    stored on the module, so its submodules, state_dict, deepcopy and pickling are unchanged."""
     fn = _COMPILED.get(type(block))
     if fn is None:
         # fallback_random: dropout draws its masks with the eager kernels from torch's generator, so the compiled
@@ -190,38 +191,55 @@ def reset_compiled() -> None:
     torch._dynamo.reset()
 
 
+def check_grad(plan: MemoryPlan) -> None:
+    """Fail loudly when `plan` was resolved for another grad mode than the one in force."""
+    if plan.grad != torch.is_grad_enabled():
+        raise RuntimeError(f"a MemoryPlan resolved for grad={plan.grad} ran with grad={torch.is_grad_enabled()}: "
+                           "resolve the plan for the grad mode of the call (protfold.model.plan.resolve)")
+
+
 def run_blocks(
     blocks: Sequence[torch.nn.Module],
     state: tuple[Tensor, ...],
     extra: tuple[Any, ...],
-    mem: MemoryConfig,
+    *,
+    plan: MemoryPlan,
+    inplace_inputs: bool = False,
 ) -> tuple[Tensor, ...]:
-    """`state = block(*state, *extra)` for each block, recomputing every `mem.blocks_per_checkpoint` blocks.
+    """`state = block(*state, *extra, plan=plan)` for each block.
 
-    Each segment of k blocks is one non-reentrant checkpoint: only the segment inputs (m, z, masks) are kept,
-    in the form chosen by `mem.checkpoint_storage`.
+    With grad: blocks compiled with `plan.compile_blocks`, and every `plan.blocks_per_checkpoint` blocks one
+    non-reentrant checkpoint (only the segment inputs m, z, masks are kept, in the form chosen by
+    `plan.checkpoint_storage`; the plan is an argument of the checkpointed function). Without grad: each block
+    after the first may overwrite its inputs (`inplace`), the first only when the caller handed them over
+    (`inplace_inputs`).
     """
-    k = mem.blocks_per_checkpoint
-    if mem.compile_blocks and torch.is_grad_enabled():
+    check_grad(plan)
+    if not plan.grad:
+        for i, block in enumerate(blocks):
+            state = block(*state, *extra, plan=plan, inplace=inplace_inputs or i > 0)
+        return state
+    if plan.compile_blocks:
         blocks = [compiled(block) for block in blocks]
-    if k is None or not torch.is_grad_enabled():
+    k = plan.blocks_per_checkpoint
+    if k is None:
         for block in blocks:
-            state = block(*state, *extra)
+            state = block(*state, *extra, plan=plan)
         return state
     n_state = len(state)
 
-    def segment(group: Sequence[torch.nn.Module]) -> Callable[..., tuple[Tensor, ...]]:
-        def run(*args: Any) -> tuple[Tensor, ...]:
+    def segment(group: Sequence[Callable[..., Any]]) -> Callable[..., tuple[Tensor, ...]]:
+        def run(plan_: MemoryPlan, *args: Any) -> tuple[Tensor, ...]:
             s, e = tuple(args[:n_state]), tuple(args[n_state:])
             for block in group:
-                s = block(*s, *e)
+                s = block(*s, *e, plan=plan_)
             return s
 
         return run
 
     for start in range(0, len(blocks), k):
-        with boundary_storage(mem):
-            state = recompute(segment(blocks[start : start + k]), *state, *extra)
+        with boundary_storage(plan):
+            state = recompute(segment(blocks[start : start + k]), plan, *state, *extra)
     return state
 
 

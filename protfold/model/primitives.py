@@ -1,11 +1,11 @@
 """Linear with AF2 initialisers, the one attention dispatch point, gated and global attention.
 
-Attention kernels (`MemoryConfig.attention`):
+Attention kernels (`MemoryPlan.attention`, resolved from `MemoryConfig.attention`):
   "naive": softmax(q kᵀ/√c + Σ biases) v with the logits and softmax in fp32.
   "sdpa":  torch.nn.functional.scaled_dot_product_attention, biases summed into one float `attn_mask`.
   "flex":  torch.nn.attention.flex_attention (compiled), each bias read in a `score_mod`, so a pair bias
            broadcast over MSA rows gets its gradient accumulated without the [N_seq, H, N_res, N_res] tensor.
-           CUDA only; on other devices it logs a warning once and runs "naive". Heads narrower than the
+           CUDA only; `resolve` turns it into "naive" off CUDA, with a warning. Heads narrower than the
            kernel's 16 channels (the extra MSA stack's 8) are zero-padded: exact, q·k and the output unchanged.
 """
 
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protfold.config import MemoryConfig
 from protfold.model.memory import chunk_rows, fp32_island, upcast
+from protfold.model.plan import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +66,17 @@ def mask_bias(mask: Tensor) -> Tensor:
     return (mask - 1.0) * INF
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Sequence[Tensor], mem: MemoryConfig) -> Tensor:
-    """softmax(q kᵀ / √c + Σ biases) v through the kernel chosen by `mem.attention`.
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Sequence[Tensor], plan: MemoryPlan) -> Tensor:
+    """softmax(q kᵀ / √c + Σ biases) v through the kernel chosen by `plan.attention`.
 
     q: [*, H, Q, c], k and v: [*, H, K, c], `bias` a list of tensors each broadcastable to [*, H, Q, K]
     (kept apart so that a bias shared by many rows is never expanded) -> [*, H, Q, c].
     q is scaled here (callers pass it unscaled).
     """
-    if mem.attention == "sdpa":
+    if plan.attention == "sdpa":
         return _sdpa_attention(q, k, v, bias)
-    if mem.attention == "flex":
-        if q.device.type == "cuda":
-            return _flex_attention(q, k, v, bias, compiled=True)
-        if not torch.compiler.is_compiling():  # a logging call would break the compiled block's graph in two
-            _warn_flex_fallback(q.device.type)
+    if plan.attention == "flex":
+        return _flex_attention(q, k, v, bias, compiled=True)
     return _naive_attention(q, k, v, bias)
 
 
@@ -120,16 +117,9 @@ def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -
     return out.reshape(*lead, *out.shape[-3:])
 
 
-_flex_warned: set[str] = set()
 _flex_compiled: Callable[..., Tensor] | None = None
 _FLEX_MIN_HEAD_DIM = 16  # the compiled FlexAttention kernel's smallest head dim
 _FLEX_RECOMPILE_LIMIT = 64  # graphs of the eagerly called compiled kernel (see _flex_attention)
-
-
-def _warn_flex_fallback(device_type: str) -> None:
-    if device_type not in _flex_warned:
-        _flex_warned.add(device_type)
-        log.warning("MemoryConfig.attention='flex' needs CUDA; running the naive kernel for %s", device_type)
 
 
 @contextlib.contextmanager
@@ -214,10 +204,8 @@ class Attention(nn.Module):
     q, k, v have no bias; the gate is Linear(init="gating") + sigmoid; the output projection is init "final".
     """
 
-    def __init__(self, *, c_q: int, c_kv: int, c_hidden: int, n_heads: int, gating: bool = True,
-                 mem: MemoryConfig) -> None:
+    def __init__(self, *, c_q: int, c_kv: int, c_hidden: int, n_heads: int, gating: bool = True) -> None:
         super().__init__()
-        self.mem = mem
         self.c_hidden, self.n_heads = c_hidden, n_heads
         self.linear_q = Linear(c_q, c_hidden * n_heads, bias=False, init="glorot")
         self.linear_k = Linear(c_kv, c_hidden * n_heads, bias=False, init="glorot")
@@ -229,9 +217,9 @@ class Attention(nn.Module):
         """[*, L, H*c] -> [*, H, L, c]"""
         return x.unflatten(-1, (self.n_heads, self.c_hidden)).transpose(-2, -3)
 
-    def forward(self, q_x: Tensor, kv_x: Tensor, bias: Sequence[Tensor]) -> Tensor:
+    def forward(self, q_x: Tensor, kv_x: Tensor, bias: Sequence[Tensor], *, plan: MemoryPlan) -> Tensor:
         q, k, v = self._heads(self.linear_q(q_x)), self._heads(self.linear_k(kv_x)), self._heads(self.linear_v(kv_x))
-        o = attention(q, k, v, bias, self.mem).transpose(-2, -3).flatten(-2)  # [*, Q, H*c]
+        o = attention(q, k, v, bias, plan).transpose(-2, -3).flatten(-2)  # [*, Q, H*c]
         if self.linear_g is not None:
             o = o * torch.sigmoid(self.linear_g(q_x))
         return self.linear_o(o)
@@ -244,9 +232,8 @@ class GlobalAttention(nn.Module):
     projected to H heads; keys and values are single-head; the output is gated per row s.
     """
 
-    def __init__(self, *, c_in: int, c_hidden: int, n_heads: int, mem: MemoryConfig, eps: float = 1e-10) -> None:
+    def __init__(self, *, c_in: int, c_hidden: int, n_heads: int, eps: float = 1e-10) -> None:
         super().__init__()
-        self.mem = mem
         self.c_hidden, self.n_heads, self.eps = c_hidden, n_heads, eps
         self.linear_q = Linear(c_in, c_hidden * n_heads, bias=False, init="glorot")
         self.linear_k = Linear(c_in, c_hidden, bias=False, init="glorot")
@@ -259,7 +246,7 @@ class GlobalAttention(nn.Module):
         q = self.linear_q(mean).unflatten(-1, (self.n_heads, 1, self.c_hidden))  # [*, H, 1, c]
         k, v = self.linear_k(x)[..., None, :, :], self.linear_v(x)[..., None, :, :]  # [*, 1, S, c]
         bias = mask_bias(mask)[..., None, None, :]  # [*, 1, 1, S]
-        # The logits are only [*, H, 1, S]: the fp32 naive kernel, whatever mem.attention says.
+        # The logits are only [*, H, 1, S]: the fp32 naive kernel, whatever the plan's attention says.
         o = _naive_attention(q, k, v, [bias]).flatten(-3)  # [*, H*c]
         g = torch.sigmoid(self.linear_g(x))  # [*, S, H*c]
         return self.linear_o(g * o[..., None, :])
@@ -272,6 +259,8 @@ def row_attention(
     mask: Tensor,
     pair_bias: Tensor | None,
     chunk: int | None,
+    *,
+    plan: MemoryPlan,
     emit: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:
     """Gated self-attention along each row of x, chunked over rows (Algorithms 7, 8, 13, 14 share this).
@@ -288,9 +277,9 @@ def row_attention(
         biases = [mask_bias(mask_c)[..., :, None, None, :]]  # [*, R, 1, 1, L]
         if bias is not None:
             biases.append(bias[..., None, :, :, :])  # [*, 1, H, L, L]
-        return attn(x_c, x_c, biases)
+        return attn(x_c, x_c, biases, plan=plan)
 
-    return chunk_rows(run, [x, mask, pair_bias], [-3, -2, None], capped_chunk(chunk, attn, x), out_dim=-3,
+    return chunk_rows(run, [x, mask, pair_bias], [-3, -2, None], capped_chunk(chunk, attn, x, plan), out_dim=-3,
                       emit=emit)
 
 
@@ -300,10 +289,10 @@ def pair_bias_rows(norm: nn.Module, linear: nn.Module, z: Tensor, rows: int) -> 
     return chunk_rows(lambda z_: linear(norm(z_)).movedim(-1, -3), [z], [-3], rows, out_dim=-2)
 
 
-def capped_chunk(chunk: int | None, attn: Attention, x: Tensor) -> int | None:
+def capped_chunk(chunk: int | None, attn: Attention, x: Tensor, plan: MemoryPlan) -> int | None:
     """Rows per chunk for attention along rows of x [*, R, L, c]: `chunk`, lowered (or set) so that one
-    chunk's fp32 logits [rows, H, L, L] stay under `mem.attention_chunk_mb`. Exact: rows are independent."""
-    cap = attn.mem.attention_chunk_mb
+    chunk's fp32 logits [rows, H, L, L] stay under `plan.attention_chunk_mb`. Exact: rows are independent."""
+    cap = plan.attention_chunk_mb
     if cap is None:
         return chunk
     length = x.shape[-2]

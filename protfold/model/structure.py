@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from protfold.config import MemoryConfig, ModelConfig
+from protfold.config import ModelConfig
 from protfold.geometry import (
     Rigid,
     atom14_to_atom37,
@@ -22,6 +22,7 @@ from protfold.geometry import (
     torsion_angles_to_frames,
 )
 from protfold.model.memory import fp32_island, recompute
+from protfold.model.plan import MemoryPlan
 from protfold.model.primitives import Linear
 
 _MASK_LOGIT = -1e9  # fp32 logits only; a fully masked row becomes uniform, never NaN
@@ -154,12 +155,12 @@ class StructureModule(nn.Module):
     """AF2 supplement, Algorithm 20 (with Alg. 22-24): shared weights over `n_structure_layers` iterations.
 
     The rotation gradient is stopped between layers; reported frames and atoms are in Angstrom.
-    `mem.recompute_structure` recomputes each layer in backward instead of keeping its intermediates.
+    `plan.recompute_structure` recomputes each layer in backward instead of keeping its intermediates.
     """
 
-    def __init__(self, *, cfg: ModelConfig, mem: MemoryConfig) -> None:
+    def __init__(self, *, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg, self.mem = cfg, mem
+        self.cfg = cfg
         self.norm_s = nn.LayerNorm(cfg.c_s)
         self.norm_z = nn.LayerNorm(cfg.c_z)
         self.embed_s = Linear(cfg.c_s, cfg.c_s)
@@ -173,7 +174,8 @@ class StructureModule(nn.Module):
         self.backbone_update = BackboneUpdate(c_s=cfg.c_s)
         self.angle_resnet = AngleResnet(c_s=cfg.c_s, c_resnet=cfg.c_resnet, n_blocks=cfg.n_resnet_blocks)
 
-    def forward(self, s: Tensor, z: Tensor, aatype: Tensor, mask: Tensor, frames: Rigid | None = None) -> dict:
+    def forward(self, s: Tensor, z: Tensor, aatype: Tensor, mask: Tensor, frames: Rigid | None = None, *,
+                plan: MemoryPlan) -> dict:
         """s: [B, N, c_s], z: [B, N, N, c_z], aatype: long [B, N], mask: [B, N] -> dict of outputs.
 
         `frames` (Rigid [B, N], structure-module units) replaces the identity start (Alg. 20 line 4); used
@@ -188,10 +190,10 @@ class StructureModule(nn.Module):
             frames = Rigid.identity(tuple(s.shape[:2]), dtype=_fp32(s).dtype, device=s.device)
         per_layer: list[dict[str, Tensor]] = []
         for layer in range(self.cfg.n_structure_layers):
-            # With mem.recompute_structure the layer is recomputed in backward (same dropout masks): only
+            # With plan.recompute_structure the layer is recomputed in backward (same dropout masks): only
             # its inputs are kept, so at most one layer's intermediates live at a time.
             s, frames, out = recompute(self.layer, s, s_initial, z, frames, aatype, mask,
-                                       enabled=self.mem.recompute_structure)
+                                       enabled=plan.recompute_structure)
             per_layer.append(out)
             if layer < self.cfg.n_structure_layers - 1:
                 frames = frames.detach_rot()

@@ -85,7 +85,7 @@ class ProtfoldModule(pl.LightningModule):
         self.accumulate = accumulate_grad_batches
         self.max_bad_steps = max_bad_steps
         self.seed = seed
-        self.model = AlphaFold(cfg=self.model_cfg, mem=memory)
+        self.model = AlphaFold(cfg=self.model_cfg)
         self.finetune_report: FinetuneReport | None = None
         if init_from:
             label = f"model.preset {preset!r}" + (" with model.model_overrides" if model_overrides else "")
@@ -138,10 +138,9 @@ class ProtfoldModule(pl.LightningModule):
         opt = self.optimizers()
         n_recycles, clamped = self.draw_step_settings()
         self.last_n_recycles = n_recycles
-        self.model.set_memory(self.train_memory)
         with self._dropout_rng(batch_idx):
             loss, terms = training_loss(self.model, batch, n_recycles=n_recycles, loss_cfg=self.loss_cfg,
-                                        clamped_fape=clamped)
+                                        clamped_fape=clamped, memory=self.train_memory)
             self.manual_backward(loss / self.accumulate)
         if (batch_idx + 1) % self.accumulate == 0:
             self._finish_step(opt, loss)
@@ -188,7 +187,6 @@ class ProtfoldModule(pl.LightningModule):
 
     # ----- evaluation with EMA weights -----
     def _enter_ema(self) -> None:
-        self.model.set_memory(self.inference_memory)
         self._ema_stack = ExitStack()
         self._ema_stack.enter_context(self.ema.swapped_in())
 
@@ -196,7 +194,6 @@ class ProtfoldModule(pl.LightningModule):
         if self._ema_stack is not None:
             self._ema_stack.close()
             self._ema_stack = None
-        self.model.set_memory(self.train_memory)
 
     on_validation_epoch_start = _enter_ema
     on_validation_epoch_end = _exit_ema
@@ -210,7 +207,7 @@ class ProtfoldModule(pl.LightningModule):
         self._exit_ema()
 
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
-        outputs = self.model(batch, n_recycles=self.model_cfg.eval_recycles)
+        outputs = self.model(batch, n_recycles=self.model_cfg.eval_recycles, memory=self.inference_memory)
         loss, _ = alphafold_loss(outputs, batch, self.loss_cfg, use_clamped_fape=True)
         scores = structure_scores(outputs, batch)
         bsz = batch["aatype"].shape[0]
@@ -226,7 +223,7 @@ class ProtfoldModule(pl.LightningModule):
         return self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self.model(batch, n_recycles=self.model_cfg.eval_recycles)
+        return self.model(batch, n_recycles=self.model_cfg.eval_recycles, memory=self.inference_memory)
 
     # ----- checkpoint extras: EMA and the random state -----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ def predict_target(module, target: Target, *, device: torch.device, data: DataCo
     cfg = replace(data, crop_size=max(length, 1))  # prediction never crops
     example = make_example(raw, cfg, seed=0, train=False)
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([example]).items()}
-    outputs = module.model(batch, n_recycles=module.model_cfg.eval_recycles)
+    outputs = module.model(batch, n_recycles=module.model_cfg.eval_recycles, memory=module.inference_memory)
     plddt = plddt_from_logits(outputs["plddt_logits"].float())[0].cpu().numpy()  # 0..100
     aatype = batch["aatype"][0].cpu().numpy()
     return {

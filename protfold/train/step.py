@@ -15,20 +15,21 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from protfold.config import LossConfig, OptimConfig
+from protfold.config import LossConfig, MemoryConfig, OptimConfig
 from protfold.losses import alphafold_loss
 
 __all__ = ["adam", "clip_and_step", "freeze_unused_heads", "training_loss"]
 
 
 def training_loss(model: nn.Module, batch: dict[str, Tensor], *, n_recycles: int, loss_cfg: LossConfig,
-                  clamped_fape: bool) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward with `n_recycles` no-grad recycling passes before the grad pass, then the AF2 loss.
+                  clamped_fape: bool, memory: MemoryConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward with `n_recycles` no-grad recycling passes before the grad pass (memory settings `memory`), then
+    the AF2 loss.
 
     Returns (scalar loss, per-term batch means, unweighted). Dropout draws from the global generator: callers
     seed it to get the same masks (fit per step and micro-batch, the bench once per mode).
     """
-    outputs = model(batch, n_recycles=n_recycles)
+    outputs = model(batch, n_recycles=n_recycles, memory=memory)
     return alphafold_loss(outputs, batch, loss_cfg, use_clamped_fape=clamped_fape)
 
 

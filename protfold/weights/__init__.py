@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protfold.config import MemoryConfig, ModelConfig
+from protfold.config import ModelConfig
 from protfold.weights.checkpoint import convert, protfold_checkpoint
 from protfold.weights.importer import (
     ImportedWeights,
@@ -47,7 +47,7 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | None = None)
     from protfold.model.alphafold import AlphaFold
 
     imported = read_weights(path, config)
-    model = AlphaFold(cfg=imported.config.cfg, mem=MemoryConfig())
+    model = AlphaFold(cfg=imported.config.cfg)
     model.load_state_dict(imported.state_dict)
     return model.eval()
 

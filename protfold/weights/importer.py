@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from protfold.config import PRESET_NAMES, MemoryConfig, ModelConfig, model_preset
+from protfold.config import PRESET_NAMES, ModelConfig, model_preset
 from protfold.errors import ProtfoldInputError
 from protfold.weights.files import AF2File, Format, TorchWeights, load_torch, sniff, torch_weights
 from protfold.weights.mapping import (
@@ -224,7 +224,7 @@ def _model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from protfold.model.alphafold import AlphaFold
 
     with _OnMeta():
-        model = AlphaFold(cfg=cfg, mem=MemoryConfig())
+        model = AlphaFold(cfg=cfg)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 

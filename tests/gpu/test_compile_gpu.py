@@ -20,18 +20,19 @@ import torch
 from protfold.config import MemoryConfig, model_preset
 from protfold.model.evoformer import EvoformerStack, ExtraMSAStack
 from protfold.model.memory import reset_compiled
+from protfold.model.plan import resolve
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 NORM_RTOL = 1e-3
 
 
-def _step(stack, kind: str, msa: torch.Tensor, z: torch.Tensor, masks) -> list[torch.Tensor]:
+def _step(stack, kind: str, msa: torch.Tensor, z: torch.Tensor, masks, mem: MemoryConfig) -> list[torch.Tensor]:
     """[first output, grad of the MSA input, grad of z, every parameter gradient] of one seeded step."""
     stack.zero_grad(set_to_none=True)
     torch.manual_seed(2)  # the same dropout draws in every step
     msa, z = msa.detach().requires_grad_(), z.detach().requires_grad_()
-    outs = stack(msa, z, *masks)
+    outs = stack(msa, z, *masks, plan=resolve(mem, grad=True, device=z.device))
     outs = outs if isinstance(outs, tuple) else (outs,)
     sum(o.square().mean() for o in outs).backward()
     return [outs[0].detach(), msa.grad, z.grad, *(p.grad for p in stack.parameters())]
@@ -50,9 +51,9 @@ def test_compiled_stack_matches_eager_on_gpu(kind: str, dropout: bool, attention
     cfg = model_preset("af2", n_evoformer_blocks=2, n_extra_msa_blocks=2, **rates)
     torch.manual_seed(0)
     if kind == "evoformer":
-        stack, rows, width = EvoformerStack(cfg, mem=MemoryConfig(blocks_per_checkpoint=1)), 32, cfg.c_m
+        stack, rows, width = EvoformerStack(cfg), 32, cfg.c_m
     else:
-        stack, rows, width = ExtraMSAStack(cfg, mem=MemoryConfig(blocks_per_checkpoint=1)), 64, cfg.c_e
+        stack, rows, width = ExtraMSAStack(cfg), 64, cfg.c_e
     stack = stack.to(dev).train()
     with torch.no_grad():  # AF2's zero-initialised output projections would hide the dropout masks from outputs
         for p in stack.parameters():
@@ -68,13 +69,10 @@ def test_compiled_stack_matches_eager_on_gpu(kind: str, dropout: bool, attention
         mem = MemoryConfig(blocks_per_checkpoint=1, compile_blocks=compile_blocks,
                            attention=attention if compile_blocks else "naive",
                            recompute_inside_block=inblock and compile_blocks)
-        for sub in stack.modules():
-            if hasattr(sub, "mem"):
-                sub.mem = mem
-        results[compile_blocks] = _step(stack, kind, msa, z, masks)  # the compiled run compiles here
+        results[compile_blocks] = _step(stack, kind, msa, z, masks, mem)  # the compiled run compiles here
         torch.cuda.synchronize()
         start = time.perf_counter()
-        _step(stack, kind, msa, z, masks)
+        _step(stack, kind, msa, z, masks, mem)
         torch.cuda.synchronize()
         times[compile_blocks] = time.perf_counter() - start
     print(f"torch {torch.__version__}: 2-block af2 {kind} stack at {n}, dropout {dropout}, {attention}, in-block "

@@ -16,6 +16,8 @@ import torch
 
 from protfold.config import load_memory_preset, model_preset
 from protfold.model.evoformer import EvoformerBlock
+from protfold.model.execution import add_into
+from protfold.model.plan import MemoryPlan, resolve
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -25,7 +27,7 @@ N, ROWS = 768, 32
 def _setup() -> tuple[EvoformerBlock, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dev, cfg = torch.device("cuda"), model_preset("af2")
     torch.manual_seed(0)
-    block = EvoformerBlock.from_config(cfg, mem=load_memory_preset("low")).to(dev).eval()
+    block = EvoformerBlock.from_config(cfg).to(dev).eval()
     gen = torch.Generator(device=dev).manual_seed(1)
     m0 = torch.randn(1, ROWS, N, cfg.c_m, device=dev, generator=gen, dtype=torch.bfloat16)
     z0 = torch.randn(1, N, N, cfg.c_z, device=dev, generator=gen, dtype=torch.bfloat16)
@@ -34,11 +36,10 @@ def _setup() -> tuple[EvoformerBlock, torch.Tensor, torch.Tensor, torch.Tensor, 
     return block, m0, z0, msa_mask, pair_mask
 
 
-def _set_offload(block: EvoformerBlock, host: bool) -> None:
-    mem = dataclasses.replace(load_memory_preset("low"), offload_triangle_edge=host)
-    for sub in block.modules():
-        if hasattr(sub, "mem"):
-            sub.mem = mem
+def _plan(host: bool) -> MemoryPlan:
+    """The no-grad plan of the `low` preset, with or without the combined edge in host memory."""
+    return resolve(dataclasses.replace(load_memory_preset("low"), offload_triangle_edge=host), grad=False,
+                   device="cuda")
 
 
 def _peak_above_start(fn) -> tuple[torch.Tensor, int]:
@@ -57,11 +58,11 @@ def test_offloaded_edge_lowers_the_triangle_update_peak_by_the_edge() -> None:
     edge_bytes = N * N * block.tri_mul_out.c_hidden * 2  # x in bf16
     results = {}
     for host in (False, True):
-        _set_offload(block, host)
-        z = z0.clone()
+        z, plan = z0.clone(), _plan(host)
 
-        def update(z: torch.Tensor = z) -> torch.Tensor:
-            block.tri_mul_out.add_into(z, pair_mask, lambda dim, start, n, upd: z.narrow(dim, start, n).add_(upd))
+        def update(z: torch.Tensor = z, plan: MemoryPlan = plan) -> torch.Tensor:
+            add_into(block.tri_mul_out, z, pair_mask, plan=plan,
+                     emit=lambda dim, start, n, upd: z.narrow(dim, start, n).add_(upd))
             return z
 
         results[host] = _peak_above_start(update)
@@ -75,9 +76,9 @@ def test_offloaded_edge_block_same_output_no_higher_peak() -> None:
     block, m0, z0, msa_mask, pair_mask = _setup()
     results = {}
     for host in (False, True):
-        _set_offload(block, host)
-        m, z = m0.clone(), z0.clone()
-        results[host] = _peak_above_start(lambda m=m, z=z: block(m, z, msa_mask, pair_mask, inplace=True)[1])
+        m, z, plan = m0.clone(), z0.clone(), _plan(host)
+        results[host] = _peak_above_start(
+            lambda m=m, z=z, plan=plan: block(m, z, msa_mask, pair_mask, plan=plan, inplace=True)[1])
         del m, z
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     assert results[True][1] <= results[False][1], (results[True][1], results[False][1])

@@ -9,6 +9,7 @@ import torch
 from protfold.bench.peak_sites import record_peak_sites
 from protfold.config import load_memory_preset, model_preset
 from protfold.model.evoformer import EvoformerBlock
+from protfold.model.plan import resolve
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -16,7 +17,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_recorded_peak_matches_the_allocator() -> None:
     dev, cfg = torch.device("cuda"), model_preset("small")
     torch.manual_seed(0)
-    block = EvoformerBlock.from_config(cfg, mem=load_memory_preset("none")).to(dev)
+    block = EvoformerBlock.from_config(cfg).to(dev)
+    plan = resolve(load_memory_preset("none"), grad=True, device=dev)
     gen = torch.Generator(device=dev).manual_seed(1)
     m = torch.randn(1, 16, 128, cfg.c_m, device=dev, generator=gen, requires_grad=True)
     z = torch.randn(1, 128, 128, cfg.c_z, device=dev, generator=gen, requires_grad=True)
@@ -24,7 +26,7 @@ def test_recorded_peak_matches_the_allocator() -> None:
     pair_mask = (torch.rand(1, 128, 128, device=dev, generator=gen) > 0.1).float()
 
     def step() -> None:
-        out_m, out_z = block(m, z, msa_mask, pair_mask)
+        out_m, out_z = block(m, z, msa_mask, pair_mask, plan=plan)
         (out_m.square().mean() + out_z.square().mean()).backward()
         block.zero_grad(set_to_none=True)
         m.grad = z.grad = None

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from protfold.config import ModelConfig, model_preset
+from protfold.config import MemoryConfig, ModelConfig, model_preset
+from protfold.model.plan import MemoryPlan, resolve
 
 # Odd sizes so that a transposition bug changes a shape or a value.
 B, N_SEQ, N_RES, N_EXTRA = 2, 5, 7, 3
@@ -104,3 +105,37 @@ def inputs_factory() -> Callable[..., TrunkInputs]:
 @pytest.fixture
 def mask_factory() -> Callable[..., Tensor]:
     return real_mask
+
+
+class Planned:
+    """Test helper: `module` called with `plan=resolve(memory, ...)` for the grad mode and device of each call, as
+    `AlphaFold.forward` passes it down. Everything else (parameters, train(), state_dict) is the module's own."""
+
+    def __init__(self, module: nn.Module, memory: MemoryConfig) -> None:
+        self.module, self.memory = module, memory
+
+    def plan(self, device: torch.device | str = "cpu") -> MemoryPlan:
+        return resolve(self.memory, grad=torch.is_grad_enabled(), device=device)
+
+    def __call__(self, *args, **kwargs):
+        device = next((t.device for t in args if isinstance(t, Tensor)), torch.device("cpu"))
+        return self.module(*args, plan=self.plan(device), **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+    def _same(self, name: str):
+        def call(*args, **kwargs):
+            getattr(self.module, name)(*args, **kwargs)
+            return self
+
+        return call
+
+    def __getattribute__(self, name: str):
+        if name in ("train", "eval", "double", "float", "bfloat16", "to", "requires_grad_", "zero_grad"):
+            return object.__getattribute__(self, "_same")(name)
+        return object.__getattribute__(self, name)
+
+
+def planned(module: nn.Module, memory: MemoryConfig) -> Planned:
+    return Planned(module, memory)

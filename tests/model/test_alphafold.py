@@ -18,7 +18,7 @@ def batch() -> dict[str, torch.Tensor]:
 def test_experimentally_resolved_head_reads_the_evoformer_single(batch, randomize) -> None:
     """AF2 supplement 1.9.10: the head is applied to the Evoformer's single representation s_i (Algorithm 2
     line 17's output, before the structure module), not to the structure module's single."""
-    model = randomize(AlphaFold(cfg=model_preset("tiny"), mem=MemoryConfig())).eval()
+    model = randomize(AlphaFold(cfg=model_preset("tiny"))).eval()
     seen = {}
     model.evoformer.register_forward_hook(lambda mod, args, out: seen.__setitem__("s", out[2]))
     out = model(batch, n_recycles=1)
@@ -43,9 +43,9 @@ def _double(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_runs_in_float64(batch, randomize, grad: bool, mem: MemoryConfig) -> None:
     """`.double()` runs end to end (the fixture's float64 comparison needs it), recycling included, and every
     floating output is float64: nothing is rebuilt in float32 on the way (recycling distogram, triangle buffers)."""
-    model = randomize(AlphaFold(cfg=model_preset("tiny_ptm"), mem=mem)).double().train(grad)
+    model = randomize(AlphaFold(cfg=model_preset("tiny_ptm"))).double().train(grad)
     with torch.set_grad_enabled(grad):
-        out = model(_double(batch), n_recycles=1)
+        out = model(_double(batch), n_recycles=1, memory=mem)
     floats = {k: v.dtype for k, v in out.items() if v.is_floating_point()}
     assert {"final_atom37", "pair", "single_evoformer", "predicted_aligned_error", "ptm"} <= floats.keys()
     assert set(floats.values()) == {torch.float64}, floats
@@ -59,10 +59,9 @@ def test_low_memory_triangle_float64_equals_plain(batch, randomize) -> None:
     """No grad, float64: the low-memory triangle path (its float32 edge buffer now follows the compute dtype)
     gives the plain path's outputs to float64 round-off."""
     torch.manual_seed(2)
-    ref = randomize(AlphaFold(cfg=model_preset("tiny_ptm"), mem=MemoryConfig())).double().eval()
-    alt = AlphaFold(cfg=model_preset("tiny_ptm"), mem=MemoryConfig(low_memory_triangle=True)).double().eval()
-    alt.load_state_dict(ref.state_dict())
+    ref = randomize(AlphaFold(cfg=model_preset("tiny_ptm"))).double().eval()
     with torch.no_grad():
-        a, b = ref(_double(batch), n_recycles=1), alt(_double(batch), n_recycles=1)
+        a = ref(_double(batch), n_recycles=1)
+        b = ref(_double(batch), n_recycles=1, memory=MemoryConfig(low_memory_triangle=True))
     for key in ("final_atom37", "pair", "predicted_aligned_error", "ptm"):
         torch.testing.assert_close(b[key], a[key], rtol=1e-10, atol=1e-10, msg=key)

@@ -20,17 +20,19 @@ from protfold.model.evoformer import (
     SharedDropout,
 )
 
+from .conftest import planned
+
 MEM = MemoryConfig()
 RTOL, ATOL = 1e-5, 1e-6
 
 
 def _msa_modules(c_m: int, c_z: int, mem: MemoryConfig = MEM) -> dict[str, torch.nn.Module]:
     return {
-        "row": MSARowAttentionWithPairBias(c_m=c_m, c_z=c_z, n_heads=2, c_hidden=3, mem=mem),
-        "col": MSAColumnAttention(c_m=c_m, n_heads=2, c_hidden=3, mem=mem),
-        "global_col": MSAColumnGlobalAttention(c_m=c_m, n_heads=2, c_hidden=3, mem=mem),
-        "transition": MSATransition(c_m=c_m, factor=2, mem=mem),
-        "opm": OuterProductMean(c_m=c_m, c_z=c_z, c_hidden=3, mem=mem),
+        "row": planned(MSARowAttentionWithPairBias(c_m=c_m, c_z=c_z, n_heads=2, c_hidden=3), mem),
+        "col": planned(MSAColumnAttention(c_m=c_m, n_heads=2, c_hidden=3), mem),
+        "global_col": planned(MSAColumnGlobalAttention(c_m=c_m, n_heads=2, c_hidden=3), mem),
+        "transition": planned(MSATransition(c_m=c_m, factor=2), mem),
+        "opm": planned(OuterProductMean(c_m=c_m, c_z=c_z, c_hidden=3), mem),
     }
 
 
@@ -64,7 +66,7 @@ def test_msa_modules_start_as_zero_updates(mask_factory) -> None:
 
 
 def test_outer_product_mean_matches_definition(randomize, mask_factory) -> None:
-    opm = randomize(OuterProductMean(c_m=6, c_z=4, c_hidden=3, mem=MEM))
+    opm = randomize(planned(OuterProductMean(c_m=6, c_z=4, c_hidden=3), MEM))
     m, mask = torch.randn(5, 7, 6), mask_factory(5, 7)
     a = opm.linear_a(opm.norm(m)) * mask[..., None]
     b = opm.linear_b(opm.norm(m)) * mask[..., None]
@@ -106,7 +108,7 @@ def test_pair_dropout_orientation(tiny_cfg, randomize, update: str, path: str) -
     change to z is dropout(update(z)): its ratio to the update without dropout is 0 or 1 / (1 - p) and must be
     the same along the shared axis, and differ along the other one."""
     grad, mem = BLOCK_PATHS[path]
-    block = EvoformerBlock.from_config(tiny_cfg, mem=mem)
+    block = planned(EvoformerBlock.from_config(tiny_cfg), mem)
     randomize(getattr(block, update))
     n = 9
     z, m = torch.randn(1, n, n, tiny_cfg.c_z), torch.randn(1, 3, n, tiny_cfg.c_m)
@@ -127,7 +129,7 @@ def test_pair_dropout_orientation(tiny_cfg, randomize, update: str, path: str) -
 
 
 def test_evoformer_block_contract(tiny_cfg, trunk_inputs, randomize) -> None:
-    block = randomize(EvoformerBlock.from_config(tiny_cfg, mem=MEM)).train()
+    block = randomize(planned(EvoformerBlock.from_config(tiny_cfg), MEM)).train()
     t = trunk_inputs
     m, z = block(t.m, t.z, t.msa_mask, t.pair_mask)
     assert m.shape == t.m.shape and z.shape == t.z.shape
@@ -138,7 +140,7 @@ def test_evoformer_block_contract(tiny_cfg, trunk_inputs, randomize) -> None:
 
 
 def test_evoformer_stack_returns_single_from_first_row(tiny_cfg, trunk_inputs, randomize) -> None:
-    stack = randomize(EvoformerStack(tiny_cfg, mem=MEM)).eval()
+    stack = randomize(planned(EvoformerStack(tiny_cfg), MEM)).eval()
     t = trunk_inputs
     m, z, s = stack(t.m, t.z, t.msa_mask, t.pair_mask)
     assert m.shape == t.m.shape and z.shape == t.z.shape and s.shape == (*t.m.shape[:1], t.m.shape[2], tiny_cfg.c_s)
@@ -148,7 +150,7 @@ def test_evoformer_stack_returns_single_from_first_row(tiny_cfg, trunk_inputs, r
 
 def test_inference_path_matches_grad_path_and_leaves_inputs_alone(tiny_cfg, trunk_inputs, randomize) -> None:
     """Without grad the block adds updates in place; the caller's tensors must stay untouched."""
-    stack = randomize(EvoformerStack(tiny_cfg, mem=MEM)).eval()
+    stack = randomize(planned(EvoformerStack(tiny_cfg), MEM)).eval()
     t = trunk_inputs
     m0, z0 = t.m.clone(), t.z.clone()
     with torch.no_grad():
@@ -161,11 +163,11 @@ def test_inference_path_matches_grad_path_and_leaves_inputs_alone(tiny_cfg, trun
 
 def test_extra_msa_stack(tiny_cfg, trunk_inputs, randomize) -> None:
     t = trunk_inputs
-    stack = randomize(ExtraMSAStack(tiny_cfg, mem=MEM)).train()
+    stack = randomize(planned(ExtraMSAStack(tiny_cfg), MEM)).train()
     z = stack(t.e, t.z, t.extra_msa_mask, t.pair_mask)
     assert z.shape == t.z.shape and torch.isfinite(z).all() and not torch.allclose(z, t.z)
     assert isinstance(stack.blocks[0].msa_col, MSAColumnGlobalAttention)
-    off = ExtraMSAStack(type(tiny_cfg)(**{**tiny_cfg.__dict__, "extra_msa_enabled": False}), mem=MEM)
+    off = planned(ExtraMSAStack(type(tiny_cfg)(**{**tiny_cfg.__dict__, "extra_msa_enabled": False})), MEM)
     assert len(off.blocks) == 0 and off(t.e, t.z, t.extra_msa_mask, t.pair_mask) is t.z
 
 
@@ -173,7 +175,7 @@ def test_extra_msa_stack(tiny_cfg, trunk_inputs, randomize) -> None:
 
 
 def test_input_embedder(tiny_cfg, randomize) -> None:
-    emb = randomize(InputEmbedder.from_config(tiny_cfg, mem=MEM))
+    emb = randomize(InputEmbedder.from_config(tiny_cfg))
     N, S = 7, 5
     target_feat, msa_feat = torch.randn(2, N, 22), torch.randn(2, S, N, 49)
     residue_index = torch.tensor([[0, 1, 2, 40, 41, 42, 100], [3, 4, 5, 6, 7, 8, 9]])
@@ -191,7 +193,7 @@ def test_input_embedder(tiny_cfg, randomize) -> None:
 
 
 def test_recycling_embedder_bins(tiny_cfg, randomize) -> None:
-    emb = randomize(RecyclingEmbedder.from_config(tiny_cfg, mem=MEM))
+    emb = randomize(RecyclingEmbedder.from_config(tiny_cfg))
     x = torch.zeros(1, 5, 3)
     x[0, :, 0] = torch.tensor([0.0, 3.0, 4.0, 10.0, 40.0])  # distances from residue 0: 3, 4, 10, 40
     dgram = emb.distogram(x)
@@ -208,7 +210,7 @@ def test_recycling_embedder_bins(tiny_cfg, randomize) -> None:
 
 
 def test_extra_msa_embedder(tiny_cfg) -> None:
-    emb = ExtraMSAEmbedder.from_config(tiny_cfg, mem=MEM)
+    emb = ExtraMSAEmbedder.from_config(tiny_cfg)
     assert emb(torch.randn(2, 3, 7, 25)).shape == (2, 3, 7, tiny_cfg.c_e)
 
 
@@ -237,7 +239,7 @@ def test_bf16_residual_stream_stays_bf16_in_inference() -> None:
     from protfold.model.evoformer import EvoformerBlock
 
     torch.manual_seed(0)
-    blk = EvoformerBlock.from_config(model_preset("tiny"), mem=MemoryConfig()).eval()
+    blk = planned(EvoformerBlock.from_config(model_preset("tiny")), MemoryConfig()).eval()
     m, z = torch.randn(1, 3, 7, 16).bfloat16(), torch.randn(1, 7, 7, 8).bfloat16()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         m_out, z_out = blk(m, z, torch.ones(1, 3, 7).bfloat16(), torch.ones(1, 7, 7).bfloat16())

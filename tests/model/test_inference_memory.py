@@ -13,13 +13,14 @@ from protfold.model.evoformer import (
     EvoformerStack,
     ExtraMSAStack,
     OuterProductMean,
-    _AddInto,
-    _chunked_inference,
 )
+from protfold.model.execution import AddInto as _AddInto
+from protfold.model.execution import add_into
 from protfold.model.memory import chunk_rows, peak_new_bytes
+from protfold.model.plan import resolve
 from protfold.model.triangle import PairTransition, TriangleAttention, TriangleMultiplication
 
-from .conftest import make_trunk_inputs, randomize_
+from .conftest import make_trunk_inputs, planned, randomize_
 
 MEMS = {
     "none": MemoryConfig(),
@@ -33,7 +34,7 @@ MEMS = {
 
 def _block(mem: MemoryConfig, train: bool) -> EvoformerBlock:
     torch.manual_seed(1)
-    blk = randomize_(EvoformerBlock.from_config(model_preset("tiny"), mem=mem))
+    blk = randomize_(planned(EvoformerBlock.from_config(model_preset("tiny")), mem))
     return blk.train(train)
 
 
@@ -53,7 +54,7 @@ def test_no_grad_block_matches_grad_path_fp32(mem, train) -> None:
             m_out, z_out = blk(m_in, z_in, t.msa_mask, t.pair_mask, inplace=inplace)
         torch.testing.assert_close(m_out, m_ref.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(z_out, z_ref.detach(), rtol=1e-5, atol=1e-5)
-        if inplace and _chunked_inference(MEMS[mem]):  # handed over: the block wrote into the caller's buffers
+        if inplace and resolve(MEMS[mem], grad=False, device="cpu").inplace:  # handed over: the block wrote into the caller's buffers
             assert z_out.data_ptr() == z_in.data_ptr() and m_out.data_ptr() == m_in.data_ptr()
         else:
             assert torch.equal(m_in, m0) and torch.equal(z_in, z0)
@@ -77,7 +78,7 @@ def test_no_grad_block_matches_grad_path_bf16() -> None:
 def test_stacks_leave_inputs_alone_unless_handed_over(stack_cls) -> None:
     cfg = model_preset("tiny")
     torch.manual_seed(2)
-    stack = randomize_(stack_cls(cfg, mem=MEMS["low"])).eval()
+    stack = randomize_(planned(stack_cls(cfg), MEMS["low"])).eval()
     t = make_trunk_inputs(cfg)
     m = t.e if stack_cls is ExtraMSAStack else t.m
     mask = t.extra_msa_mask if stack_cls is ExtraMSAStack else t.msa_mask
@@ -98,12 +99,12 @@ def test_stacks_leave_inputs_alone_unless_handed_over(stack_cls) -> None:
 
 def _pair_modules(c: int, mem: MemoryConfig) -> dict[str, nn.Module]:
     return {
-        "mul_out": TriangleMultiplication(c_z=c, c_hidden=c, outgoing=True, mem=mem),
-        "mul_in": TriangleMultiplication(c_z=c, c_hidden=c, outgoing=False, mem=mem),
-        "mul_in_5": TriangleMultiplication(c_z=c, c_hidden=5, outgoing=False, mem=mem),
-        "att_start": TriangleAttention(c_z=c, c_hidden=3, n_heads=2, starting=True, mem=mem),
-        "att_end": TriangleAttention(c_z=c, c_hidden=3, n_heads=2, starting=False, mem=mem),
-        "transition": PairTransition(c_z=c, factor=2, mem=mem),
+        "mul_out": planned(TriangleMultiplication(c_z=c, c_hidden=c, outgoing=True), mem),
+        "mul_in": planned(TriangleMultiplication(c_z=c, c_hidden=c, outgoing=False), mem),
+        "mul_in_5": planned(TriangleMultiplication(c_z=c, c_hidden=5, outgoing=False), mem),
+        "att_start": planned(TriangleAttention(c_z=c, c_hidden=3, n_heads=2, starting=True), mem),
+        "att_end": planned(TriangleAttention(c_z=c, c_hidden=3, n_heads=2, starting=False), mem),
+        "transition": planned(PairTransition(c_z=c, factor=2), mem),
     }
 
 
@@ -115,16 +116,16 @@ def test_pair_add_into_equals_forward(name, mem, mask_factory) -> None:
     with torch.no_grad():
         expected = z + mod(z, mask)
         z_in = z.clone()
-        mod.add_into(z_in, mask, _AddInto(z_in, nn.Identity()))
+        add_into(mod.module, z_in, mask, plan=mod.plan(), emit=_AddInto(z_in, nn.Identity()))
     torch.testing.assert_close(z_in, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_opm_add_into_equals_forward(mask_factory) -> None:
-    opm = randomize_(OuterProductMean(c_m=5, c_z=6, c_hidden=3, mem=MEMS["low"]))
+    opm = randomize_(planned(OuterProductMean(c_m=5, c_z=6, c_hidden=3), MEMS["low"]))
     m, mask, z = torch.randn(2, 4, 7, 5), mask_factory(2, 4, 7), torch.randn(2, 7, 7, 6)
     with torch.no_grad():
         expected = z + opm(m, mask)
-        opm.add_into(m, mask, _AddInto(z, nn.Identity()))
+        add_into(opm.module, m, mask, plan=opm.plan(), emit=_AddInto(z, nn.Identity()))
     torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -152,7 +153,7 @@ def test_af2_block_no_grad_peak_near_two_pair_tensors() -> None:
     torch.manual_seed(0)
     # bf16 weights: autocast's cached bf16 copies of fp32 weights (~3.6 MB per af2 block) would be 1.5 pair
     # tensors at this N (a 1e-3 share at N=4096), hiding what the test is about
-    blk = EvoformerBlock.from_config(cfg, mem=mem).eval().bfloat16()
+    blk = planned(EvoformerBlock.from_config(cfg), mem).eval().bfloat16()
     m, z = torch.randn(1, s, n, cfg.c_m).bfloat16(), torch.randn(1, n, n, cfg.c_z).bfloat16()
     mm, pm = torch.ones(1, s, n).bfloat16(), torch.ones(1, n, n).bfloat16()
     inputs = [m, z, mm, pm]
@@ -168,7 +169,7 @@ def test_af2_block_no_grad_peak_near_two_pair_tensors() -> None:
 def test_offloaded_triangle_edge_is_built_in_host_memory(monkeypatch, mask_factory) -> None:
     """With offload_triangle_edge the combined edge is allocated on the CPU, one [*, N, N, width] tensor per
     channel slice, and the update equals the on-device one; without low_memory_triangle it is a config error."""
-    import protfold.model.triangle as triangle
+    import protfold.model.triangle_exec as triangle
 
     made = []
     plain = triangle._host_buffer
@@ -184,10 +185,10 @@ def test_offloaded_triangle_edge_is_built_in_host_memory(monkeypatch, mask_facto
     for host in (False, True):
         mem = MemoryConfig(pair_chunk=4, low_memory_triangle=True, offload_triangle_edge=host)
         torch.manual_seed(3)  # the same weights for both
-        mod = randomize_(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=False, mem=mem))
+        mod = randomize_(planned(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=False), mem))
         z_in = z.clone()
         with torch.no_grad():
-            mod.add_into(z_in, mask, _AddInto(z_in, nn.Identity()))
+            add_into(mod.module, z_in, mask, plan=mod.plan(), emit=_AddInto(z_in, nn.Identity()))
         outs.append(z_in)
     assert len(made) > 1 and sum(t.shape[-1] for t in made) == 5
     assert all(t.shape[:-1] == (2, 9, 9) and t.device.type == "cpu" for t in made)

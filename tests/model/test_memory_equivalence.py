@@ -16,6 +16,8 @@ from protfold.model.evoformer import EvoformerStack, ExtraMSAStack, MSARowAttent
 from protfold.model.memory import chunk_rows, saved_activation_bytes
 from protfold.model.triangle import TriangleAttention, TriangleMultiplication
 
+from .conftest import planned
+
 # fp32. The absolute tolerance is 1e-5 of the tensor's largest entry (at least 1e-5): a gradient that is a
 # sum of many large terms (an output projection's weight) can land near zero, where a purely relative test
 # would judge rounding noise of the big terms, reordered by chunking, against a tiny value.
@@ -43,7 +45,7 @@ SWITCHES = {
 
 
 def _build(kind: str, cfg, mem: MemoryConfig):
-    return (EvoformerStack if kind == "evoformer" else ExtraMSAStack)(cfg, mem=mem).train()
+    return planned((EvoformerStack if kind == "evoformer" else ExtraMSAStack)(cfg), mem).train()
 
 
 def _strided_view(x):
@@ -101,10 +103,10 @@ def test_dropout_is_really_on_in_the_dropout_runs(tiny_cfg, trunk_inputs, random
 
 def test_chunked_row_attention_pair_bias_gradient(mask_factory, randomize) -> None:
     """The pair bias is shared by all MSA rows; chunking rows must accumulate its gradient exactly."""
-    ref = randomize(MSARowAttentionWithPairBias(c_m=6, c_z=4, n_heads=3, c_hidden=2, mem=MemoryConfig()))
+    ref = randomize(planned(MSARowAttentionWithPairBias(c_m=6, c_z=4, n_heads=3, c_hidden=2), MemoryConfig()))
     grads = []
     for mem in (MemoryConfig(), MemoryConfig(msa_chunk=2), MemoryConfig(msa_chunk=2, attention="sdpa")):
-        mod = MSARowAttentionWithPairBias(c_m=6, c_z=4, n_heads=3, c_hidden=2, mem=mem)
+        mod = planned(MSARowAttentionWithPairBias(c_m=6, c_z=4, n_heads=3, c_hidden=2), mem)
         mod.load_state_dict(ref.state_dict())
         torch.manual_seed(3)
         m, z = torch.randn(2, 5, 7, 6, requires_grad=True), torch.randn(2, 7, 7, 4, requires_grad=True)
@@ -165,9 +167,9 @@ def test_chunked_paths_keep_substantially_less_for_backward(mask_factory) -> Non
     saved = {}
     for label, mem in (("none", MemoryConfig()), ("chunked", MemoryConfig(msa_chunk=2, pair_chunk=8)),
                        ("low_tri", MemoryConfig(low_memory_triangle=True))):
-        row = MSARowAttentionWithPairBias(c_m=16, c_z=8, n_heads=4, c_hidden=4, mem=mem)
-        tri_att = TriangleAttention(c_z=8, c_hidden=4, n_heads=2, starting=True, mem=mem)
-        tri_mul = TriangleMultiplication(c_z=8, c_hidden=8, outgoing=True, mem=mem)
+        row = planned(MSARowAttentionWithPairBias(c_m=16, c_z=8, n_heads=4, c_hidden=4), mem)
+        tri_att = planned(TriangleAttention(c_z=8, c_hidden=4, n_heads=2, starting=True), mem)
+        tri_mul = planned(TriangleMultiplication(c_z=8, c_hidden=8, outgoing=True), mem)
         saved[label] = {
             "row": _saved(row, m, z, mask),
             "tri_att": _saved(tri_att, z, pair_mask),
@@ -187,7 +189,7 @@ def test_recompute_switches_keep_less_for_backward(tiny_cfg, inputs_factory) -> 
     saved = {}
     for label, mem in (("none", MemoryConfig()), ("inside", MemoryConfig(recompute_inside_block=True)),
                        ("blocks", MemoryConfig(blocks_per_checkpoint=1)), ("low", LOW)):
-        model = EvoformerStack(tiny_cfg, mem=mem).train()
+        model = planned(EvoformerStack(tiny_cfg), mem).train()
         saved[label] = saved_activation_bytes(lambda: model(t.m, t.z, t.msa_mask, t.pair_mask))
     assert saved["inside"] < 0.25 * saved["none"], saved
     assert saved["blocks"] < 0.1 * saved["none"], saved

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from protfold.config import MemoryConfig, model_preset
+from protfold.config import model_preset
 from protfold.model.alphafold import AlphaFold, parameter_count
 
 # OpenFold reports 93,229,082 parameters for the AF2 monomer model with templates (its documentation). Its template
@@ -24,7 +24,7 @@ AF2_WITHOUT_TEMPLATES = AF2_WITH_TEMPLATES - sum(TEMPLATE_PARAMS.values())  # 92
 
 def test_af2_parameter_count_matches_alphafold2_without_templates() -> None:
     with torch.device("meta"):
-        model = AlphaFold(cfg=model_preset("af2"), mem=MemoryConfig())
+        model = AlphaFold(cfg=model_preset("af2"))
     n = parameter_count(model)
     assert abs(n - AF2_WITHOUT_TEMPLATES) / AF2_WITHOUT_TEMPLATES < 0.02, (n, AF2_WITHOUT_TEMPLATES)
     assert n == 92_899_674  # measured; equal to the count derived above

@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from protfold.config import MemoryConfig
+from protfold.model import plan as plan_module
 from protfold.model import primitives
 from protfold.model.memory import fp32_island
+from protfold.model.plan import resolve
 from protfold.model.primitives import Attention, GlobalAttention, Linear, attention, mask_bias
+
+from .conftest import planned
+
+
+def _plan(memory: MemoryConfig, device: str = "cpu"):
+    return resolve(memory, grad=torch.is_grad_enabled(), device=device)
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -59,19 +67,19 @@ def _attention_inputs(mask_factory, dtype=torch.float32):
 
 def test_naive_attention_matches_reference_and_masks_keys(mask_factory) -> None:
     q, k, v, biases, mask = _attention_inputs(mask_factory)
-    out = attention(q, k, v, biases, MemoryConfig())
+    out = attention(q, k, v, biases, _plan(MemoryConfig()))
     torch.testing.assert_close(out, _reference(q, k, v, biases), rtol=RTOL, atol=ATOL)
     # values at masked key positions must not matter
     v2 = v.detach().clone()
     v2[mask[:, :, None, :].expand_as(v2[..., 0]) == 0] = 1e3
-    out2 = attention(q, k, v2, biases, MemoryConfig())
+    out2 = attention(q, k, v2, biases, _plan(MemoryConfig()))
     torch.testing.assert_close(out2, out, rtol=RTOL, atol=1e-5)
 
 
 def _out_and_grads(kind, q, k, v, biases):
     for t in (q, k, v, biases[1]):
         t.grad = None
-    out = attention(q, k, v, biases, MemoryConfig(attention=kind))
+    out = attention(q, k, v, biases, _plan(MemoryConfig(attention=kind)))
     (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
     return out.detach(), [t.grad.clone() for t in (q, k, v, biases[1])]
 
@@ -88,17 +96,18 @@ def test_sdpa_matches_naive_including_pair_bias_gradient(mask_factory) -> None:
 
 def test_sdpa_without_bias_and_in_4d(mask_factory) -> None:
     q, k, v = (torch.randn(3, 2, 5, 4) for _ in range(3))
-    torch.testing.assert_close(attention(q, k, v, [], MemoryConfig(attention="sdpa")), _reference(q, k, v, []),
-                               rtol=RTOL, atol=ATOL)
+    out = attention(q, k, v, [], _plan(MemoryConfig(attention="sdpa")))
+    torch.testing.assert_close(out, _reference(q, k, v, []), rtol=RTOL, atol=ATOL)
 
 
 def test_flex_falls_back_on_cpu_with_a_warning(mask_factory, caplog) -> None:
     q, k, v, biases, _ = _attention_inputs(mask_factory)
-    primitives._flex_warned.clear()
-    with caplog.at_level(logging.WARNING, logger="protfold.model.primitives"):
-        out = attention(q, k, v, biases, MemoryConfig(attention="flex"))
-    assert "needs CUDA" in caplog.text
-    torch.testing.assert_close(out, attention(q, k, v, biases, MemoryConfig()), rtol=0, atol=0)
+    plan_module._flex_warned.clear()
+    with caplog.at_level(logging.WARNING, logger="protfold.model.plan"):
+        plan = _plan(MemoryConfig(attention="flex"))
+    assert "needs CUDA" in caplog.text and plan.attention == "naive"
+    out = attention(q, k, v, biases, plan)
+    torch.testing.assert_close(out, attention(q, k, v, biases, _plan(MemoryConfig())), rtol=0, atol=0)
 
 
 def test_flex_kernel_eager_matches_naive(mask_factory) -> None:
@@ -111,7 +120,7 @@ def test_flex_kernel_eager_matches_naive(mask_factory) -> None:
     q, k, v, biases, _ = _attention_inputs(mask_factory)
     q, k, v = (t.detach() for t in (q, k, v))
     grads = []
-    for run in (lambda: attention(q, k, v, biases, MemoryConfig()),
+    for run in (lambda: attention(q, k, v, biases, _plan(MemoryConfig())),
                 lambda: primitives._flex_attention(q, k, v, biases, compiled=False)):
         biases[1].grad = None
         with warnings.catch_warnings():
@@ -142,7 +151,7 @@ def test_flex_inside_a_compiled_region_is_traced_once(mask_factory, monkeypatch)
     try:
         with torch.no_grad():
             outs = [block(q, k, v) for _ in range(3)]
-            ref = attention(q, k, v, biases, MemoryConfig())
+            ref = attention(q, k, v, biases, _plan(MemoryConfig()))
     finally:
         torch._dynamo.reset()
     assert counter.frame_count == 1
@@ -167,7 +176,7 @@ def test_eager_flex_compiles_past_dynamos_default_limit(monkeypatch) -> None:
                 q, k, v = torch.randn(3, 2, 1, n, 16).unbind(0)
                 bias = torch.randn(1, n, n)
                 out = primitives._flex_attention(q, k, v, [bias], compiled=True)
-                torch.testing.assert_close(out, attention(q, k, v, [bias], MemoryConfig()), rtol=RTOL, atol=ATOL)
+                torch.testing.assert_close(out, attention(q, k, v, [bias], _plan(MemoryConfig())), rtol=RTOL, atol=ATOL)
     finally:
         torch._dynamo.reset()
     assert counter.frame_count == 10 > torch._dynamo.config.recompile_limit
@@ -206,7 +215,7 @@ def test_logits_are_fp32_under_autocast() -> None:
         with fp32_island(x):
             assert (x @ x).dtype == torch.float32
         q = torch.randn(2, 3, 5, 4).to(torch.bfloat16)
-        out = attention(q, q, q, [torch.zeros(3, 5, 5)], MemoryConfig())
+        out = attention(q, q, q, [torch.zeros(3, 5, 5)], _plan(MemoryConfig()))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), _reference(q.float(), q.float(), q.float(), []), rtol=2e-2, atol=2e-2)
 
@@ -215,7 +224,7 @@ def test_logits_are_fp32_under_autocast() -> None:
 
 
 def test_attention_module_contract(mask_factory) -> None:
-    att = Attention(c_q=6, c_kv=5, c_hidden=3, n_heads=2, mem=MemoryConfig())
+    att = planned(Attention(c_q=6, c_kv=5, c_hidden=3, n_heads=2), MemoryConfig())
     assert att.linear_o.weight.abs().sum() == 0  # final init: the block starts as identity
     torch.nn.init.normal_(att.linear_o.weight)
     q_x, kv_x = torch.randn(2, 7, 6), torch.randn(2, 9, 5)
@@ -225,7 +234,7 @@ def test_attention_module_contract(mask_factory) -> None:
 
 
 def test_global_attention_contract_and_masking(mask_factory) -> None:
-    ga = GlobalAttention(c_in=6, c_hidden=3, n_heads=2, mem=MemoryConfig())
+    ga = GlobalAttention(c_in=6, c_hidden=3, n_heads=2)
     with torch.no_grad():
         for p in ga.parameters():
             p.normal_(0, 0.5)
@@ -240,8 +249,8 @@ def test_global_attention_contract_and_masking(mask_factory) -> None:
 
 def test_gradcheck_attention_and_global_attention(mask_factory) -> None:
     mem = MemoryConfig()
-    att = Attention(c_q=4, c_kv=4, c_hidden=2, n_heads=2, mem=mem).double()
-    ga = GlobalAttention(c_in=4, c_hidden=2, n_heads=2, mem=mem).double()
+    att = planned(Attention(c_q=4, c_kv=4, c_hidden=2, n_heads=2), mem).double()
+    ga = GlobalAttention(c_in=4, c_hidden=2, n_heads=2).double()
     for mod in (att, ga):
         with torch.no_grad():
             for p in mod.parameters():
@@ -257,10 +266,11 @@ def test_attention_chunk_cap_sets_rows_per_chunk() -> None:
     """One chunk's fp32 logits [rows, H, L, L] stay under the cap: rows = cap // (H * L * L * 4 bytes)."""
     from protfold.model.primitives import Attention, capped_chunk
 
-    attn = Attention(c_q=4, c_kv=4, c_hidden=2, n_heads=3, mem=MemoryConfig(attention_chunk_mb=1.0))
+    attn = Attention(c_q=4, c_kv=4, c_hidden=2, n_heads=3)
+    plan = _plan(MemoryConfig(attention_chunk_mb=1.0))
     x = torch.zeros(2, 50, 64, 4)  # batch 2, 50 rows, L = 64
     per_row = 2 * 3 * 64 * 64 * 4
-    assert capped_chunk(None, attn, x) == 2**20 // per_row
-    assert capped_chunk(5, attn, x) == min(5, 2**20 // per_row)
-    attn.mem = MemoryConfig()
-    assert capped_chunk(7, attn, x) == 7 and capped_chunk(None, attn, x) is None
+    assert capped_chunk(None, attn, x, plan) == 2**20 // per_row
+    assert capped_chunk(5, attn, x, plan) == min(5, 2**20 // per_row)
+    plain = _plan(MemoryConfig())
+    assert capped_chunk(7, attn, x, plain) == 7 and capped_chunk(None, attn, x, plain) is None

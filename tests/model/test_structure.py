@@ -10,6 +10,8 @@ from protfold.config import MemoryConfig, model_preset
 from protfold.geometry import Rigid, quaternion_to_rotation
 from protfold.model.structure import InvariantPointAttention, StructureModule
 
+from .conftest import planned
+
 B, N = 2, 7
 
 
@@ -32,7 +34,7 @@ def inputs(cfg, mask_factory):
 
 
 def test_contract_shapes_and_units(cfg, inputs) -> None:
-    module = StructureModule(cfg=cfg, mem=MemoryConfig()).eval()
+    module = planned(StructureModule(cfg=cfg), MemoryConfig()).eval()
     out = module(**inputs)
     L = cfg.n_structure_layers
     shapes = {
@@ -51,7 +53,7 @@ def test_contract_shapes_and_units(cfg, inputs) -> None:
 
 
 def test_fp32_islands_under_bf16_autocast(cfg, inputs, randomize) -> None:
-    module = randomize(StructureModule(cfg=cfg, mem=MemoryConfig()).eval(), std=0.1)
+    module = randomize(planned(StructureModule(cfg=cfg), MemoryConfig()).eval(), std=0.1)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = module(**inputs)
     for key in ("frames", "sidechain_frames", "positions", "final_atom14", "final_atom37", "angles"):
@@ -91,7 +93,7 @@ def test_ipa_masked_residues_do_not_leak(cfg, inputs, randomize) -> None:
 
 def test_layer_output_frames_are_equivariant(cfg, inputs, randomize) -> None:
     """One layer (IPA + transition + backbone update + all-atom) given T o F returns T o (its output for F)."""
-    module = randomize(StructureModule(cfg=cfg, mem=MemoryConfig()).eval(), std=0.1)
+    module = randomize(planned(StructureModule(cfg=cfg), MemoryConfig()).eval(), std=0.1)
     s, z = inputs["s"], inputs["z"]
     frames, glob = random_rigid(B, N), random_rigid(1, 1, scale=3.0)
     s_a, f_a, out_a = module.layer(s, s, z, frames, inputs["aatype"], inputs["mask"])
@@ -106,7 +108,7 @@ def test_layer_output_frames_are_equivariant(cfg, inputs, randomize) -> None:
 
 
 def test_structure_module_coordinates_follow_initial_frames(cfg, inputs, randomize) -> None:
-    module = randomize(StructureModule(cfg=cfg, mem=MemoryConfig()).eval(), std=0.1)
+    module = randomize(planned(StructureModule(cfg=cfg), MemoryConfig()).eval(), std=0.1)
     glob = random_rigid(1, 1, scale=3.0)
     start = Rigid.identity((B, N))
     out_a = module(**inputs, frames=start)
@@ -122,7 +124,7 @@ def test_structure_module_coordinates_follow_initial_frames(cfg, inputs, randomi
 def test_rotation_gradient_stopped_between_layers(cfg, inputs, randomize) -> None:
     """Gradients equal a two-layer unroll with the rotation (only) detached between layers, and differ
     from an unroll without the stop."""
-    module = randomize(StructureModule(cfg=cfg, mem=MemoryConfig()).eval(), std=0.1)
+    module = randomize(planned(StructureModule(cfg=cfg), MemoryConfig()).eval(), std=0.1)
     assert cfg.n_structure_layers == 2
 
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:

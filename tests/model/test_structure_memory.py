@@ -8,6 +8,8 @@ from protfold.config import MemoryConfig, model_preset
 from protfold.model.memory import saved_activation_bytes
 from protfold.model.structure import StructureModule
 
+from .conftest import planned
+
 B, N = 2, 7
 
 
@@ -24,11 +26,11 @@ def _run(module: StructureModule, s, z, aatype, mask, seed: int):
 def test_recompute_structure_is_exact_with_dropout(mask_factory) -> None:
     cfg = model_preset("tiny", structure_dropout=0.3)
     torch.manual_seed(1)
-    plain = StructureModule(cfg=cfg, mem=MemoryConfig()).train()
+    plain = planned(StructureModule(cfg=cfg), MemoryConfig()).train()
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(0.1 * torch.randn_like(p))  # leave the zero "final" inits so every path carries gradient
-    lean = StructureModule(cfg=cfg, mem=MemoryConfig(recompute_structure=True)).train()
+    lean = planned(StructureModule(cfg=cfg), MemoryConfig(recompute_structure=True)).train()
     lean.load_state_dict(plain.state_dict())
     s = torch.randn(B, N, cfg.c_s, requires_grad=True)
     z = torch.randn(B, N, N, cfg.c_z, requires_grad=True)
@@ -50,6 +52,6 @@ def test_recompute_structure_keeps_less_for_backward(mask_factory) -> None:
     aatype, mask = torch.randint(0, 21, (1, 24)), torch.ones(1, 24)
     kept = {}
     for flag in (False, True):
-        module = StructureModule(cfg=cfg, mem=MemoryConfig(recompute_structure=flag))
+        module = planned(StructureModule(cfg=cfg), MemoryConfig(recompute_structure=flag))
         kept[flag] = saved_activation_bytes(lambda: module(s, z, aatype, mask))
     assert kept[True] < 0.5 * kept[False]

@@ -8,6 +8,9 @@ import torch
 from protfold.config import MemoryConfig
 from protfold.model.memory import peak_new_bytes
 from protfold.model.triangle import PairTransition, TriangleAttention, TriangleMultiplication
+from protfold.model.triangle_exec import train_slices
+
+from .conftest import planned
 
 MEM = MemoryConfig()
 RTOL, ATOL = 1e-5, 1e-6
@@ -15,11 +18,11 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def _pair_modules(c_z: int, mem: MemoryConfig = MEM, c_hidden: int = 5) -> dict[str, torch.nn.Module]:
     return {
-        "mul_out": TriangleMultiplication(c_z=c_z, c_hidden=c_hidden, outgoing=True, mem=mem),
-        "mul_in": TriangleMultiplication(c_z=c_z, c_hidden=c_hidden, outgoing=False, mem=mem),
-        "att_start": TriangleAttention(c_z=c_z, c_hidden=3, n_heads=2, starting=True, mem=mem),
-        "att_end": TriangleAttention(c_z=c_z, c_hidden=3, n_heads=2, starting=False, mem=mem),
-        "transition": PairTransition(c_z=c_z, factor=2, mem=mem),
+        "mul_out": planned(TriangleMultiplication(c_z=c_z, c_hidden=c_hidden, outgoing=True), mem),
+        "mul_in": planned(TriangleMultiplication(c_z=c_z, c_hidden=c_hidden, outgoing=False), mem),
+        "att_start": planned(TriangleAttention(c_z=c_z, c_hidden=3, n_heads=2, starting=True), mem),
+        "att_end": planned(TriangleAttention(c_z=c_z, c_hidden=3, n_heads=2, starting=False), mem),
+        "transition": planned(PairTransition(c_z=c_z, factor=2), mem),
     }
 
 
@@ -54,7 +57,7 @@ def _edges(mod: TriangleMultiplication, z, mask):
 @pytest.mark.parametrize("outgoing", [True, False])
 def test_triangle_multiplication_matches_definition(outgoing, randomize, mask_factory) -> None:
     """Algorithm 11: x_ij = sum_k a_ik * b_jk; Algorithm 12: x_ij = sum_k a_ki * b_kj (loops, not einsum)."""
-    mod = randomize(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing, mem=MEM))
+    mod = randomize(planned(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing), MEM))
     z, mask = torch.randn(7, 7, 6), _pair_mask(mask_factory, n=7)
     z_ln, a, b = _edges(mod, z, mask)
     x = torch.zeros(7, 7, 5)
@@ -67,8 +70,8 @@ def test_triangle_multiplication_matches_definition(outgoing, randomize, mask_fa
 
 
 def test_triangle_attention_ending_is_starting_on_transpose(randomize, mask_factory) -> None:
-    start = randomize(TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=True, mem=MEM))
-    end = TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=False, mem=MEM)
+    start = randomize(planned(TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=True), MEM))
+    end = planned(TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=False), MEM)
     end.load_state_dict(start.state_dict())
     z, mask = torch.randn(2, 7, 7, 6), _pair_mask(mask_factory, 2, n=7)
     expected = start(z.transpose(1, 2), mask.transpose(1, 2)).transpose(1, 2)
@@ -77,7 +80,7 @@ def test_triangle_attention_ending_is_starting_on_transpose(randomize, mask_fact
 
 def test_triangle_attention_starting_node_definition(randomize, mask_factory) -> None:
     """Algorithm 13 for one (i, j): attend over k with q_ij . k_ik + b_jk, keys masked by pair_mask[i, k]."""
-    mod = randomize(TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=True, mem=MEM))
+    mod = randomize(planned(TriangleAttention(c_z=6, c_hidden=3, n_heads=2, starting=True), MEM))
     z, mask = torch.randn(7, 7, 6), _pair_mask(mask_factory, n=7)
     out = mod(z, mask)
     z_ln = mod.norm(z)
@@ -96,9 +99,9 @@ def test_triangle_attention_starting_node_definition(randomize, mask_factory) ->
 @pytest.mark.parametrize("c_hidden", [6, 5])  # equal to c_z (output written over x) and not
 @pytest.mark.parametrize("outgoing", [True, False])
 def test_low_memory_inference_matches(outgoing, c_hidden, randomize, mask_factory) -> None:
-    ref = randomize(TriangleMultiplication(c_z=6, c_hidden=c_hidden, outgoing=outgoing, mem=MEM))
+    ref = randomize(planned(TriangleMultiplication(c_z=6, c_hidden=c_hidden, outgoing=outgoing), MEM))
     for mem in (MemoryConfig(low_memory_triangle=True), MemoryConfig(low_memory_triangle=True, pair_chunk=2)):
-        low = TriangleMultiplication(c_z=6, c_hidden=c_hidden, outgoing=outgoing, mem=mem)
+        low = planned(TriangleMultiplication(c_z=6, c_hidden=c_hidden, outgoing=outgoing), mem)
         low.load_state_dict(ref.state_dict())
         z, mask = torch.randn(2, 7, 7, 6), _pair_mask(mask_factory, 2, n=7)
         with torch.no_grad():
@@ -106,7 +109,7 @@ def test_low_memory_inference_matches(outgoing, c_hidden, randomize, mask_factor
 
 
 def test_triangle_einsum_runs_in_fp32_under_autocast(randomize, mask_factory) -> None:
-    mod = randomize(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=True, mem=MEM))
+    mod = randomize(planned(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=True), MEM))
     z, mask = torch.randn(7, 7, 6), _pair_mask(mask_factory, n=7)
     seen = []
     original = torch.einsum
@@ -152,7 +155,7 @@ def test_low_memory_inference_peak_is_near_2_5_pair_tensors(outgoing) -> None:
     pair = z.numel() * z.element_size()
     peaks = {}
     for low in (False, True):
-        mod = TriangleMultiplication(c_z=c, c_hidden=c, outgoing=outgoing, mem=MemoryConfig(low_memory_triangle=low))
+        mod = planned(TriangleMultiplication(c_z=c, c_hidden=c, outgoing=outgoing), MemoryConfig(low_memory_triangle=low))
         with torch.no_grad():
             peaks[low] = peak_new_bytes(lambda: mod(z, mask), [z, mask, *mod.parameters()]) / pair
     assert peaks[True] <= 1.5 < 4.0 <= peaks[False], peaks
@@ -161,12 +164,12 @@ def test_low_memory_inference_peak_is_near_2_5_pair_tensors(outgoing) -> None:
 @pytest.mark.parametrize("outgoing", [True, False])
 def test_low_memory_training_channel_slices_match(outgoing, randomize, mask_factory) -> None:
     """Large pair tensors are sliced over hidden channels in training; force that path at a small N."""
-    ref = randomize(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing, mem=MemoryConfig()))
+    ref = randomize(planned(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing), MemoryConfig()))
     two_channels = 7 * 7 * 4 * 2 / 2**20  # MiB of two fp32 channels at N = 7: 3 slices of 5 channels
     mem = MemoryConfig(low_memory_triangle=True, triangle_slice_mb=two_channels)
-    low = TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing, mem=mem)
+    low = planned(TriangleMultiplication(c_z=6, c_hidden=5, outgoing=outgoing), mem)
     low.load_state_dict(ref.state_dict())
-    assert len(low._train_slices(torch.zeros(7, 7, 6))) == 3
+    assert len(train_slices(low, torch.zeros(7, 7, 6), low.plan())) == 3
     z = torch.randn(7, 7, 6)
     mask = mask_factory(7, 7)
     outs, grads = [], []
@@ -194,14 +197,14 @@ def test_smaller_training_slices_lower_the_peak() -> None:
     for slice_mb in (512.0, edge / 4 / 2**20):
         torch.manual_seed(0)
         mem = MemoryConfig(low_memory_triangle=True, triangle_slice_mb=slice_mb)
-        mod = TriangleMultiplication(c_z=c_z, c_hidden=c_hidden, outgoing=True, mem=mem)
+        mod = planned(TriangleMultiplication(c_z=c_z, c_hidden=c_hidden, outgoing=True), mem)
         torch.nn.init.normal_(mod.linear_o.weight)  # AF2's zero init would leave z without a gradient
         z = z0.clone().requires_grad_()
 
         def step():
             mod(z, mask).square().sum().backward()
 
-        peaks[len(mod._train_slices(z0))] = peak_new_bytes(step, [z0, z, mask, *mod.parameters()]) / edge
+        peaks[len(train_slices(mod, z0, mod.plan()))] = peak_new_bytes(step, [z0, z, mask, *mod.parameters()]) / edge
         grads[slice_mb] = z.grad
     assert sorted(peaks) == [1, 4] and peaks[4] < 0.6 * peaks[1], peaks
     first, second = grads.values()  # the same gradient: slicing reorders fp32 sums only

@@ -46,7 +46,7 @@ def test_config_parses_and_builds(config, cwd_repo, capsys):
     assert mems, "no memory settings"
     assert resolved["data"]["crop_size"] <= cfg.max_crop
     with torch.device("meta"):
-        net = AlphaFold(cfg=cfg, mem=mems[0])
+        net = AlphaFold(cfg=cfg)
     n_params = sum(p.numel() for p in net.parameters())
     assert n_params > 10_000
     if model["preset"] in ("af2", "af2_ptm"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from protfold.config import MemoryConfig, model_preset
+from protfold.config import model_preset
 from protfold.model.alphafold import AlphaFold
 from protfold.weights import export_af2, read_config, read_weights
 from protfold.weights.mapping import AF2_PREFIX, af2_shapes
@@ -31,7 +31,7 @@ def test_npz_and_openfold_state_dict_give_identical_weights_for_every_parameter(
     npz, pt = read_weights(FIXTURE / "params.npz"), read_weights(FIXTURE / "openfold_state_dict.pt")
     assert (npz.format, pt.format) == ("alphafold2", "openfold")
     with torch.device("meta"):
-        names = AlphaFold(cfg=npz.config.cfg, mem=MemoryConfig()).state_dict().keys()
+        names = AlphaFold(cfg=npz.config.cfg).state_dict().keys()
     assert npz.state_dict.keys() == pt.state_dict.keys() == names and len(names) == 360
     for name in names:
         a, b = npz.state_dict[name], pt.state_dict[name]
@@ -94,7 +94,7 @@ def test_export_reproduces_the_fixture_npz_bit_for_bit(fixture_npz):
 def test_full_size_round_trip_through_an_af2_file(preset, tmp_path, fixture_npz):
     cfg = model_preset(preset)
     with torch.device("meta"):
-        model = AlphaFold(cfg=cfg, mem=MemoryConfig())
+        model = AlphaFold(cfg=cfg)
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():  # every value random (AF2's init leaves zeros and ones), so no tensor can pass by chance
