@@ -20,7 +20,13 @@ from protfold.model.alphafold import AlphaFold
 from protfold.train.checkpoints import read_checkpoint
 from protfold.train.ema import EMA
 from protfold.train.oom import leanest_failed_message, next_leaner, preset_name, requested_bytes
-from protfold.train.optimizers import check_state_available, discard_grads, wait_for_grads
+from protfold.train.optimizers import (
+    check_state_available,
+    decode_optimizer_states,
+    discard_grads,
+    encode_optimizer_states,
+    wait_for_grads,
+)
 from protfold.train.step import adam, freeze_unused_heads, training_loss
 from protfold.weights import as_preset, read_external_weights
 
@@ -299,6 +305,7 @@ class ProtfoldModule(pl.LightningModule):
         if self.device.type == "cuda":  # this rank's device only: reading all of them would open a context on each
             checkpoint["torch_cuda_rng"] = torch.cuda.get_rng_state(self.device)
         checkpoint["bad_steps_total"] = self.bad_steps_total
+        encode_optimizer_states(checkpoint)
         if self.oom_recoveries:  # a resumed run continues in the mode the recovery reached
             checkpoint["train_memory"] = asdict(self.train_memory)
         checkpoint["model_config"] = asdict(self.model_cfg)
@@ -312,6 +319,7 @@ class ProtfoldModule(pl.LightningModule):
                 f"the same preset ({self.hparams.preset!r} now), or fine-tune from it with --model.init_from"
             )
         _start_next_epoch_at_first_batch(checkpoint)
+        decode_optimizer_states(checkpoint)
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
         _restore_rng_states(checkpoint)

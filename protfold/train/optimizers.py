@@ -113,4 +113,49 @@ def discard_grads(opt: torch.optim.Optimizer) -> None:
         inner.zero_grad(set_to_none=True)
 
 
-__all__ = ["LOWBIT_EXTRA", "build_adam", "check_state_available", "discard_grads", "step_params", "wait_for_grads"]
+_SUBCLASS = "__tensor_subclass__"
+
+
+def _encode(value):
+    """A quantized moment (a torchao tensor subclass) as plain tensors and its class: torch.load cannot read a
+    subclass with the callable `map_location` Lightning passes; plain tensors move and load like any other."""
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, torch.nn.Parameter) \
+            and hasattr(value, "__tensor_flatten__"):
+        names, attrs = value.__tensor_flatten__()
+        cls = type(value)
+        return {_SUBCLASS: f"{cls.__module__}:{cls.__qualname__}", "tensors": {n: getattr(value, n) for n in names},
+                "attrs": list(attrs)}
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict) and _SUBCLASS in value:
+        import importlib
+
+        module, name = value[_SUBCLASS].split(":")
+        cls = getattr(importlib.import_module(module), name)
+        return cls.__tensor_unflatten__(value["tensors"], value["attrs"], None, None)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def encode_optimizer_states(checkpoint: dict) -> None:
+    """In a checkpoint dict: quantized optimizer moments as plain tensors (see `_encode`), in place."""
+    if "optimizer_states" in checkpoint:
+        checkpoint["optimizer_states"] = _encode(checkpoint["optimizer_states"])
+
+
+def decode_optimizer_states(checkpoint: dict) -> None:
+    """The inverse of `encode_optimizer_states`, in place."""
+    if "optimizer_states" in checkpoint:
+        checkpoint["optimizer_states"] = _decode(checkpoint["optimizer_states"])
+
+
+__all__ = ["decode_optimizer_states", "encode_optimizer_states", "LOWBIT_EXTRA", "build_adam", "check_state_available", "discard_grads", "step_params", "wait_for_grads"]

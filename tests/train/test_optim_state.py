@@ -144,3 +144,37 @@ def test_ema_state_dict_round_trip_keeps_storage():
     other.load_state_dict(ema.state_dict())
     for name in ema.shadow:
         assert other.shadow[name].dtype == torch.bfloat16 and torch.equal(other.shadow[name], ema.shadow[name])
+
+
+def _state_tensor(value):
+    return value.dequantize() if hasattr(value, "dequantize") and not isinstance(value, torch.nn.Parameter) \
+        and type(value) is not torch.Tensor else value
+
+
+@pytest.mark.parametrize("state,ema", [("8bit", "bf16"), ("4bit", "cpu")])
+def test_resume_is_exact_with_each_state_kind(run_kit, tmp_path, eager_compile, state, ema):
+    """4 steps straight equal 2 steps (one epoch), a resume from last.ckpt, and 2 more, with quantized moments (c_m 64
+    gives tensors of >= 4096 elements, which torchao quantizes) and the EMA stored otherwise."""
+    extra = ("--model.optim.state", state, "--model.optim.ema_storage", ema, "--model.model_overrides", "{c_m: 64}")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_kit.fit(run_kit.fit_args(straight, steps=4, samples_per_epoch=2, extra=extra))
+    run_kit.fit(run_kit.fit_args(resumed, steps=2, samples_per_epoch=2, extra=extra))
+    run_kit.fit(run_kit.fit_args(resumed, steps=4, samples_per_epoch=2, extra=extra + ("--ckpt_path", "last")))
+    a, b = (run_kit.load(run_kit.version_dirs(root)[-1] / "checkpoints" / "last.ckpt") for root in (straight, resumed))
+    assert a["global_step"] == b["global_step"] == 4
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=1e-6, msg=name)
+    for name, value in a["ema"]["shadow"].items():
+        assert value.dtype == (torch.bfloat16 if ema == "bf16" else torch.float32)
+        torch.testing.assert_close(b["ema"]["shadow"][name], value, rtol=0, atol=1e-6, msg=f"EMA {name}")
+    from protfold.train.optimizers import decode_optimizer_states
+
+    for ckpt in (a, b):
+        decode_optimizer_states(ckpt)
+    (oa,), (ob,) = a["optimizer_states"], b["optimizer_states"]
+    kinds = {type(v["exp_avg"]).__name__ for v in oa["state"].values()}
+    assert {"8bit": "OptimState8bit", "4bit": "OptimState4bit"}[state] in kinds
+    for key in oa["state"]:
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(_state_tensor(ob["state"][key][field]), _state_tensor(oa["state"][key][field]),
+                                       rtol=0, atol=1e-6, msg=f"{field} of {key}")
