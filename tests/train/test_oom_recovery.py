@@ -97,3 +97,26 @@ def test_ladder_goes_down_to_low_and_estimates_a_crop():
     assert requested_bytes("Tried to allocate 2.00 GiB. GPU 0 has") == 2 * 1024**3
     gib = 1024**3  # 4 GiB for activations, 16 GiB reached: half the crop
     assert crop_that_fits(512, capacity=6 * gib, resident=2 * gib, peak=15 * gib, requested=3 * gib) == 256
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_oom_is_recovered(run_kit, tmp_path, caplog):
+    """`small` at crop 256 in mode `none`, with this process limited to a slice of the card: the first steps
+    run out of memory and the run steps down the ladder until a mode fits, then finishes."""
+    import os
+
+    fraction = float(os.environ.get("PROTFOLD_OOM_FRACTION", "0.03"))  # of the card; 0.03 of an H200: 4.2 GiB
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    try:
+        with caplog.at_level("WARNING", logger="protfold.train.module"):
+            run_kit.fit(run_kit.fit_args(tmp_path, steps=2, extra=(
+                "--model.preset", "small", "--model.memory", "none", "--data.crop_size", "256",
+                "--data.max_msa_clusters", "128", "--data.max_extra_msa", "1024",
+                "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed")))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert "out of memory at step 0: memory mode none ->" in caplog.text, caplog.text[-2000:]
+    ckpt = run_kit.load(run_kit.version_dirs(tmp_path)[-1] / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2 and "train_memory" in ckpt
