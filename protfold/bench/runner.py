@@ -339,7 +339,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
             def point_records(results: dict[str, ModeResult] = results, point: Point = point) -> list[dict[str, Any]]:
                 return [{**{k: None for k in report.REQUIRED}, **point.__dict__, "mode": name,
-                         "block_owns_inputs": args.block_owns_inputs, "memory": dict(modes[name].__dict__),
+                         "block_owns_inputs": args.block_owns_inputs, "optim_state": args.optim_state,
+                         "ema_storage": args.ema_storage, "memory": dict(modes[name].__dict__),
                          **r.fields, **env} for name, r in results.items()]
 
             for name, mem in modes.items():
