@@ -157,8 +157,8 @@ class ProtfoldModule(pl.LightningModule):
             try:
                 loss, terms = self._forward_backward(batch, batch_idx, n_recycles, clamped)
             except torch.OutOfMemoryError as err:
-                if not self.optim_cfg.recover_oom:
-                    raise
+                if not self.optim_cfg.recover_oom or self.trainer.world_size > 1:
+                    raise  # several processes: one rank cannot change mode alone (the others wait in all-reduce)
                 failed = str(err)  # the message only: the traceback would keep the failed step's tensors alive
             if failed is None:
                 break
@@ -215,8 +215,12 @@ class ProtfoldModule(pl.LightningModule):
     def _leanest_failed(self, batch: dict[str, Tensor], mode: str, message: str) -> str:
         cuda = self.device.type == "cuda"
         capacity = torch.cuda.get_device_properties(self.device).total_memory if cuda else 0
-        resident = sum(t.numel() * t.element_size() for t in self.model.parameters()) * 2  # weights + gradients
-        resident += sum(t.numel() * t.element_size() for t in self.ema.shadow.values() if t.device == self.device)
+        on_device = [*self.model.parameters(), *(p.grad for p in self.model.parameters() if p.grad is not None),
+                     *(t for t in self.ema.shadow.values() if t.device == self.device)]
+        inner = getattr(self.optimizers(), "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            on_device += [t for t in state.values() if isinstance(t, Tensor) and t.device == self.device]
+        resident = sum(t.numel() * t.element_size() for t in on_device)  # quantized moments: counted as fp32
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
         return leanest_failed_message(int(batch["aatype"].shape[-1]), mode, self.global_step, capacity=capacity,
                                       resident=resident, peak=peak, requested=requested_bytes(message))

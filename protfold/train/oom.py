@@ -63,7 +63,7 @@ def leanest_failed_message(crop: int, mode: str, step: int, *, capacity: int, re
     fit = crop_that_fits(crop, capacity=capacity, resident=resident, peak=peak, requested=requested)
     return (f"out of memory at step {step} in the leanest memory mode {mode!r} with crop {crop}: a crop of about "
             f"{fit} residues or less should fit (estimate: activation memory ~ crop^2; {capacity / gib:.2f} GiB "
-            f"on the device, {resident / gib:.2f} GiB of weights, gradients, optimizer state and EMA); lower "
+            f"on the device, {resident / gib:.2f} GiB of weights, gradients, optimizer state and EMA on it); lower "
             "data.crop_size, or use optim.state 8bit and optim.ema_storage cpu")
 
 

@@ -167,7 +167,14 @@ def test_resume_is_exact_with_each_state_kind(run_kit, tmp_path, eager_compile, 
     for name, value in a["ema"]["shadow"].items():
         assert value.dtype == (torch.bfloat16 if ema == "bf16" else torch.float32)
         torch.testing.assert_close(b["ema"]["shadow"][name], value, rtol=0, atol=1e-6, msg=f"EMA {name}")
+    from protfold.train.module import load_module
     from protfold.train.optimizers import decode_optimizer_states
+
+    module = load_module(str(run_kit.version_dirs(resumed)[-1] / "checkpoints" / "last.ckpt"))  # as predict does
+    with module.ema.swapped_in():
+        for name, value in module.model.state_dict().items():
+            if torch.is_floating_point(value):
+                assert torch.equal(value, b["ema"]["shadow"][name].float()), f"predict's EMA weight {name}"
 
     for ckpt in (a, b):
         decode_optimizer_states(ckpt)
