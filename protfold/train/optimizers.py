@@ -43,11 +43,13 @@ def check_state_available(optim: OptimConfig) -> None:
         raise ValueError(f"optim.state {optim.state!r} needs torchao: {LOWBIT_EXTRA}")
 
 
-def build_adam(params: Iterable[Tensor], optim: OptimConfig, *, device: torch.device | None = None
+def build_adam(params: Iterable[Tensor] | Iterable[dict], optim: OptimConfig, *, device: torch.device | None = None
                ) -> torch.optim.Optimizer:
     """AF2's Adam (learning rate, betas, eps) with its state kept as `optim.state` says."""
     params = list(params)
-    device = device if device is not None else (params[0].device if params else torch.device("cpu"))
+    if device is None:  # from the first parameter (of the first group, when given groups)
+        first = params[0]["params"][0] if params and isinstance(params[0], dict) else (params or [None])[0]
+        device = first.device if first is not None else torch.device("cpu")
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
     check_state_available(optim)
     if optim.state == "cpu_offload" and device.type != "cuda":
