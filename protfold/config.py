@@ -280,6 +280,21 @@ class OptimConfig:
     decay_factor: float = 0.95
     grad_clip: float = 0.1
     ema_decay: float = 0.999
+    # Adam's two moments: fp32 (torch Adam, fused on CUDA), 8bit / 4bit (torchao's block-quantized moments,
+    # 1/4 and 1/8 of fp32's bytes for tensors of >= 4096 elements), cpu_offload (fp32 moments and the step
+    # on the host; torchao's CPUOffloadOptimizer). The low-bit kinds need `pip install protfold[lowbit]`.
+    state: Literal["fp32", "8bit", "4bit", "cpu_offload"] = "fp32"
+    # the EMA copy of the weights: fp32 on the model's device, bf16 on the device (half the bytes, the
+    # average rounded to bf16 at each update), or fp32 in host memory (no device bytes, a copy per step)
+    ema_storage: Literal["fp32", "bf16", "cpu"] = "fp32"
+    # on an out-of-memory error in a training step, retry the same batch in the next leaner memory preset
+    recover_oom: bool = True
+
+    def __post_init__(self) -> None:
+        kinds = {"state": ("fp32", "8bit", "4bit", "cpu_offload"), "ema_storage": ("fp32", "bf16", "cpu")}
+        for name, allowed in kinds.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"optim.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0" 2>/dev/null || python3 -m pip install -q "torch>=2.6,<2.15"
-python3 -m pip install -q -e ".[test]" -c constraints.txt  # the versions the suite was checked with
+python3 -m pip install -q -e ".[test,lowbit]" -c constraints.txt  # the versions the suite was checked with
 python3 -m ruff check protfold tests  # lint first (pyproject's [tool.ruff]); a finding fails the script
 set +e
 python3 -m pytest -q "$@"

@@ -25,7 +25,7 @@ from protfold.bench import report
 from protfold.bench.measure import failure, free_memory, parse_bytes, relative_diff
 from protfold.bench.synthetic import synthetic_batch
 from protfold.bench.workloads import ModeResult, Network, Point, Settings, probe_peak, run_mode
-from protfold.config import PRESET_NAMES, MemoryConfig, load_memory_preset, model_preset
+from protfold.config import PRESET_NAMES, MemoryConfig, OptimConfig, load_memory_preset, model_preset
 from protfold.env import environment
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the seeded comparison step is one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optim.state", dest="optim_state", default="fp32", choices=("fp32", "8bit", "4bit", "cpu_offload"),
+                   help="Adam's state in training steps (as --model.optim.state of fit)")
+    p.add_argument("--optim.ema_storage", dest="ema_storage", default="fp32", choices=("fp32", "bf16", "cpu"),
+                   help="where the EMA copy of the weights lives (as --model.optim.ema_storage of fit)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for this run (restored afterwards); 1 is steadiest on a busy machine")
     p.add_argument("--no-infer", action="store_true", help="skip the no-grad inference measurement")
@@ -314,7 +318,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit(f"protfold bench: --crops and --rows want comma-separated integers, got "
                          f"{args.crops!r} and {args.rows!r}") from None
     s = Settings(device=device, steps=args.steps, warmup=args.warmup, seed=args.seed, infer=not args.no_infer,
-                 infer_steps=args.infer_steps, block_owns_inputs=args.block_owns_inputs, peak_sites=args.peak_sites)
+                 infer_steps=args.infer_steps, block_owns_inputs=args.block_owns_inputs, peak_sites=args.peak_sites,
+                 optim=OptimConfig(state=args.optim_state, ema_storage=args.ema_storage))
     env = environment(device, argv)
     start = time.monotonic()
     records: list[dict[str, Any]] = []
@@ -334,7 +339,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
             def point_records(results: dict[str, ModeResult] = results, point: Point = point) -> list[dict[str, Any]]:
                 return [{**{k: None for k in report.REQUIRED}, **point.__dict__, "mode": name,
-                         "block_owns_inputs": args.block_owns_inputs, "memory": dict(modes[name].__dict__),
+                         "block_owns_inputs": args.block_owns_inputs, "optim_state": args.optim_state,
+                         "ema_storage": args.ema_storage, "memory": dict(modes[name].__dict__),
                          **r.fields, **env} for name, r in results.items()]
 
             for name, mem in modes.items():

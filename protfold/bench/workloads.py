@@ -23,6 +23,7 @@ from protfold.model.alphafold import AlphaFold
 from protfold.model.evoformer import EvoformerBlock, EvoformerStack
 from protfold.model.memory import reset_compiled
 from protfold.model.plan import resolve
+from protfold.train.ema import EMA
 from protfold.train.step import adam, clip_and_step, freeze_unused_heads, training_loss
 
 __all__ = ["KINDS", "ModeResult", "Network", "Point", "Settings", "probe_peak", "run_mode"]
@@ -53,6 +54,7 @@ class Settings:
     infer_steps: int | None = None  # timed inference calls (default: `steps`)
     block_owns_inputs: bool = False  # inference block: hand m, z over (inplace=True), as a block inside a stack
     peak_sites: bool = False  # CUDA: one more training step with the allocator history, summarised by site
+    optim: OptimConfig = OptimConfig()  # optimizer state kind and EMA storage of training steps (as in fit)
 
 
 @dataclass
@@ -131,12 +133,15 @@ class _Trainer:
     `protfold fit`, `protfold.train.step`, when `optimize`)."""
 
     def __init__(self, module: nn.Module, loss_fn: Callable[[], Tensor], leaves: list[Tensor], *,
-                 optimize: bool) -> None:
+                 optimize: bool, optim: OptimConfig = OptimConfig()) -> None:
         self.module, self.loss_fn, self.leaves = module, loss_fn, leaves
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.opt = None
+        self.ema: EMA | None = None
+        self.optim = optim
         if optimize:
-            self.opt = adam(self.params, OptimConfig())
+            self.opt = adam(self.params, optim)
+            self.ema = EMA(module, decay=optim.ema_decay, storage=optim.ema_storage)  # in the peak, as in fit
             self._prime()
 
     def _prime(self) -> None:
@@ -149,7 +154,8 @@ class _Trainer:
 
     def _finish(self) -> None:
         if self.opt is not None:
-            clip_and_step(self.opt, self.params, OptimConfig().grad_clip)
+            clip_and_step(self.opt, self.params, self.optim.grad_clip)
+            self.ema.update()  # type: ignore[union-attr]
         self.module.zero_grad(set_to_none=True)
         for t in self.leaves:
             t.grad = None
@@ -241,7 +247,7 @@ class _Job:
 
     def trainer(self) -> _Trainer:
         self.module.train()
-        return _Trainer(self.module, self.loss, self.leaves, optimize=self.point.kind == "train")
+        return _Trainer(self.module, self.loss, self.leaves, optimize=self.point.kind == "train", optim=self.s.optim)
 
     def to_inference(self) -> None:
         self.module.eval()

@@ -19,6 +19,14 @@ from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
 from protfold.train.checkpoints import read_checkpoint
 from protfold.train.ema import EMA
+from protfold.train.oom import leanest_failed_message, next_leaner, preset_name, requested_bytes
+from protfold.train.optimizers import (
+    check_state_available,
+    decode_optimizer_states,
+    discard_grads,
+    encode_optimizer_states,
+    wait_for_grads,
+)
 from protfold.train.step import adam, freeze_unused_heads, training_loss
 from protfold.weights import as_preset, read_external_weights
 
@@ -57,6 +65,8 @@ class ProtfoldModule(pl.LightningModule):
         init_weights: which of the checkpoint's weights to load: "ema" (the averaged ones) or "raw".
         freeze_trunk: fine-tuning: train only the structure module and heads.
     """
+
+    oom_hook = None  # tests only: called with the module before each training forward; may raise an OOM error
 
     def __init__(
         self,
@@ -98,7 +108,10 @@ class ProtfoldModule(pl.LightningModule):
         _check_loss_heads(self.model_cfg, loss)
         freeze_unused_heads(self.model, loss)
         # the average restarts from the (possibly loaded) weights, never from a stale one (OpenFold #426)
-        self.ema = EMA(self.model, decay=optim.ema_decay)
+        self.ema = EMA(self.model, decay=optim.ema_decay, storage=optim.ema_storage, seed=seed)
+        check_state_available(optim)
+        self.oom_recoveries: list[tuple[int, str, str]] = []  # (step, old mode, new mode)
+        self._in_backward = False
         self.bad_steps_in_row = 0
         self.bad_steps_total = 0
         self._ema_stack: ExitStack | None = None
@@ -138,10 +151,17 @@ class ProtfoldModule(pl.LightningModule):
         opt = self.optimizers()
         n_recycles, clamped = self.draw_step_settings()
         self.last_n_recycles = n_recycles
-        with self._dropout_rng(batch_idx):
-            loss, terms = training_loss(self.model, batch, n_recycles=n_recycles, loss_cfg=self.loss_cfg,
-                                        clamped_fape=clamped, memory=self.train_memory)
-            self.manual_backward(loss / self.accumulate)
+        while True:  # more than once only after an out-of-memory error: the same batch and draws, a leaner mode
+            failed = None
+            try:
+                loss, terms = self._forward_backward(batch, batch_idx, n_recycles, clamped)
+            except torch.OutOfMemoryError as err:
+                if not self.optim_cfg.recover_oom or self.trainer.world_size > 1:
+                    raise  # several processes: one rank cannot change mode alone (the others wait in all-reduce)
+                failed = str(err)  # the message only: the traceback would keep the failed step's tensors alive
+            if failed is None:
+                break
+            self._recover_from_oom(opt, batch, batch_idx, failed)
         if (batch_idx + 1) % self.accumulate == 0:
             self._finish_step(opt, loss)
         bsz = batch["aatype"].shape[0]
@@ -151,8 +171,61 @@ class ProtfoldModule(pl.LightningModule):
         self.log("train/recycles", float(n_recycles), batch_size=bsz)
         return loss.detach()
 
+    def _forward_backward(self, batch: dict[str, Tensor], batch_idx: int, n_recycles: int,
+                          clamped: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        self._in_backward = False
+        if self.oom_hook is not None:  # tests: raise an out-of-memory error at a chosen mode and step
+            self.oom_hook(self)
+        with self._dropout_rng(batch_idx):
+            loss, terms = training_loss(self.model, batch, n_recycles=n_recycles, loss_cfg=self.loss_cfg,
+                                        clamped_fape=clamped, memory=self.train_memory)
+            self._in_backward = True
+            self.manual_backward(loss / self.accumulate)
+        return loss, terms
+
+    def set_train_memory(self, memory: MemoryConfig) -> None:
+        """Replace the memory configuration of training steps (the one place it changes during a run)."""
+        self.train_memory = memory
+
+    def _recover_from_oom(self, opt, batch: dict[str, Tensor], batch_idx: int, message: str) -> None:
+        """Free what the failed try held, move to the next leaner memory preset, or stop if there is none.
+
+        The optimiser has not stepped (the error came from forward or backward), the step's draws are
+        made again from the same seeds, so the retry computes what the leaner mode would have. Gradients of
+        earlier micro-batches of an accumulation window cannot be told apart from the failed backward's."""
+        if self._in_backward and batch_idx % self.accumulate != 0:
+            raise RuntimeError(f"out of memory in the backward pass of micro-batch {batch_idx % self.accumulate + 1}"
+                               f" of {self.accumulate} at step {self.global_step}: the earlier micro-batches' "
+                               "gradients cannot be kept apart from it; lower accumulate_grad_batches or use a "
+                               "leaner --model.memory") from None
+        discard_grads(opt)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        old = preset_name(self.train_memory) or "custom"
+        nxt = next_leaner(self.train_memory)
+        if nxt is None:
+            raise RuntimeError(self._leanest_failed(batch, old, message)) from None
+        log.warning("out of memory at step %d: memory mode %s -> %s, retrying the same batch", self.global_step, old,
+                    nxt[0])
+        self.set_train_memory(nxt[1])
+        self.oom_recoveries.append((self.global_step, old, nxt[0]))
+
+    def _leanest_failed(self, batch: dict[str, Tensor], mode: str, message: str) -> str:
+        cuda = self.device.type == "cuda"
+        capacity = torch.cuda.get_device_properties(self.device).total_memory if cuda else 0
+        on_device = [*self.model.parameters(), *(p.grad for p in self.model.parameters() if p.grad is not None),
+                     *(t for t in self.ema.shadow.values() if t.device == self.device)]
+        inner = getattr(self.optimizers(), "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            on_device += [t for t in state.values() if isinstance(t, Tensor) and t.device == self.device]
+        resident = sum(t.numel() * t.element_size() for t in on_device)  # quantized moments: counted as fp32
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        return leanest_failed_message(int(batch["aatype"].shape[-1]), mode, self.global_step, capacity=capacity,
+                                      resident=resident, peak=peak, requested=requested_bytes(message))
+
     def _finish_step(self, opt, loss: Tensor) -> None:
         if self._step_is_finite(loss):
+            wait_for_grads(opt)  # cpu_offload: clipping reads the host copies of the gradients
             self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
             opt.step()
             self.lr_schedulers().step()
@@ -181,7 +254,7 @@ class ProtfoldModule(pl.LightningModule):
         return bool(flag.item() > 0.5)
 
     def configure_optimizers(self):
-        opt = adam((p for p in self.model.parameters() if p.requires_grad), self.optim_cfg)
+        opt = adam((p for p in self.model.parameters() if p.requires_grad), self.optim_cfg, device=self.device)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_step_decay(self.optim_cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -232,6 +305,9 @@ class ProtfoldModule(pl.LightningModule):
         if self.device.type == "cuda":  # this rank's device only: reading all of them would open a context on each
             checkpoint["torch_cuda_rng"] = torch.cuda.get_rng_state(self.device)
         checkpoint["bad_steps_total"] = self.bad_steps_total
+        encode_optimizer_states(checkpoint)
+        if self.oom_recoveries:  # a resumed run continues in the mode the recovery reached
+            checkpoint["train_memory"] = asdict(self.train_memory)
         checkpoint["model_config"] = asdict(self.model_cfg)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -243,10 +319,13 @@ class ProtfoldModule(pl.LightningModule):
                 f"the same preset ({self.hparams.preset!r} now), or fine-tune from it with --model.init_from"
             )
         _start_next_epoch_at_first_batch(checkpoint)
+        decode_optimizer_states(checkpoint)
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
         _restore_rng_states(checkpoint)
         self.bad_steps_total = int(checkpoint.get("bad_steps_total", 0))
+        if "train_memory" in checkpoint:
+            self.set_train_memory(MemoryConfig(**checkpoint["train_memory"]))
 
 
 def _rng_bytes(state: Tensor) -> Tensor:

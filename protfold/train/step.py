@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from protfold.config import LossConfig, MemoryConfig, OptimConfig
 from protfold.losses import alphafold_loss
+from protfold.train.optimizers import build_adam, step_params
 
 __all__ = ["adam", "clip_and_step", "freeze_unused_heads", "training_loss"]
 
@@ -46,12 +47,17 @@ def freeze_unused_heads(model: nn.Module, loss_cfg: LossConfig) -> None:
             head.requires_grad_(False)
 
 
-def adam(params: Iterable[Tensor], optim: OptimConfig) -> torch.optim.Adam:
-    """AF2's optimiser (supplement 1.11.3): Adam with the recipe's learning rate, betas and eps."""
-    return torch.optim.Adam(list(params), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+def adam(params: Iterable[Tensor], optim: OptimConfig, *, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AF2's optimiser (supplement 1.11.3): Adam with the recipe's learning rate, betas and eps, its state kept
+    as `optim.state` says (`protfold.train.optimizers`)."""
+    return build_adam(params, optim, device=device)
 
 
 def clip_and_step(opt: torch.optim.Optimizer, params: list[Tensor], max_norm: float) -> None:
-    """Clip the gradients' global norm to `max_norm`, then take the optimiser step."""
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    """Clip the gradients' global norm to `max_norm`, then take the optimiser step.
+
+    `params` are the trainable parameters; an optimizer that steps on host copies of them (cpu_offload)
+    clips those copies instead, the gradients its step reads."""
+    offloads = hasattr(getattr(opt, "optimizer", opt), "wait_for_grads")
+    torch.nn.utils.clip_grad_norm_(step_params(opt) if offloads else params, max_norm)
     opt.step()
