@@ -111,3 +111,56 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def resolve_auto_modes(argv: list[str]) -> list[str]:
+    """`protfold bench --modes ...,auto,...`: `auto` replaced by the preset `--model.memory auto` would pick at the
+    sweep's one point (one preset, crop, rows, extra rows, precision), for `--card_gib` or the card's free
+    memory; the plain `none` on a CPU without `--card_gib`. Prints the choice in one line; argv otherwise as given."""
+    from protfold.plan.auto import NothingFits, resolve
+
+    p = argparse.ArgumentParser(add_help=False)
+    for flag, default in (("--modes", ""), ("--model", "tiny"), ("--crops", "32,64"), ("--rows", "128"),
+                          ("--extra-rows", "1024"), ("--precisions", "fp32"), ("--device", None)):
+        p.add_argument(flag, default=default)
+    p.add_argument("--recycles", type=int, default=0)
+    p.add_argument("--card_gib", "--card-gib", dest="card_gib", type=float, default=None)
+    args, _ = p.parse_known_args(argv)
+    modes = args.modes.split(",")
+    if "auto" not in modes:
+        return argv
+    values = [args.model, args.crops, args.rows, args.extra_rows, args.precisions]
+    if any("," in v for v in values):
+        raise SystemExit("protfold bench: --modes auto is resolved for one point: give one --model, --crops, --rows, "
+                         "--extra-rows and --precisions")
+    cfg = model_preset(args.model)
+    shape = Shape(int(args.crops), int(args.rows), int(args.extra_rows), args.recycles, args.precisions)
+    import torch
+
+    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    budget, note = (None, "no --card_gib and not on CUDA")
+    if args.card_gib is not None:
+        budget, note = _budget(args.card_gib)
+    elif on_cuda:
+        budget, note = card_budget(0)
+    try:
+        name, line = resolve(cfg, shape, n_params=count_parameters(cfg), budget_bytes=budget, budget_note=note)
+    except NothingFits as err:
+        raise SystemExit(f"protfold bench: {err}") from None
+    print(f"# {line}")
+    chosen = ",".join(dict.fromkeys(name if m == "auto" else m for m in modes))
+    out, skip = [], False
+    for i, arg in enumerate(argv):  # drop --card_gib (the sweep's parser does not know it), rewrite --modes
+        if skip:
+            skip = False
+        elif arg in ("--card_gib", "--card-gib"):
+            skip = True
+        elif arg.startswith(("--card_gib=", "--card-gib=")):
+            continue
+        elif arg.startswith("--modes="):
+            out.append(f"--modes={chosen}")
+        elif i > 0 and argv[i - 1] == "--modes":
+            out.append(chosen)
+        else:
+            out.append(arg)
+    return out

@@ -277,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         from protfold.bench import stability
 
         return stability.main(argv)
+    if any(part == "auto" for arg in argv for part in arg.removeprefix("--modes=").split(",")):  # `--modes auto`: the preset --model.memory auto would pick
+        from protfold.bench.plan import resolve_auto_modes
+
+        argv = resolve_auto_modes(argv)
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:

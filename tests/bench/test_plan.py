@@ -46,3 +46,21 @@ def test_plan_without_a_card_asks_for_its_size():
         pytest.skip("a CUDA device is present: the plan reads its free memory")
     with pytest.raises(SystemExit, match="--card_gib"):
         main(["bench", "--plan", "--crops", "256"])
+
+
+def test_bench_modes_auto_becomes_the_pick(capsys):
+    from protfold.bench.plan import resolve_auto_modes
+
+    argv = ["--model", "af2", "--crops", "512", "--precisions", "bf16", "--modes", "auto,low", "--card_gib", "12"]
+    cfg = model_preset("af2")
+    best = choose(plan(cfg, Shape(512, 128, 1024, 0, "bf16"), n_params=count_parameters(cfg),
+                       budget_bytes=12 * GIB * 0.9 - GIB))
+    assert resolve_auto_modes(argv) == ["--model", "af2", "--crops", "512", "--precisions", "bf16", "--modes",
+                                        f"{best.mode},low"]
+    assert f"memory auto: {best.mode}" in capsys.readouterr().out
+    assert resolve_auto_modes(["--modes", "low"]) == ["--modes", "low"]
+    with pytest.raises(SystemExit, match="one point"):
+        resolve_auto_modes(["--modes", "auto", "--crops", "256,512", "--card_gib", "80"])
+    if not torch.cuda.is_available():
+        argv = ["--modes=auto", "--crops", "24", "--device", "cpu"]
+        assert resolve_auto_modes(argv) == ["--modes=none", "--crops", "24", "--device", "cpu"]
