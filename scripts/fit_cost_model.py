@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from protfold.plan.cost import COST_TABLE
-from protfold.plan.fit import fit_table, model_errors
+from protfold.plan.fit import fit_table, leave_one_out, model_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("peak_err", "time_err"):
         errs = [abs(r[key]) for r in rows]
         print(f"# {key}: max {max(errs):.1%}, median {statistics.median(errs):.1%} over {len(errs)} points")
+    held = leave_one_out(args.records)
+    for r in held:
+        print(f"# held out: {r['mode']} crop {r['crop']} / {r['rows']}: peak {r['peak_err']:+.0%}, "
+              f"time {r['time_err']:+.0%}")
+    for key in ("peak_err", "time_err"):
+        errs = [abs(r[key]) for r in held]
+        print(f"# held-out {key}: max {max(errs):.1%}, median {statistics.median(errs):.1%} over {len(errs)} points")
     print(f"# wrote {args.out}")
     return 0
 

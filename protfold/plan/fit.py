@@ -23,7 +23,7 @@ import numpy as np
 from protfold.config import memory_preset_names, model_preset
 from protfold.plan.cost import GIB, PEAK_TERMS, RECYCLE_COST, TIME_TERMS, Shape, peak_terms, resident_bytes, time_terms
 
-__all__ = ["PARENTS", "fit_table", "load_points", "model_errors"]
+__all__ = ["PARENTS", "fit_table", "leave_one_out", "load_points", "model_errors"]
 
 # a preset measured at fewer than MIN_SHAPES shapes: one scale on the preset it extends
 PARENTS = {"offload": "recompute", "chunked": "recompute", "compiled": "compiled_flex",
@@ -155,4 +155,24 @@ def model_errors(root: Path, table: dict[str, Any], points: list[dict] | None = 
                      "pred_peak_gib": pred.peak_bytes / GIB, "time_s": p["time_s"], "pred_time_s": pred.time_s,
                      "peak_err": pred.peak_bytes / p["peak_bytes"] - 1, "time_err": pred.time_s / p["time_s"] - 1,
                      "sources": p["sources"]})
+    return rows
+
+
+def leave_one_out(root: Path) -> list[dict[str, Any]]:
+    """Held-out errors of the presets fitted on their own points: each bf16 shape of such a preset is predicted
+    by a fit of that preset's other shapes (a preset left with fewer than MIN_SHAPES shapes is skipped)."""
+    bf16 = [p for p in load_points(root) if p["shape"].precision == "bf16"]
+    rows = []
+    for mode in sorted({p["mode"] for p in bf16}):
+        own = [p for p in bf16 if p["mode"] == mode]
+        if len(own) <= MIN_SHAPES:
+            continue
+        for held in own:
+            rest = [p for p in own if p is not held]
+            coefs = {what: _nnls_relative(*_rows(rest, what)) for what in ("peak", "time")}
+            (xp,), (xt,) = _rows([held], "peak")[0], _rows([held], "time")[0]
+            peak = resident_bytes(held["n_params"]) + float(xp @ coefs["peak"]) * GIB
+            time = float(xt @ coefs["time"]) * (1 + RECYCLE_COST * held["shape"].recycles)
+            rows.append({"mode": mode, "crop": held["shape"].crop, "rows": held["shape"].rows,
+                         "peak_err": peak / held["peak_bytes"] - 1, "time_err": time / held["time_s"] - 1})
     return rows
