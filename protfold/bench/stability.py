@@ -233,11 +233,18 @@ def main(argv: list[str]) -> int:
               bool(torch.rand((), generator=gen) < LossConfig().fape_clamp_prob)) for _ in range(args.stability)]
     torch.manual_seed(args.seed)
     state = {k: v.clone() for k, v in AlphaFold(cfg=cfg, mem=load_memory_preset(args.memory)).state_dict().items()}
+    ids = args.ids.split(",") if args.ids else list_entries(args.cache)[:3]
+    meta = {"model": args.model, "crop": args.crop, "rows": args.rows, "extra_rows": args.extra_rows,
+            "steps": args.stability, "ids": ids, "lr": args.lr, "warmup_steps": args.warmup_steps,
+            "seed": args.seed, "reference": REFERENCE, "variant_specs": variants,
+            **environment(torch.device(args.device), ["protfold", "bench", *argv])}
     runs = {}
     for name, spec in variants.items():
         runs[name] = run_variant(name, spec, state, batches, draws, args)
         if runs[name]["status"] == "skipped":
             print(f"# {name}: skipped: {runs[name]['note']}", file=sys.stderr)
+        if args.out:  # after every variant: a run stopped later keeps the variants it finished
+            _write(args.out, runs, summarize(runs), meta)
     rows = summarize(runs)
     keys = ["variant", "status", "max_abs_diff_loss", "end_abs_diff_loss", "max_abs_diff_lddt_ca",
             "end_abs_diff_lddt_ca", "final_lddt_ca"]
@@ -245,11 +252,6 @@ def main(argv: list[str]) -> int:
     for row in rows:
         print(" | ".join(_fmt(row[k]) for k in keys))
     if args.out:
-        ids = args.ids.split(",") if args.ids else list_entries(args.cache)[:3]
-        meta = {"model": args.model, "crop": args.crop, "rows": args.rows, "extra_rows": args.extra_rows,
-                "steps": args.stability, "ids": ids, "lr": args.lr, "warmup_steps": args.warmup_steps,
-                "seed": args.seed, "reference": REFERENCE, "variant_specs": variants,
-                **environment(torch.device(args.device), ["protfold", "bench", *argv])}
         _write(args.out, runs, rows, meta)
         print(f"# wrote {args.out / 'summary.json'}, summary.csv, curves.csv, stability.png")
     return 0
