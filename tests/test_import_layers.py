@@ -17,7 +17,7 @@ LAYERS = {
     "data": 2,
     "metrics": 3, "violations": 3,
     "model": 4, "losses": 4,
-    "weights": 5,
+    "weights": 5, "plan": 5,
     "train": 6,
     "bench": 7,
     "cli": 8,

@@ -273,6 +273,18 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `protfold bench`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--plan" in argv:  # predictions only, nothing runs: protfold.bench.plan
+        from protfold.bench import plan
+
+        return plan.main(argv)
+    if any(a == "--stability" or a.startswith("--stability=") for a in argv):
+        from protfold.bench import stability
+
+        return stability.main(argv)
+    if any(part == "auto" for arg in argv for part in arg.removeprefix("--modes=").split(",")):  # `--modes auto`: the preset --model.memory auto would pick
+        from protfold.bench.plan import resolve_auto_modes
+
+        argv = resolve_auto_modes(argv)
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:

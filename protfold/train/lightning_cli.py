@@ -26,11 +26,19 @@ RUN_NAME = "protfold"  # runs go to <trainer.default_root_dir>/protfold/version_
 
 class ProtfoldCLI(LightningCLI):
     """LightningCLI with protfold's defaults: best-by-val/lddt_ca and last checkpoints (written atomically),
-    CSV logs under the run folder, the training-curve plot, and config checks before any work."""
+    CSV logs under the run folder, the training-curve plot, and config checks before any work.
+    `auto_memory`: `--model.memory auto` was given (taken out of argv): resolved before the model is built."""
+
+    def __init__(self, *args: Any, auto_memory: bool = False, **kwargs: Any) -> None:
+        self.auto_memory = auto_memory
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.add_argument("--logger_kind", default="csv", choices=["csv", "tensorboard"],
                             help="logger used when trainer.logger is not set (CSV by default)")
+        parser.add_argument("--memory_budget_gib", type=Optional[float], default=None,
+                            help="with --model.memory auto: the GPU memory budget in GiB instead of the card's free "
+                            "memory less the safety margin (protfold.plan.auto)")
         parser.add_argument("--torch_threads", type=Optional[int], default=None,
                             help="torch's intra-op CPU threads (default: the cores this process may use, less "
                             "one per data worker, unless OMP_NUM_THREADS is set)")
@@ -55,6 +63,8 @@ class ProtfoldCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.auto_memory or config.memory_budget_gib is not None:
+            _resolve_auto_memory(config, self.auto_memory)
         _check_config(config)
         set_torch_threads(config.torch_threads, data_workers=config.data.num_workers)
         _resolve_last_checkpoint(config)
@@ -184,15 +194,74 @@ def trainer_defaults() -> dict[str, Any]:
     return {"callbacks": [best, TrainingCurvePlot(), StepStats()], "plugins": [atomic_io]}
 
 
+def _resolve_auto_memory(config: Any, auto: bool) -> None:
+    """`--model.memory auto`: replace it by the preset `protfold.plan.auto` picks for this run's shapes, device,
+    precision and optimizer state (the run's saved config.yaml then holds the chosen fields)."""
+    from dataclasses import asdict
+
+    from jsonargparse import Namespace
+
+    from protfold.config import load_memory_preset
+    from protfold.plan.auto import NothingFits, card_budget, resolve
+    from protfold.plan.cost import GIB, Shape, count_parameters
+
+    if not auto:
+        raise SystemExit("protfold: config error: memory_budget_gib is the budget of --model.memory auto; without "
+                         "it it changes nothing: add --model.memory auto or drop memory_budget_gib")
+    model, data, trainer = config.model, config.data, config.trainer
+    try:
+        cfg = model_preset(model.preset, **(model.model_overrides or {}))
+    except ValueError as err:
+        raise SystemExit(f"protfold: config error: {err} (model.preset / model.model_overrides)") from None
+    precision = "bf16" if "16" in str(trainer.precision) else "fp32"  # fp16 is costed as bf16
+    shape = Shape(data.crop_size, data.max_msa_clusters, data.max_extra_msa, cfg.max_recycles / 2, precision,
+                  batch=data.batch_size)
+    budget, note = None, "no CUDA device and no --memory_budget_gib"
+    if config.memory_budget_gib is not None:
+        budget, note = config.memory_budget_gib * GIB, "--memory_budget_gib"
+    elif str(trainer.accelerator) in ("gpu", "cuda", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            budget, note = card_budget(torch.cuda.current_device())
+    optim_state = getattr(model.optim, "state", None) or "fp32"
+    try:
+        name, line = resolve(cfg, shape, n_params=count_parameters(cfg), budget_bytes=budget, budget_note=note,
+                             optim_state=optim_state, ema=True)
+    except NothingFits as err:
+        raise SystemExit(f"protfold: {err}") from None
+    log.info("%s", line)
+    model.memory = Namespace(**asdict(load_memory_preset(name)))
+
+
+_AUTO = "auto"
+
+
+def take_auto_memory(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without `--model.memory auto` (or `=auto`), and whether it was there."""
+    out, auto, skip = [], False, False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == f"--model.memory={_AUTO}":
+            auto = True
+        elif arg == "--model.memory" and i + 1 < len(argv) and argv[i + 1] == _AUTO:
+            auto, skip = True, True
+        else:
+            out.append(arg)
+    return out, auto
+
+
 def run_lightning(argv: list[str]) -> int:
     """Entry for fit/validate/test: argv starts with the subcommand."""
     saved_argv = sys.argv
     # LightningCLI reads sys.argv (passing args= as well makes it warn). Keep argv[0], the running script:
     # Lightning's DDP launcher starts the other ranks as `python <argv[0]> <argv[1:]>`.
+    argv, auto = take_auto_memory(argv)
     sys.argv = [saved_argv[0] if saved_argv else "protfold", *preset_paths(argv)]
     _one_log_output()
     try:
-        _make_cli()
+        _make_cli(auto_memory=auto)
     except ArgumentError as err:  # the error first, then one line of help instead of a page of usage
         name = argv[0] if argv else "fit"
         print(f"protfold {name}: error: {err}\n(`protfold {name} --help` lists every option)", file=sys.stderr)
@@ -235,11 +304,12 @@ def _one_log_output() -> None:
         logging.getLogger(name).handlers.clear()
 
 
-def _make_cli() -> ProtfoldCLI:
+def _make_cli(*, auto_memory: bool = False) -> ProtfoldCLI:
     return ProtfoldCLI(
         ProtfoldModule,
         ProteinDataModule,
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False, "exit_on_error": False},
+        auto_memory=auto_memory,
     )
