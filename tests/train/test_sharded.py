@@ -4,11 +4,12 @@ Lightning starts rank 1 by re-running the running script, so runs go through a s
 subprocess (as tests/train/test_ddp.py does). The driver records, on every rank, the per-step draws
 (recycles, FAPE clamping) and the (dataset index, example seed) of every example the rank trained on.
 
-Shown here: after 4 steps the sharded run's logged losses, weights, EMA and Adam moments equal DDP's, and both
-equal one process with the same global batch (2 micro-batches per step); the sharded checkpoint is one full
-file that `protfold predict` and `protfold convert` read; a sharded run stopped after 2 steps and resumed
-equals the uninterrupted one, also when it resumes on one process with the same global batch; a resume with
-another global batch stops with one line naming both world sizes.
+Shown here, with three two-process launches: a sharded run (every memory switch on) stopped after 2 steps and
+resumed to 4 logs the same losses and ends with the same weights, EMA and Adam moments as an uninterrupted DDP
+run (started by scripts/torchrun_fit.sh), and DDP equals one process with the same global batch (2
+micro-batches per step): so the sharded run equals DDP and its resume is exact. The sharded checkpoint resumed
+on one process with the same global batch equals them too; one with another global batch stops with one line
+naming both world sizes. The sharded checkpoint is one full file that `protfold predict` and `convert` read.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import pytest
 import torch
 
 from protfold.data.datamodule import EpochSampler
+
+REPO = Path(__file__).resolve().parents[2]
 
 DRIVER = textwrap.dedent(
     """
@@ -60,14 +63,31 @@ DRIVER = textwrap.dedent(
 STEPS = 4
 SAMPLES_PER_EPOCH = 4  # two steps per epoch on two ranks: the half-way checkpoint ends an epoch
 SHARDED = ("--trainer.devices", "2", "--trainer.strategy", "protfold_fsdp")
-DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
+# every memory switch at once: the sharded units compose with the model's own recompute, chunking and offload
+# (memory switches compute the same function, so the comparisons below still hold)
+LOWEST_MEMORY = ("--model.memory", "low")
 ONE_PROCESS_SAME_BATCH = ("--model.accumulate_grad_batches", "2")
 # Reduction order differs between a sharded reduce-scatter, DDP's all-reduce and one process's accumulation
 STATE_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def _run(run_kit, tmp_path: Path, name: str, *, steps: int, extra: tuple[str, ...], check: bool = True):
-    ranks = tmp_path / f"{name}_ranks"
+def _torchrun_ddp(run_kit, tmp_path: Path, name: str, *, steps: int) -> Path:
+    """DDP on 2 processes started by the launch recipe scripts/torchrun_fit.sh (torchrun, Lightning reading its
+    environment)."""
+    root = tmp_path / name
+    args = run_kit.fit_args(root, steps=steps, samples_per_epoch=SAMPLES_PER_EPOCH, extra=("--trainer.strategy", "ddp"))
+    assert args[0] == "fit"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "torchrun_fit.sh"), "2", *args[1:]], capture_output=True,
+                          text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def _run(run_kit, tmp_path: Path, name: str, *, steps: int, extra: tuple[str, ...], ranks: str):
+    """`protfold fit` through the recording driver; the ranks' records go to a folder named `ranks`."""
+    ranks = tmp_path / f"{name}_{ranks}_ranks"
     ranks.mkdir(exist_ok=True)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -77,8 +97,7 @@ def _run(run_kit, tmp_path: Path, name: str, *, steps: int, extra: tuple[str, ..
                PROTFOLD_TEST_RANK_DIR=str(ranks))
     proc = subprocess.run([sys.executable, str(driver), *args], capture_output=True, text=True, timeout=240,
                           env=env, cwd=tmp_path)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return root, ranks, proc
 
 
@@ -110,51 +129,61 @@ def _assert_same_training(run_kit, a_root: Path, b_root: Path, what: str, *, a_m
 
 
 @pytest.fixture(scope="module")
-def straight_runs(run_kit, tmp_path_factory):
-    """4 steps each: sharded on 2 processes, DDP on 2 processes, one process (in this one) with 2 micro-batches
-    per step."""
+def runs(run_kit, tmp_path_factory):
+    """Sharded on 2 processes with every memory switch: 2 steps, then resumed to 4 (one CSV folder each);
+    DDP on 2 processes started by torchrun, 4 steps; one process (this one) with 2 micro-batches per step."""
     tmp = tmp_path_factory.mktemp("sharded")
-    sharded = _run(run_kit, tmp, "sharded", steps=STEPS, extra=SHARDED)
-    ddp = _run(run_kit, tmp, "ddp", steps=STEPS, extra=DDP)
+    sharded, first_ranks, _ = _run(run_kit, tmp, "sharded", steps=STEPS // 2, extra=SHARDED + LOWEST_MEMORY,
+                                   ranks="first")
+    half = run_kit.version_dirs(sharded)[0] / "checkpoints" / "last.ckpt"
+    assert run_kit.load(half)["global_step"] == STEPS // 2
+    _, second_ranks, _ = _run(run_kit, tmp, "sharded", steps=STEPS, ranks="second",
+                              extra=SHARDED + LOWEST_MEMORY + ("--ckpt_path", str(half)))
+    ddp = _torchrun_ddp(run_kit, tmp, "ddp", steps=STEPS)
     single = tmp / "single"
     run_kit.fit(run_kit.fit_args(single, steps=STEPS, samples_per_epoch=SAMPLES_PER_EPOCH,
                                  extra=ONE_PROCESS_SAME_BATCH))
-    return {"sharded": sharded, "ddp": ddp, "single": single, "tmp": tmp}
+    return {"sharded": sharded, "half": half, "ranks": (first_ranks, second_ranks), "ddp": ddp, "single": single,
+            "tmp": tmp}
 
 
-def test_sharded_equals_ddp_and_one_process(run_kit, straight_runs):
-    _assert_same_training(run_kit, straight_runs["ddp"][0], straight_runs["sharded"][0], "sharded vs DDP")
-    _assert_same_training(run_kit, straight_runs["single"], straight_runs["ddp"][0], "DDP vs one process",
-                          a_micro=2)
+def test_sharded_stopped_and_resumed_equals_ddp_and_one_process(run_kit, runs):
+    _assert_same_training(run_kit, runs["ddp"], runs["sharded"], "sharded (resumed) vs DDP")
+    _assert_same_training(run_kit, runs["single"], runs["ddp"], "DDP vs one process", a_micro=2)
 
 
-def test_ranks_draw_the_same_settings_and_disjoint_deterministic_data(straight_runs):
+def test_ranks_draw_the_same_settings_and_disjoint_deterministic_data(runs):
     """Both ranks draw the same recycling counts and FAPE clamping at every step; their examples are the
-    epoch's draws dealt alternately (rank r takes positions r, r+2, ...): disjoint, and fixed by the seed."""
-    for name in ("sharded", "ddp"):
-        records = [json.loads((straight_runs[name][1] / f"rank{r}.json").read_text()) for r in (0, 1)]
-        assert records[0]["draws"] == records[1]["draws"], name
-        assert [d[0] for d in records[0]["draws"]] == list(range(STEPS))
-        expected: list[list[int]] = []
-        for epoch in range(STEPS * 2 // SAMPLES_PER_EPOCH):
-            sampler = EpochSampler(3, num_samples=SAMPLES_PER_EPOCH, seed=0)
-            sampler.set_epoch(epoch)
-            expected += [list(item) for item in sampler]
-        seeds = [{tuple(e) for e in rec["examples"]} for rec in records]
-        assert not seeds[0] & seeds[1], f"{name}: the ranks trained on the same draws"
-        for rank, rec in enumerate(records):
-            assert rec["examples"] == expected[rank::2], f"{name}: rank {rank} examples"
+    epoch's draws dealt alternately (rank r takes positions r, r+2, ...): disjoint, fixed by the seed, and
+    continued where they stopped by the resumed run."""
+    records = [{"draws": [], "examples": []} for _ in (0, 1)]
+    for folder in runs["ranks"]:
+        for rank in (0, 1):
+            part = json.loads((folder / f"rank{rank}.json").read_text())
+            for key in records[rank]:
+                records[rank][key] += part[key]
+    assert records[0]["draws"] == records[1]["draws"]
+    assert [d[0] for d in records[0]["draws"]] == list(range(STEPS))
+    expected: list[list[int]] = []
+    for epoch in range(STEPS * 2 // SAMPLES_PER_EPOCH):
+        sampler = EpochSampler(3, num_samples=SAMPLES_PER_EPOCH, seed=0)
+        sampler.set_epoch(epoch)
+        expected += [list(item) for item in sampler]
     assert np.unique([e[1] for e in expected]).size == len(expected)
+    seeds = [{tuple(e) for e in rec["examples"]} for rec in records]
+    assert not seeds[0] & seeds[1], "the ranks trained on the same draws"
+    for rank, rec in enumerate(records):
+        assert rec["examples"] == expected[rank::2], f"rank {rank} examples"
 
 
-def test_sharded_checkpoint_is_full_and_read_by_predict_and_convert(run_kit, straight_runs, tmp_path, sample_cache):
+def test_sharded_checkpoint_is_full_and_read_by_predict_and_convert(run_kit, runs, tmp_path, sample_cache):
     from protfold.cli import main
     from protfold.train.module import load_module
 
-    ckpt = run_kit.version_dirs(straight_runs["sharded"][0])[-1] / "checkpoints" / "last.ckpt"
+    ckpt = run_kit.version_dirs(runs["sharded"])[-1] / "checkpoints" / "last.ckpt"
     assert ckpt.is_file(), "the sharded strategy writes one file"
     module = load_module(str(ckpt))
-    saved = _last(run_kit, straight_runs["sharded"][0])
+    saved = _last(run_kit, runs["sharded"])
     for name, value in module.model.state_dict().items():
         torch.testing.assert_close(value, saved["state_dict"][f"model.{name}"], rtol=0, atol=0)
     out = tmp_path / "converted.ckpt"
@@ -167,31 +196,22 @@ def test_sharded_checkpoint_is_full_and_read_by_predict_and_convert(run_kit, str
     assert (tmp_path / "pred" / "one" / "one.pdb").is_file()
 
 
-def test_sharded_resume_is_exact_also_on_one_process(run_kit, straight_runs):
-    """Stop the sharded run after 2 steps (an epoch's end), resume it to 4: on 2 processes, sharded; and on one
-    process with 2 micro-batches per step (the same global batch, another world size)."""
-    tmp = straight_runs["tmp"]
-    half_root, _, _ = _run(run_kit, tmp, "half", steps=STEPS // 2, extra=SHARDED)
-    half = run_kit.version_dirs(half_root)[0] / "checkpoints" / "last.ckpt"
-    assert run_kit.load(half)["global_step"] == STEPS // 2
-    _run(run_kit, tmp, "half", steps=STEPS, extra=SHARDED + ("--ckpt_path", str(half)))
-    _assert_same_training(run_kit, straight_runs["sharded"][0], half_root, "sharded resumed on 2 processes")
-
-    other = tmp / "other_world"
+def test_sharded_checkpoint_resumes_on_one_process_with_the_same_global_batch(run_kit, runs):
+    other = runs["tmp"] / "other_world"
     run_kit.fit(run_kit.fit_args(other, steps=STEPS, samples_per_epoch=SAMPLES_PER_EPOCH,
-                                 extra=ONE_PROCESS_SAME_BATCH + ("--ckpt_path", str(half))))
-    resumed = _last(run_kit, other)
-    straight = _last(run_kit, straight_runs["sharded"][0])
+                                 extra=ONE_PROCESS_SAME_BATCH + ("--ckpt_path", str(runs["half"]))))
+    resumed, straight = _last(run_kit, other), _last(run_kit, runs["ddp"])
+    assert resumed["global_step"] == STEPS
     for name, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][name], value, **STATE_TOL, msg=f"weight {name}")
     for name, value in straight["ema"]["shadow"].items():
         torch.testing.assert_close(resumed["ema"]["shadow"][name], value, **STATE_TOL, msg=f"EMA {name}")
 
 
-def test_resume_with_another_global_batch_names_both_world_sizes(run_kit, straight_runs, tmp_path, capsys):
+def test_resume_with_another_global_batch_names_both_world_sizes(run_kit, runs, tmp_path, capsys):
     from protfold.cli import main
 
-    ckpt = run_kit.version_dirs(straight_runs["sharded"][0])[-1] / "checkpoints" / "last.ckpt"
+    ckpt = run_kit.version_dirs(runs["sharded"])[-1] / "checkpoints" / "last.ckpt"
     args = run_kit.fit_args(tmp_path / "run", steps=STEPS + 1, samples_per_epoch=SAMPLES_PER_EPOCH,
                             extra=("--ckpt_path", str(ckpt)))
     assert main(args) == 1
