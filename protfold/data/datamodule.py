@@ -8,7 +8,11 @@ workers never see `set_epoch`.
 Resume: the DataModule's `state_dict` (saved in every checkpoint) holds the training data position, the
 epoch and the number of batches of it already trained on; after a restore the training sampler starts
 at that epoch and leaves out that many batches' draws once, so a run resumed from a mid-epoch checkpoint
-trains on exactly the batches the uninterrupted run went on with (single process; see `train_dataloader`).
+trains on exactly the batches the uninterrupted run went on with.
+
+Several processes: `RankShare` deals each epoch's one list of draws round-robin over the ranks (rank r takes
+draws r, r + W, ...), so the ranks train on disjoint draws fixed by the seed, and an optimizer step takes the
+same examples at any world size with the same global batch (world size x batch_size x micro-batches per step).
 
 A cache entry that cannot be read (or that `make_example` rejects with ProtfoldInputError) is logged
 once per process, counted in `ProteinDataset.bad_entries`, and replaced by the next readable entry, so the
@@ -30,7 +34,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from protfold.config import DataConfig
 from protfold.data import cache
@@ -99,6 +103,37 @@ class EpochSampler(Sampler):
         for position, index in enumerate(indices.tolist()):
             if position >= skip:
                 yield index, example_seed(self.seed, epoch, position, index)
+
+
+class RankShare(DistributedSampler):
+    """One rank's share of an EpochSampler's draws: the pass's draws dealt round-robin over `num_replicas`
+    ranks, the last ones repeated from its start so every rank gets as many (as DistributedSampler does).
+
+    A DistributedSampler subclass so that Lightning keeps it: it wraps any other sampler in its own, which
+    shuffles the draws again with a seed of its own and splits them otherwise than `dropout_seed` and a
+    resume at another world size assume. `set_epoch` reaches the EpochSampler.
+    """
+
+    def __init__(self, sampler: EpochSampler, *, num_replicas: int, rank: int) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        # DistributedSampler's own __init__ wants a dataset and the process group; the fields it keeps are set here
+        self.sampler, self.num_replicas, self.rank = sampler, num_replicas, rank
+        self.epoch, self.seed, self.shuffle, self.drop_last = 0, sampler.seed, False, False
+        self.num_samples = -(-len(sampler) // num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        draws = list(self.sampler)
+        draws += draws[: -len(draws) % self.num_replicas]
+        return iter(draws[self.rank :: self.num_replicas])
 
 
 class ProteinDataset(Dataset):
@@ -228,7 +263,7 @@ class ProteinDataModule(pl.LightningDataModule):
             "train_position": {
                 "epoch": int(epoch), "batches": int(batches), "batch_size": self.batch_size,
                 "samples_per_epoch": self.samples_per_epoch, "seed": self.seed,
-                "world_size": int(getattr(trainer, "world_size", 1)),
+                "world_size": int(getattr(trainer, "world_size", 1)), "global_batch": self._global_batch(trainer),
             }
         }
 
@@ -243,8 +278,45 @@ class ProteinDataModule(pl.LightningDataModule):
                 "the checkpoint was written %d batch(es) into epoch %d with another batch_size, samples_per_epoch "
                 "or seed; the resumed epoch draws its examples from the start", position["batches"], position["epoch"])
             position = {**position, "batches": 0}
+        self._check_world_size(position)
         self._resume_position = {"epoch": int(position["epoch"]), "batches": int(position["batches"]),
                                  "world_size": int(position.get("world_size", 1))}
+
+    def _global_batch(self, trainer: pl.Trainer | None) -> int:
+        """Examples per optimizer step: world size x batch_size x the module's micro-batches per step."""
+        world = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return world * self.batch_size * int(getattr(module, "accumulate", 1))
+
+    def _check_world_size(self, position: dict[str, Any]) -> None:
+        """A checkpoint resumes on another number of processes when each optimizer step still takes the same
+        examples: the same global batch (world size x batch_size x accumulate_grad_batches). Every rank draws from
+        one list per epoch (EpochSampler) that the distributed sampler splits, so step k then trains on the same
+        draws whatever the split. Otherwise the run would train on other batches than the checkpoint's run:
+        a one-line error naming both world sizes and what to set."""
+        trainer = self._trainer_or_none()
+        saved_world, saved_batch = position.get("world_size", 1), position.get("global_batch")
+        world = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+        if saved_world == world or saved_batch is None:
+            return
+        if position["batches"] > 0:
+            raise ProtfoldInputError(
+                getattr(trainer, "ckpt_path", None) or "checkpoint",
+                f"written {position['batches']} batch(es) into epoch {position['epoch']} by a run of world size "
+                f"{saved_world}, resumed at world size {world}: Lightning restores the epoch's batch count per rank, "
+                "so resume inside an epoch at the same world size, or at another one from a checkpoint written at an "
+                "epoch's end")
+        batch = self._global_batch(trainer)
+        if batch != saved_batch:
+            raise ProtfoldInputError(
+                getattr(trainer, "ckpt_path", None) or "checkpoint",
+                f"written by a run of world size {saved_world} (global batch {saved_batch}), resumed at world size "
+                f"{world} (global batch {batch} = {world} x data.batch_size {self.batch_size} x "
+                f"model.accumulate_grad_batches {batch // (world * self.batch_size)}); set data.batch_size and "
+                f"model.accumulate_grad_batches so the global batch is {saved_batch}, or start a new run from its "
+                "weights with --model.init_from")
+        logger.info("resuming a run of world size %d at world size %d with the same global batch %d",
+                    saved_world, world, batch)
 
     def _trainer_or_none(self) -> pl.Trainer | None:
         return getattr(self, "trainer", None)
@@ -292,23 +364,21 @@ class ProteinDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train", train=True)
         sampler = EpochSampler(len(dataset), num_samples=self.samples_per_epoch, seed=self.seed, train=True)
+        trainer = self._trainer_or_none()
+        share = _rank_share(trainer)
         if self._resume_position is not None:
             position, self._resume_position = self._resume_position, None
-            skip = position["batches"] * self.batch_size
-            trainer = self._trainer_or_none()
-            world_size = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
-            if skip and max(world_size, position["world_size"]) > 1:
-                # the distributed sampler Lightning wraps around this one splits a whole epoch's draws
-                logger.warning(
-                    "resuming %d batch(es) into epoch %d with several processes: the epoch's data starts over "
-                    "(mid-epoch resume is exact on one device only)", position["batches"], position["epoch"])
-                skip = 0
+            # draws of the epoch already trained on, by every rank (the world size is the checkpoint's, equal to
+            # this run's when batches > 0: `_check_world_size`)
+            skip = position["batches"] * self.batch_size * position["world_size"]
             if skip:
                 logger.info("resuming the training data %d batch(es) into epoch %d", position["batches"], position["epoch"])
                 # Lightning checks only the loaders for a state_dict; this one's position comes from here
                 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
                                         category=PossibleUserWarning)
             sampler.resume_at(position["epoch"], skip)
+        if share is not None:
+            return self._loader(dataset, RankShare(sampler, **share))
         return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -324,3 +394,13 @@ class ProteinDataModule(pl.LightningDataModule):
             return []
         dataset = self._dataset(name, train=False)
         return self._loader(dataset, EpochSampler(len(dataset), seed=self.seed, train=False))
+
+
+def _rank_share(trainer: pl.Trainer | None) -> dict[str, int] | None:
+    """`RankShare`'s arguments when the strategy splits data over several ranks (its sampler arguments: the
+    data-parallel ranks under a sharded strategy), else None."""
+    if trainer is None or int(getattr(trainer, "world_size", 1)) < 2:
+        return None
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    replicas, rank = int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+    return {"num_replicas": replicas, "rank": rank} if replicas > 1 else None

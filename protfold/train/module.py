@@ -17,6 +17,7 @@ from protfold.config import LossConfig, MemoryConfig, ModelConfig, OptimConfig, 
 from protfold.errors import ProtfoldInputError
 from protfold.losses import alphafold_loss
 from protfold.model.alphafold import AlphaFold
+from protfold.train import sharding
 from protfold.train.checkpoints import read_checkpoint
 from protfold.train.ema import EMA
 from protfold.train.oom import leanest_failed_message, next_leaner, preset_name, requested_bytes
@@ -128,9 +129,14 @@ class ProtfoldModule(pl.LightningModule):
         return n_recycles, clamped
 
     def dropout_seed(self, batch_idx: int) -> int:
-        """The seed of this step's dropout draws, from (seed, step, micro-batch, rank)."""
-        micro = batch_idx % self.accumulate
-        seed = np.random.SeedSequence([self.seed, self.global_step, micro, self.global_rank]).generate_state(1)[0]
+        """The seed of this step's dropout draws, from (seed, step, the micro-batch's place in the global batch).
+
+        The place is micro-batch x world size + rank, the order in which the distributed sampler deals a step's
+        draws; so at batch_size 1, runs with the same global batch over other numbers of processes draw the
+        same masks for the same examples (a checkpoint resumes exactly at another world size)."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        place = (batch_idx % self.accumulate) * world + self.global_rank
+        seed = np.random.SeedSequence([self.seed, self.global_step, place]).generate_state(1)[0]
         return int(seed)
 
     @contextmanager
@@ -246,12 +252,23 @@ class ProtfoldModule(pl.LightningModule):
     def _step_is_finite(self, loss: Tensor) -> bool:
         ok = torch.isfinite(loss.detach()).all()
         for p in self.model.parameters():
-            if p.grad is not None:
-                ok = ok & torch.isfinite(p.grad).all()
+            if p.grad is not None:  # this rank's shard under a sharded strategy; the all-reduce covers the rest
+                ok = ok & torch.isfinite(sharding.local_grad(p.grad)).all()
         flag = ok.float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item() > 0.5)
+
+    def configure_model(self) -> None:
+        """Under `ShardedStrategy` (protfold.train.sharding): shard the network and its EMA over the ranks, before
+        the optimiser is built, so Adam's moments are sharded too. Other strategies: nothing to do."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, sharding.ShardedStrategy) or sharding.is_sharded(self.model):
+            return
+        sharding.shard_model(self.model, self.device_mesh["data_parallel"],
+                             compiled_blocks=self.train_memory.compile_blocks, cpu_offload=strategy.cpu_offload,
+                             reshard_after_forward=strategy.reshard_after_forward)
+        sharding.shard_ema(self.ema, self.model)
 
     def configure_optimizers(self):
         opt = adam((p for p in self.model.parameters() if p.requires_grad), self.optim_cfg, device=self.device)
@@ -300,7 +317,7 @@ class ProtfoldModule(pl.LightningModule):
 
     # ----- checkpoint extras: EMA and the random state -----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["ema"] = sharding.full_ema_state(self.ema.state_dict())
         checkpoint["torch_rng"] = torch.get_rng_state()
         if self.device.type == "cuda":  # this rank's device only: reading all of them would open a context on each
             checkpoint["torch_cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -322,6 +339,8 @@ class ProtfoldModule(pl.LightningModule):
         decode_optimizer_states(checkpoint)
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+            if sharding.is_sharded(self.model):
+                sharding.shard_ema(self.ema, self.model)
         _restore_rng_states(checkpoint)
         self.bad_steps_total = int(checkpoint.get("bad_steps_total", 0))
         if "train_memory" in checkpoint:
