@@ -38,7 +38,7 @@ from protfold.model.alphafold import AlphaFold
 from protfold.weights.mapping import to_af2
 cfg = model_preset("af2_ptm")
 with torch.device("meta"):
-    shapes = {k: tuple(t.shape) for k, t in to_af2(AlphaFold(cfg=cfg, mem=MemoryConfig()).state_dict(), cfg).items()}
+    shapes = {k: tuple(t.shape) for k, t in to_af2(AlphaFold(cfg=cfg).state_dict(), cfg).items()}
 rng = np.random.default_rng(0)
 with zipfile.ZipFile(sys.argv[1], "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
     for key, shape in shapes.items():

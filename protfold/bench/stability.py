@@ -20,14 +20,22 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from protfold.bench.workloads import autocast
-from protfold.config import PRESET_NAMES, DataConfig, LossConfig, OptimConfig, load_memory_preset, model_preset
+from protfold.config import (
+    PRESET_NAMES,
+    DataConfig,
+    LossConfig,
+    MemoryConfig,
+    OptimConfig,
+    load_memory_preset,
+    model_preset,
+)
 from protfold.data.cache import list_entries, read_entry
 from protfold.data.crop import collate
 from protfold.data.pipeline import make_example
@@ -104,17 +112,13 @@ class _Capture:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model, self.outputs = model, None
 
-    def __call__(self, batch: dict, *, n_recycles: int) -> dict:
-        self.outputs = self.model(batch, n_recycles=n_recycles)
+    def __call__(self, batch: dict, *, n_recycles: int, memory: MemoryConfig) -> dict:
+        self.outputs = self.model(batch, n_recycles=n_recycles, memory=memory)
         return self.outputs
 
 
 def _optim(overrides: dict[str, Any], args: argparse.Namespace) -> OptimConfig | str:
-    """The variant's OptimConfig, or the one-line reason it cannot be built in this version."""
-    known = {f.name for f in fields(OptimConfig)}
-    missing = sorted(set(overrides) - known)
-    if missing:
-        return f"OptimConfig has no field {', '.join(missing)} in this version"
+    """The variant's OptimConfig, or the one-line reason it cannot be built."""
     try:
         return replace(OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps), **overrides)
     except (TypeError, ValueError) as err:
@@ -129,7 +133,8 @@ def run_variant(name: str, spec: dict[str, Any], state: dict[str, torch.Tensor],
         return {"status": "skipped", "note": optim, "loss": [], "lddt_ca": []}
     device = torch.device(args.device)
     cfg, loss_cfg = model_preset(args.model), LossConfig()
-    model = AlphaFold(cfg=cfg, mem=load_memory_preset(spec["memory"]))
+    memory = load_memory_preset(spec["memory"])
+    model = AlphaFold(cfg=cfg)
     model.load_state_dict(state)
     model.to(device).train()
     freeze_unused_heads(model, loss_cfg)
@@ -138,16 +143,14 @@ def run_variant(name: str, spec: dict[str, Any], state: dict[str, torch.Tensor],
         opt = adam(params, optim)
     except (ImportError, ValueError, RuntimeError) as err:
         return {"status": "skipped", "note": f"optimizer: {err}".splitlines()[0], "loss": [], "lddt_ca": []}
-    if getattr(optim, "state", "fp32") != "fp32" and type(opt) is torch.optim.Adam:
-        return {"status": "skipped", "note": f"adam() builds plain Adam for state={optim.state!r} in this version",
-                "loss": [], "lddt_ca": []}
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_step_decay(optim))
     capture, losses, scores = _Capture(model), [], []
     for step, (n_recycles, clamped) in enumerate(draws):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[step % len(batches)].items()}
         torch.manual_seed(args.seed * 1_000_003 + step)  # the same dropout masks in every variant
         with autocast(device, spec["precision"]):
-            loss, _ = training_loss(capture, batch, n_recycles=n_recycles, loss_cfg=loss_cfg, clamped_fape=clamped)
+            loss, _ = training_loss(capture, batch, n_recycles=n_recycles, loss_cfg=loss_cfg, clamped_fape=clamped,
+                                    memory=memory)
         if not torch.isfinite(loss):
             return {"status": f"non-finite loss at step {step}", "note": "", "loss": losses, "lddt_ca": scores}
         loss.backward()
@@ -235,7 +238,7 @@ def main(argv: list[str]) -> int:
     draws = [(int(torch.randint(0, cfg.max_recycles + 1, (1,), generator=gen)),
               bool(torch.rand((), generator=gen) < LossConfig().fape_clamp_prob)) for _ in range(args.stability)]
     torch.manual_seed(args.seed)
-    state = {k: v.clone() for k, v in AlphaFold(cfg=cfg, mem=load_memory_preset(args.memory)).state_dict().items()}
+    state = {k: v.clone() for k, v in AlphaFold(cfg=cfg).state_dict().items()}
     ids = args.ids.split(",") if args.ids else list_entries(args.cache)[:3]
     meta = {"model": args.model, "crop": args.crop, "rows": args.rows, "extra_rows": args.extra_rows,
             "steps": args.stability, "ids": ids, "lr": args.lr, "warmup_steps": args.warmup_steps,

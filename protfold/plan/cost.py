@@ -127,9 +127,8 @@ def count_parameters(cfg: ModelConfig) -> int:
     """Parameters of AlphaFold(cfg), built on the meta device (no memory, about a second for af2)."""
     import torch
 
-    from protfold.config import MemoryConfig
     from protfold.model.alphafold import AlphaFold
 
     with torch.device("meta"):
-        model = AlphaFold(cfg=cfg, mem=MemoryConfig())
+        model = AlphaFold(cfg=cfg)
     return sum(p.numel() for p in model.parameters())
