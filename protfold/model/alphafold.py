@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from protfold import constants as rc
 from protfold.config import MemoryConfig, ModelConfig
-from protfold.model.embedders import ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder
+from protfold.model.embedders import ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder, embed_pair_in_place
 from protfold.model.evoformer import EvoformerStack, ExtraMSAStack
 from protfold.model.heads import AuxiliaryHeads
 from protfold.model.structure import StructureModule
@@ -41,7 +41,7 @@ class AlphaFold(nn.Module):
         self.extra_msa_stack = ExtraMSAStack(cfg, mem=mem)
         self.evoformer = EvoformerStack(cfg, mem=mem)
         self.structure_module = StructureModule(cfg=cfg, mem=mem)
-        self.heads = AuxiliaryHeads(cfg=cfg)
+        self.heads = AuxiliaryHeads(cfg=cfg, mem=mem)
 
     def set_memory(self, mem: MemoryConfig) -> None:
         """Switch the memory settings of every submodule (e.g. inference chunking after training)."""
@@ -73,10 +73,17 @@ class AlphaFold(nn.Module):
         input of the structure module and the experimentally resolved head), msa_first_row, pair."""
         seq_mask = batch["seq_mask"]
         pair_mask = seq_mask[..., :, None] * seq_mask[..., None, :]
-        m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
-        m0_update, z_update = self.recycling_embedder(*prev)
+        rows = self.mem.head_chunk if not torch.is_grad_enabled() else None
+        if rows is None:
+            m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
+            m0_update, z_update = self.recycling_embedder(*prev)
+            z = z + z_update
+        else:  # no grad, mem.head_chunk: z is made in row chunks in the storage of the previous z (handed over)
+            m = self.input_embedder.msa(batch["target_feat"], batch["msa_feat"])
+            m0_update = self.recycling_embedder.norm_m(prev[0])
+            z = embed_pair_in_place(self.input_embedder, self.recycling_embedder, batch["target_feat"],
+                                    batch["residue_index"], prev[1], prev[2], rows)
         m = torch.cat([m[..., :1, :, :] + m0_update[..., None, :, :], m[..., 1:, :, :]], dim=-3)
-        z = z + z_update
         e = self.extra_msa_embedder(batch["extra_msa_feat"])
         own = not torch.is_grad_enabled()  # e, m, z were made here: without grad the stacks may update them in place
         z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask, inplace_inputs=own)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from protfold.config import ModelConfig
-from protfold.model.confidence import predicted_aligned_error, predicted_tm_score
+from protfold.config import MemoryConfig, ModelConfig
+from protfold.model.confidence import pae_and_ptm_in_rows, predicted_aligned_error, predicted_tm_score
 from protfold.model.primitives import Linear
 
 
@@ -89,13 +89,27 @@ class PredictedAlignedErrorHead(nn.Module):
         return {"pae_logits": logits, "predicted_aligned_error": pae, "max_predicted_aligned_error": max_pae,
                 "ptm": ptm}
 
+    @torch.no_grad()
+    def reports_in_rows(self, z: Tensor, seq_mask: Tensor | None, rows: int) -> dict[str, Tensor]:
+        """No grad: the reports of `forward` (PAE, its maximum, pTM) from logits made `rows` pair rows at a time;
+        no pae_logits [B, N, N, bins] are returned or ever made whole."""
+        pae, max_pae, ptm = pae_and_ptm_in_rows(
+            lambda start, n: self.linear(z.narrow(-3, start, n)), z.shape[-3], rows,
+            n_bins=self.linear.out_features, max_bin=self.max_bin, residue_weights=seq_mask, like=z[..., 0, :])
+        return {"predicted_aligned_error": pae, "max_predicted_aligned_error": max_pae, "ptm": ptm}
+
 
 class AuxiliaryHeads(nn.Module):
     """All heads together; the experimentally resolved head only when `cfg.experimentally_resolved`, the
-    predicted aligned error head only when `cfg.predicted_aligned_error` (checkpoints without it still load)."""
+    predicted aligned error head only when `cfg.predicted_aligned_error` (checkpoints without it still load).
 
-    def __init__(self, *, cfg: ModelConfig) -> None:
+    Without grad and with `mem.head_chunk`, only what `protfold predict` writes is computed: no distogram_logits
+    and no pae_logits (each [B, N, N, 64]: 38 GB in fp32 at 12,288 residues); PAE and pTM come from the PAE logits
+    made `head_chunk` pair rows at a time (`PredictedAlignedErrorHead.reports_in_rows`)."""
+
+    def __init__(self, *, cfg: ModelConfig, mem: MemoryConfig | None = None) -> None:
         super().__init__()
+        self.mem = mem or MemoryConfig()
         self.distogram = DistogramHead(cfg=cfg)
         self.plddt = PLDDTHead(cfg=cfg)
         self.masked_msa = MaskedMSAHead(cfg=cfg)
@@ -112,15 +126,16 @@ class AuxiliaryHeads(nn.Module):
         enabled) experimentally_resolved_logits (from s_evoformer, supplement 1.9.10, as AF2 and OpenFold do)
         and the outputs of `PredictedAlignedErrorHead`.
         """
-        out = {
-            "distogram_logits": self.distogram(z),
-            "plddt_logits": self.plddt(s_structure),
-            "masked_msa_logits": self.masked_msa(m),
-        }
+        rows = self.mem.head_chunk if not torch.is_grad_enabled() else None
+        out = {"plddt_logits": self.plddt(s_structure), "masked_msa_logits": self.masked_msa(m)}
+        if rows is None:
+            out["distogram_logits"] = self.distogram(z)
         if self.experimentally_resolved is not None:
             out["experimentally_resolved_logits"] = self.experimentally_resolved(s_evoformer)
-        if self.predicted_aligned_error is not None:
+        if self.predicted_aligned_error is not None and rows is None:
             out.update(self.predicted_aligned_error(z, seq_mask))
+        elif self.predicted_aligned_error is not None:
+            out.update(self.predicted_aligned_error.reports_in_rows(z, seq_mask, rows))
         return out
 
 
