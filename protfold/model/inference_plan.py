@@ -10,12 +10,15 @@ the autocast dtype, as the input embedder's relative-position term is fp32):
 - the low-memory triangle multiplication: its combined edge x [N, N, c_hidden] in the compute dtype (zero on the
   device with `offload_triangle_edge`) and one fp32 slice of the b edge (a sixteenth of z, `triangle.py`);
 - the attention biases [H, N, N] of MSA row attention and triangle attention (compute dtype, made whole);
-- one chunk's transients, the largest of: attention logits (3 x `attention_chunk_mb`: logits, softmax, output),
+- one chunk's transients, the largest of: attention logits (3 x `attention_chunk_mb`, or 3 x all the logits if
+  fewer: logits, softmax, output),
   the pair transition / OPM / LayerNorm rows (`pair_chunk` rows of N), the structure module's IPA rows
   (`structure_chunk` queries: fp32 LayerNorm of z's rows, pair bias, logits, point differences
   [rows, N, H, P, 3]) and the heads' PAE logits rows (`head_chunk` rows of [N, 64] fp32, three times).
-The plain path (no switch) is counted as z plus the whole-size intermediates it makes: the triangle update's
-projections, triangle attention's logits [N, H, N, N], MSA row attention's [S, H, N, N], the distogram and PAE
+The plain path (no switch) is counted as three pair tensors (the recycled z, the embedding, their sum), the
+previous pass's distogram and PAE logits, and the two largest whole-size intermediates it makes: the triangle update's
+projections, triangle attention's logits [N, H, N, N], MSA row attention's [S, H, N, N] and [E, H, N, N], the
+distogram and PAE
 logits and IPA's point differences. Plans are tested to compute the plain path's outputs (tests/model/
 test_inference_plan.py) and their counts against peaks measured on the CPU (`memory.peak_new_bytes`).
 """
@@ -49,7 +52,11 @@ class InferenceShape:
 def _floor(shape: InferenceShape, cfg: ModelConfig) -> int:
     """z, the pair mask and the MSA streams (each stream and one update alive)."""
     n, s, e = shape.n_res, shape.n_seq, shape.n_extra
-    return 4 * n * n * cfg.c_z + 4 * n * n + 2 * 4 * s * n * cfg.c_m + 2 * 4 * e * n * cfg.c_e
+    # per residue, small beside the pair at long N: the structure module's per-layer outputs (frames, atoms,
+    # angles), the single representations, the MSA transition's hidden rows and the masked-MSA logits
+    linear = 4 * n * (cfg.n_structure_layers * 256 + 1024 + 8 * cfg.c_s)
+    linear += 4 * s * n * (cfg.c_m * cfg.transition_factor + cfg.msa_classes) + 4 * e * n * cfg.c_e * cfg.transition_factor
+    return 4 * n * n * cfg.c_z + 4 * n * n + 2 * 4 * s * n * cfg.c_m + 2 * 4 * e * n * cfg.c_e + linear
 
 
 def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int) -> int:
@@ -57,13 +64,18 @@ def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int) -> int:
     pair = n * n
     candidates = (
         pair * cfg.tri_mul_hidden * (4 * a + 4) + 2 * 4 * pair * cfg.c_z,  # a, b, gates, fp32 einsum, LN(z), out
-        2 * 4 * n * pair * cfg.pair_heads + 4 * pair * cfg.c_z,  # triangle attention logits + softmax, LN(z)
-        2 * 4 * s * pair * cfg.msa_heads,  # MSA row attention logits + softmax
+        3 * 4 * n * pair * cfg.pair_heads + 4 * pair * cfg.c_z,  # triangle attention: logits, biased, softmax; LN(z)
+        3 * 4 * s * pair * cfg.msa_heads,  # MSA row attention, the same three
+        3 * 4 * shape.n_extra * pair * cfg.extra_msa_heads,  # the extra MSA stack's row attention
         2 * 4 * pair * cfg.c_z * cfg.transition_factor,  # pair transition hidden
         3 * 4 * pair * max(cfg.distogram_bins, cfg.pae_bins),  # distogram / PAE logits, their softmax
         4 * pair * (cfg.c_z * 2 + cfg.ipa_heads * (cfg.ipa_qk_points * 3 + 4)),  # IPA: LN(z) fp32, diff, logits
     )
-    return _floor(shape, cfg) + max(candidates)
+    # besides: the embedders' own z and z + update beside the recycled z (two more pair tensors), and the previous
+    # pass's outputs, alive during the next pass: its distogram and PAE logits
+    kept = 2 * 4 * pair * cfg.c_z + 2 * 4 * pair * max(cfg.distogram_bins, cfg.pae_bins)
+    largest, second = sorted(candidates)[-2:][::-1]
+    return _floor(shape, cfg) + kept + largest + second  # the two largest: an upper estimate of overlaps
 
 
 def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -79,8 +91,9 @@ def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelCon
     edge += 4 * pair * cfg.c_z // 16  # the fp32 b-edge slice (triangle.py: a sixteenth of z's bytes)
     biases = pair * a * max(cfg.msa_heads, cfg.pair_heads)
     r, rs, rh = min(mem.pair_chunk, n), min(mem.structure_chunk, n), min(mem.head_chunk, n)
+    whole_logits = 4 * pair * max(shape.n_seq * cfg.msa_heads, shape.n_extra * cfg.extra_msa_heads, n * cfg.pair_heads)
     transients = (
-        3 * int(mem.attention_chunk_mb * 2**20),
+        3 * min(int(mem.attention_chunk_mb * 2**20), whole_logits),
         r * n * 4 * (2 * cfg.c_z * cfg.transition_factor + cfg.opm_hidden**2 + 3 * cfg.c_z),
         rs * n * 4 * (3 * cfg.c_z + cfg.ipa_heads * (cfg.ipa_qk_points * 3 * 2 + 6)),
         rh * n * 4 * (3 * max(cfg.distogram_bins, cfg.pae_bins) + 4 * cfg.c_z + cfg.recycle_bins),
