@@ -131,10 +131,17 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
     shape = InferenceShape(n_res, n_seq, n_extra)
     usable = int(budget_bytes * HEADROOM)
     scored = [(name, mem, predicted_peak_bytes(mem, shape, model_cfg, dtype)) for name, mem in _candidates(n_res)]
-    head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows, budget {budget_bytes / GiB:.2f} GiB"
+    head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows, budget {_size(budget_bytes)}"
     for name, mem, peak in scored:
         if peak <= usable:
-            return mem, peak, f"{head}: {name}; predicted peak {peak / GiB:.2f} GiB"
-    name, mem, peak = min(scored, key=lambda item: item[2])
-    return mem, peak, (f"{head}: DOES NOT FIT: the smallest plan ({name}) needs about {peak / GiB:.2f} GiB "
-                       f"(the pair representation alone is {4 * n_res**2 * model_cfg.c_z / GiB:.2f} GiB)")
+            return mem, peak, f"{head}: {name}; predicted peak {_size(peak)}"
+    name, mem, peak = min(reversed(scored), key=lambda item: item[2])  # among equal peaks the smallest chunks
+    return mem, peak, (f"{head}: DOES NOT FIT: the smallest plan ({name}) needs about {_size(peak)} "
+                       f"(the pair representation alone is {_size(4 * n_res**2 * model_cfg.c_z)})")
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{int(n_bytes)} B"
