@@ -2,7 +2,7 @@
 
     python benchmarks/long_predict.py --n_res 4096 --out benchmarks/long_inference/predict_4096
 
-Writes `<out>/af2_ptm_random.ckpt` (the `af2_ptm` model with AF2's initialisation plus N(0, 0.02) noise on every
+Writes `<out>/af2_ptm_random.ckpt` (the `af2_ptm` model, or `--preset`, with AF2's initialisation plus N(0, 0.02) noise on every
 weight, so no head is identically zero; the EMA average equals the weights), `<out>/long.fasta` (a random
 sequence of `--n_res` residues, seed 0), then runs `protfold predict --precision bf16` with the memory planned for
 the card (no --inference_memory), single-sequence MSA, one recycle pass per `eval_recycles` of the preset (3).
@@ -29,9 +29,9 @@ from protfold.config import MemoryConfig, OptimConfig, model_preset
 from protfold.model.alphafold import AlphaFold
 
 
-def random_checkpoint(path: Path) -> Path:
+def random_checkpoint(path: Path, preset: str = "af2_ptm") -> Path:
     torch.manual_seed(0)
-    model = AlphaFold(cfg=model_preset("af2_ptm"), mem=MemoryConfig())
+    model = AlphaFold(cfg=model_preset(preset), mem=MemoryConfig())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -39,8 +39,8 @@ def random_checkpoint(path: Path) -> Path:
     torch.save({
         "state_dict": {f"model.{k}": v for k, v in weights.items()},
         "ema": {"decay": OptimConfig().ema_decay, "shadow": dict(weights)},
-        "hyper_parameters": {"preset": "af2_ptm", "model_overrides": None},
-        "model_config": asdict(model_preset("af2_ptm")),
+        "hyper_parameters": {"preset": preset, "model_overrides": None},
+        "model_config": asdict(model_preset(preset)),
         "pytorch-lightning_version": version("lightning"),
     }, path)
     return path
@@ -51,9 +51,10 @@ def main() -> None:
     ap.add_argument("--n_res", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/long_inference/predict"))
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--preset", default="af2_ptm", help="model sizes (tiny_ptm: a quick check of this script)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = random_checkpoint(args.out / "af2_ptm_random.ckpt")
+    ckpt = random_checkpoint(args.out / f"{args.preset}_random.ckpt", args.preset)
     letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
     sequence = "".join(np.random.default_rng(0).choice(letters, args.n_res))
     fasta = args.out / "long.fasta"
