@@ -87,7 +87,13 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--msa_dir", help="MSAs: MSA_DIR/<id>/ (a3m, sto, fasta) or MSA_DIR/<id>.a3m")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--memory", default=None, help="inference memory preset NAME (low, low_host, ...) or YAML file")
+    parser.add_argument("--inference_memory", "--memory", dest="memory", default=None,
+                        help="inference memory preset NAME (low, low_host, ...) or YAML file (default: planned for "
+                        "each target from its length, MSA depth and the device's free memory, and printed)")
+    parser.add_argument("--memory_budget_gib", type=float, default=None,
+                        help="bytes the memory plan may use, in GiB (default: the card's free memory)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: under bf16 autocast (CUDA); fp32 by default")
     parser.add_argument("--max_msa_clusters", type=int, default=128)
     parser.add_argument("--max_extra_msa", type=int, default=1024)
     args = parser.parse_args(argv)
@@ -98,7 +104,9 @@ def _predict(argv: list[str]) -> int:
     try:
         memory = load_memory_preset(args.memory) if args.memory else None
     except ValueError as err:
-        parser.error(f"--memory: {err}")
+        parser.error(f"--inference_memory: {err}")
+    if args.memory_budget_gib is not None and (memory is not None or not args.memory_budget_gib > 0):
+        parser.error("--memory_budget_gib: must be > 0, and sizes the planned memory: not with --inference_memory")
     try:
         targets = collect_targets(args.input, args.msa_dir)  # before torch and the model: input errors come at once
         device = _check_device(args.device)
@@ -106,7 +114,8 @@ def _predict(argv: list[str]) -> int:
 
         report = run_predict(ckpt_path=args.ckpt_path, targets=targets, out=args.out, overwrite=args.overwrite,
                              device=device, memory=memory, max_msa_clusters=args.max_msa_clusters,
-                             max_extra_msa=args.max_extra_msa, model_config=args.preset)
+                             max_extra_msa=args.max_extra_msa, model_config=args.preset,
+                             memory_budget_gib=args.memory_budget_gib, precision=args.precision)
     except ProtfoldInputError as err:
         print(f"protfold predict: {err}", file=sys.stderr)
         return 1

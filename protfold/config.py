@@ -43,6 +43,13 @@ class MemoryConfig:
     # same function up to float reordering, ~1e-7 relative in fp32; dropout masks drawn by the eager kernels).
     # One compile serves every block of a stack; a new input shape compiles again.
     compile_blocks: bool = False
+    # no grad only: IPA query rows per chunk in the structure module (its [H, N, N] logits, the pair-bias
+    # projection and the fp32 LayerNorm of z are made for these rows only, never for the whole pair)
+    structure_chunk: int | None = None
+    # no grad only: pair rows per chunk for the heads and the pair embedders (input, recycling), which then
+    # write z in place; the heads then return only what `protfold predict` writes: no distogram or PAE logits
+    # ([N, N, bins]), the PAE and pTM computed from the PAE logits row chunk by row chunk
+    head_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.attention_chunk_mb is not None and not self.attention_chunk_mb > 0:
@@ -54,7 +61,7 @@ class MemoryConfig:
                 "MemoryConfig.triangle_slice_mb sizes the channel slices of the low-memory triangle update, so "
                 "alone it changes nothing: set low_memory_triangle as well, or leave triangle_slice_mb unset"
             )
-        for name in ("blocks_per_checkpoint", "msa_chunk", "pair_chunk"):
+        for name in ("blocks_per_checkpoint", "msa_chunk", "pair_chunk", "structure_chunk", "head_chunk"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"MemoryConfig.{name} must be a positive integer or None, got {value!r}")

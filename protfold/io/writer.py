@@ -24,6 +24,13 @@ from protfold.io.atomic import write_text_atomic
 
 _MAX_PDB_COORD = 9999.999
 _MIN_PDB_COORD = -999.999
+PDB_MAX_ATOMS = 99_999  # the atom serial field has 5 columns
+PDB_MAX_RESIDUE_NUMBER = 9_999  # the residue number field has 4 columns
+
+
+class PDBFormatLimitError(ValueError):
+    """A structure the PDB format cannot hold (too many atoms, residue numbers past 9,999, long chain ids,
+    coordinates beyond its columns); the message is one line and names the limit. mmCIF holds all of these."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +51,7 @@ def to_pdb(
 ) -> Path:
     """Write one chain-like (or a list of them) as PDB. b_factors: [L] or [L, 37], overrides the chain's."""
     chains, first = _normalise(chain_like, b_factors)
+    _check_pdb_limits(chains, path)
     lines = []
     pdb_id = str(getattr(first, "pdb_id", "") or "")
     if len(pdb_id) == 4:
@@ -56,16 +64,9 @@ def to_pdb(
         lines.append("REMARK   2")
         lines.append(f"REMARK   2 RESOLUTION. {float(resolution):7.2f} ANGSTROMS.")
     for chain in chains:
-        if len(chain.chain_id) != 1:
-            raise ValueError(f"PDB format needs one-character chain ids, got {chain.chain_id!r}")
         lines.extend(_seqres_lines(chain))
     serial = 1
     for chain in chains:
-        if np.any(chain.numbers > 9999) or np.any(chain.numbers < -999):
-            raise ValueError("residue numbers do not fit the PDB format; use to_mmcif")
-        coords = chain.positions[chain.mask]
-        if coords.size and (coords.max() > _MAX_PDB_COORD or coords.min() < _MIN_PDB_COORD):
-            raise ValueError("coordinates do not fit the PDB format; use to_mmcif")
         last = None
         for i, slot in zip(*np.nonzero(chain.mask)):
             resname = rc.resnames[chain.aatype[i]]
@@ -73,13 +74,13 @@ def to_pdb(
             x, y, z = chain.positions[i, slot]
             field = f" {name:<3}" if len(name) < 4 else name
             lines.append(
-                f"ATOM  {serial % 100000:5d} {field}{'':1}{resname:>3} {chain.chain_id}{chain.numbers[i]:4d}{'':1}   "
+                f"ATOM  {serial:5d} {field}{'':1}{resname:>3} {chain.chain_id}{chain.numbers[i]:4d}{'':1}   "
                 f"{x:8.3f}{y:8.3f}{z:8.3f}{1.0:6.2f}{chain.b_factors[i, slot]:6.2f}          {name[0]:>2}  "
             )
             serial += 1
             last = i
         if last is not None:
-            lines.append(f"TER   {serial % 100000:5d}      {rc.resnames[chain.aatype[last]]:>3} {chain.chain_id}{chain.numbers[last]:4d}")
+            lines.append(f"TER   {serial:5d}      {rc.resnames[chain.aatype[last]]:>3} {chain.chain_id}{chain.numbers[last]:4d}")
             serial += 1
     lines.append("END")
     return write_text_atomic(path, "\n".join(lines) + "\n")
@@ -135,6 +136,30 @@ def to_mmcif(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check_pdb_limits(chains: list[_Chain], path: str | os.PathLike[str]) -> None:
+    """Raise PDBFormatLimitError (one line, naming the file and the limit) for what the PDB format cannot hold."""
+    atoms = sum(int(c.mask.sum()) for c in chains)
+    serials = atoms + sum(bool(c.mask.any()) for c in chains)  # each chain's TER record takes a serial too
+    problem = None
+    if serials > PDB_MAX_ATOMS:
+        problem = (f"{atoms:,} atoms ({serials:,} numbered records with TER), more than the {PDB_MAX_ATOMS:,} the "
+                   "PDB format can number")
+    for chain in chains:
+        if problem:
+            break
+        if len(chain.chain_id) != 1:
+            problem = f"chain id {chain.chain_id!r}: the PDB format holds one-character chain ids"
+        elif chain.numbers.size and (chain.numbers.max() > PDB_MAX_RESIDUE_NUMBER or chain.numbers.min() < -999):
+            problem = (f"chain {chain.chain_id}: residue numbers {int(chain.numbers.min())}..{int(chain.numbers.max())}"
+                       f" do not fit the PDB format's 4 columns (-999..{PDB_MAX_RESIDUE_NUMBER})")
+        else:
+            coords = chain.positions[chain.mask]
+            if coords.size and (coords.max() > _MAX_PDB_COORD or coords.min() < _MIN_PDB_COORD):
+                problem = f"chain {chain.chain_id}: coordinates do not fit the PDB format's 8.3f columns"
+    if problem:
+        raise PDBFormatLimitError(f"{path}: not written: {problem}; the mmCIF file holds it")
 
 
 def _as_numpy(x: Any) -> np.ndarray:

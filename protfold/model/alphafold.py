@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from protfold import constants as rc
 from protfold.config import MemoryConfig, ModelConfig
-from protfold.model.embedders import ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder
+from protfold.model.embedders import ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder, embed_pair_in_place
 from protfold.model.evoformer import EvoformerStack, ExtraMSAStack
 from protfold.model.heads import AuxiliaryHeads
 from protfold.model.plan import MemoryPlan, resolve
@@ -74,16 +74,23 @@ class AlphaFold(nn.Module):
         input of the structure module and the experimentally resolved head), msa_first_row, pair."""
         seq_mask = batch["seq_mask"]
         pair_mask = seq_mask[..., :, None] * seq_mask[..., None, :]
-        m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
-        m0_update, z_update = self.recycling_embedder(*prev)
+        rows = plan.head_chunk  # set only without grad
+        if rows is None:
+            m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
+            m0_update, z_update = self.recycling_embedder(*prev)
+            z = z + z_update
+        else:  # no grad, plan.head_chunk: z is made in row chunks in the storage of the previous z (handed over)
+            m = self.input_embedder.msa(batch["target_feat"], batch["msa_feat"])
+            m0_update = self.recycling_embedder.norm_m(prev[0])
+            z = embed_pair_in_place(self.input_embedder, self.recycling_embedder, batch["target_feat"],
+                                    batch["residue_index"], prev[1], prev[2], rows)
         m = torch.cat([m[..., :1, :, :] + m0_update[..., None, :, :], m[..., 1:, :, :]], dim=-3)
-        z = z + z_update
         e = self.extra_msa_embedder(batch["extra_msa_feat"])
         own = not plan.grad  # e, m, z were made here: without grad the stacks may update them in place
         z = self.extra_msa_stack(e, z, batch["extra_msa_mask"], pair_mask, plan=plan, inplace_inputs=own)
         m, z, s = self.evoformer(m, z, batch["msa_mask"], pair_mask, plan=plan, inplace_inputs=own)
         outputs = self.structure_module(s, z, batch["aatype"], seq_mask, plan=plan)
-        outputs.update(self.heads(m, z, s_evoformer=s, s_structure=outputs["single"], seq_mask=seq_mask))
+        outputs.update(self.heads(m, z, s_evoformer=s, s_structure=outputs["single"], seq_mask=seq_mask, plan=plan))
         outputs["single_evoformer"] = s
         outputs["msa_first_row"] = m[..., 0, :, :]
         outputs["pair"] = z

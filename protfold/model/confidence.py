@@ -9,12 +9,14 @@ autocast dtype (float64 inputs stay float64).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from protfold.model.memory import fp32_island, upcast
 
-__all__ = ["aligned_error_bin_centres", "predicted_aligned_error", "predicted_tm_score"]
+__all__ = ["aligned_error_bin_centres", "pae_and_ptm_in_rows", "predicted_aligned_error", "predicted_tm_score"]
 
 
 def aligned_error_bin_centres(n_bins: int, max_bin: float, *, dtype: torch.dtype = torch.float32,
@@ -54,12 +56,53 @@ def predicted_tm_score(logits: Tensor, residue_weights: Tensor | None = None, *,
         if residue_weights is None:
             residue_weights = logits.new_ones(logits.shape[:-2])
         weights = residue_weights.to(logits.dtype)
-        centres = aligned_error_bin_centres(logits.shape[-1], max_bin, dtype=logits.dtype, device=logits.device)
-        total = weights.sum(-1)  # [*]
-        d0 = 1.24 * (torch.clamp(total, min=19.0) - 15.0) ** (1.0 / 3.0) - 1.8
-        tm_per_bin = 1.0 / (1.0 + centres.square() / d0[..., None].square())  # [*, bins]
-        expected = torch.sum(torch.softmax(logits, dim=-1) * tm_per_bin[..., None, None, :], dim=-1)  # [*, N, N]
-        normed = weights / (eps + total[..., None])
-        per_alignment = torch.sum(expected * normed[..., None, :], dim=-1)  # [*, N]
-        best = torch.argmax(per_alignment * weights, dim=-1, keepdim=True)
-        return torch.gather(per_alignment, -1, best)[..., 0]
+        tm_per_bin, normed = _tm_terms(weights, logits.shape[-1], max_bin, eps)
+        per_alignment = _per_alignment(logits, tm_per_bin, normed)  # [*, N]
+        return _best_alignment(per_alignment, weights)
+
+
+def _tm_terms(weights: Tensor, n_bins: int, max_bin: float, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """pTM's per-bin TM term [*, bins] (d0 from the weighted residue count) and the normalised weights [*, N]."""
+    centres = aligned_error_bin_centres(n_bins, max_bin, dtype=weights.dtype, device=weights.device)
+    total = weights.sum(-1)  # [*]
+    d0 = 1.24 * (torch.clamp(total, min=19.0) - 15.0) ** (1.0 / 3.0) - 1.8
+    tm_per_bin = 1.0 / (1.0 + centres.square() / d0[..., None].square())  # [*, bins]
+    return tm_per_bin, weights / (eps + total[..., None])
+
+
+def _per_alignment(logits: Tensor, tm_per_bin: Tensor, normed: Tensor) -> Tensor:
+    """Rows i of logits [*, n, N, bins] -> the expected TM-score aligned on each i, [*, n]."""
+    expected = torch.sum(torch.softmax(logits, dim=-1) * tm_per_bin[..., None, None, :], dim=-1)  # [*, n, N]
+    return torch.sum(expected * normed[..., None, :], dim=-1)
+
+
+def _best_alignment(per_alignment: Tensor, weights: Tensor) -> Tensor:
+    best = torch.argmax(per_alignment * weights, dim=-1, keepdim=True)
+    return torch.gather(per_alignment, -1, best)[..., 0]
+
+
+@torch.no_grad()
+def pae_and_ptm_in_rows(logits_rows: Callable[[int, int], Tensor], n_res: int, rows: int, *, n_bins: int,
+                        max_bin: float = 31.0, residue_weights: Tensor | None = None,
+                        like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`predicted_aligned_error` and `predicted_tm_score` without the whole logits [*, N, N, bins]:
+    `logits_rows(start, n)` gives rows start..start+n, [*, n, N, bins]; they are made and reduced `rows` at a
+    time (no grad). `like` [*, ...] gives the batch shape, dtype and device (e.g. the single representation
+    [*, N, c]). Returns PAE [*, N, N] (fp32, A), its largest possible value [] and pTM [*], the same numbers
+    as the whole-matrix functions (each row's softmax and sums are its own; only pTM's argmax is over all rows).
+    """
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    batch = like.shape[:-2]
+    weights = (like.new_ones(*batch, n_res) if residue_weights is None else residue_weights).to(dtype)
+    centres = aligned_error_bin_centres(n_bins, max_bin, dtype=dtype, device=like.device)
+    pae = torch.empty(*batch, n_res, n_res, dtype=dtype, device=like.device)
+    per_alignment = torch.empty(*batch, n_res, dtype=dtype, device=like.device)
+    with fp32_island(like):
+        tm_per_bin, normed = _tm_terms(weights, n_bins, max_bin)
+        for start in range(0, n_res, rows):
+            n = min(rows, n_res - start)
+            logits = upcast(logits_rows(start, n)).to(dtype)
+            pae.narrow(-2, start, n).copy_(torch.sum(torch.softmax(logits, dim=-1) * centres, dim=-1))
+            per_alignment.narrow(-1, start, n).copy_(_per_alignment(logits, tm_per_bin, normed))
+            del logits
+        return pae, centres[-1], _best_alignment(per_alignment, weights)

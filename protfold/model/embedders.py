@@ -14,7 +14,7 @@ from protfold.config import ModelConfig
 from protfold.model.memory import upcast
 from protfold.model.primitives import Linear
 
-__all__ = ["ExtraMSAEmbedder", "InputEmbedder", "RecyclingEmbedder"]
+__all__ = ["ExtraMSAEmbedder", "InputEmbedder", "RecyclingEmbedder", "embed_pair_in_place"]
 
 
 class InputEmbedder(nn.Module):
@@ -39,18 +39,28 @@ class InputEmbedder(nn.Module):
         return cls(c_m=cfg.c_m, c_z=cfg.c_z, target_feat_dim=cfg.target_feat_dim, msa_feat_dim=cfg.msa_feat_dim,
                    max_relative_position=cfg.max_relative_position)
 
-    def relpos(self, residue_index: Tensor) -> Tensor:
-        """Algorithm 4: one-hot of clip(r_i - r_j, -32, 32) (65 bins) -> Linear. [*, N] -> [*, N, N, c_z]."""
-        d = residue_index[..., :, None] - residue_index[..., None, :]
+    def relpos(self, residue_index: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Algorithm 4: one-hot of clip(r_i - r_j, -32, 32) (65 bins) -> Linear. [*, N] -> [*, N, N, c_z];
+        `rows` [*, n] (residue_index of some rows i) gives those rows only: [*, n, N, c_z]."""
+        rows = residue_index if rows is None else rows
+        d = rows[..., :, None] - residue_index[..., None, :]
         bins = torch.clamp(d, -self.max_rel, self.max_rel) + self.max_rel
         # one_hot(bins) @ Wᵀ + b, read as a row lookup of Wᵀ: the [N, N, 65] one-hot is never built.
         return F.embedding(bins.long(), self.linear_relpos.weight.t()) + self.linear_relpos.bias
 
     def forward(self, target_feat: Tensor, residue_index: Tensor, msa_feat: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = self.linear_tf_z_i(target_feat), self.linear_tf_z_j(target_feat)
-        z = a[..., :, None, :] + b[..., None, :, :] + self.relpos(residue_index)
-        m = self.linear_msa_m(msa_feat) + self.linear_tf_m(target_feat)[..., None, :, :]
-        return m, z
+        return self.msa(target_feat, msa_feat), self.pair_rows(target_feat, residue_index)
+
+    def msa(self, target_feat: Tensor, msa_feat: Tensor) -> Tensor:
+        """m [*, S, N, c_m] alone (the pair is made by `pair_rows` or `embed_pair_in_place`)."""
+        return self.linear_msa_m(msa_feat) + self.linear_tf_m(target_feat)[..., None, :, :]
+
+    def pair_rows(self, target_feat: Tensor, residue_index: Tensor, start: int = 0, n: int | None = None) -> Tensor:
+        """Rows start..start+n of z (all rows by default): [*, n, N, c_z]. Each row is independent of the others."""
+        n = target_feat.shape[-2] - start if n is None else n
+        a = self.linear_tf_z_i(target_feat.narrow(-2, start, n))
+        b = self.linear_tf_z_j(target_feat)
+        return a[..., :, None, :] + b[..., None, :, :] + self.relpos(residue_index, residue_index.narrow(-1, start, n))
 
 
 class RecyclingEmbedder(nn.Module):
@@ -74,19 +84,24 @@ class RecyclingEmbedder(nn.Module):
         return cls(c_m=cfg.c_m, c_z=cfg.c_z, bins=cfg.recycle_bins, min_bin=cfg.recycle_min_bin,
                    max_bin=cfg.recycle_max_bin)
 
-    def distogram(self, x: Tensor) -> Tensor:
+    def distogram(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """x: [*, N, 3] -> one-hot [*, N, N, bins] with lower_k < d < lower_{k+1}, compared squared in at least fp32
         (float64 stays float64, as in OpenFold); the one-hot takes the dtype of `linear_d`'s weight, which reads
-        it (fp32 under autocast, float64 in a `.double()` model)."""
+        it (fp32 under autocast, float64 in a `.double()` model). `rows` [*, n, 3] (some rows of x): [*, n, N, bins]."""
         x = upcast(x)
-        d2 = (x[..., :, None, :] - x[..., None, :, :]).square().sum(-1, keepdim=True)
+        rows = x if rows is None else upcast(rows)
+        d2 = (rows[..., :, None, :] - x[..., None, :, :]).square().sum(-1, keepdim=True)
         lower = self.lower.to(x.dtype).square()
         upper = torch.cat([lower[1:], lower.new_full((1,), 1e8)])
         return ((d2 > lower) & (d2 < upper)).to(self.linear_d.weight.dtype)
 
     def forward(self, m0_prev: Tensor, z_prev: Tensor, x_prev: Tensor) -> tuple[Tensor, Tensor]:
-        z = self.linear_d(self.distogram(x_prev)) + self.norm_z(z_prev)
-        return self.norm_m(m0_prev), z
+        return self.norm_m(m0_prev), self.pair_update_rows(z_prev, x_prev)
+
+    def pair_update_rows(self, z_prev_rows: Tensor, x_prev: Tensor, start: int = 0) -> Tensor:
+        """The z update for rows start..start+n of z, from those rows of z_prev [*, n, N, c_z]: [*, n, N, c_z]."""
+        rows = x_prev.narrow(-2, start, z_prev_rows.shape[-3])
+        return self.linear_d(self.distogram(x_prev, rows)) + self.norm_z(z_prev_rows)
 
 
 class ExtraMSAEmbedder(nn.Module):
@@ -102,3 +117,23 @@ class ExtraMSAEmbedder(nn.Module):
 
     def forward(self, extra_msa_feat: Tensor) -> Tensor:
         return self.linear(extra_msa_feat)
+
+
+@torch.no_grad()
+def embed_pair_in_place(input_embedder: InputEmbedder, recycling_embedder: RecyclingEmbedder, target_feat: Tensor,
+                        residue_index: Tensor, z_prev: Tensor, x_prev: Tensor, rows: int) -> Tensor:
+    """No grad: z = input pair + recycling update (Algorithm 2 lines 5-6 and Algorithm 32), written into z_prev's
+    storage row chunk by row chunk and returned (z_prev [*, N, N, c_z] is overwritten: the caller hands it over).
+
+    Each row of z reads only the same row of z_prev, so overwriting row chunks in order is exact; alive at once
+    besides z: one chunk's embedding, LayerNorm and distance bins ([*, rows, N, c_z] and [*, rows, N, 15]). The
+    sum is made in the plain path's order (input pair + (distance term + LayerNorm)) and stored in z_prev's dtype.
+    """
+    n_res = z_prev.shape[-3]
+    for start in range(0, n_res, rows):
+        n = min(rows, n_res - start)
+        part = z_prev.narrow(-3, start, n)
+        update = recycling_embedder.pair_update_rows(part, x_prev, start)
+        part.copy_(input_embedder.pair_rows(target_feat, residue_index, start, n) + update)
+        del update
+    return z_prev

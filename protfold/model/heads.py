@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from protfold.config import ModelConfig
-from protfold.model.confidence import predicted_aligned_error, predicted_tm_score
+from protfold.model.confidence import pae_and_ptm_in_rows, predicted_aligned_error, predicted_tm_score
+from protfold.model.plan import MemoryPlan
 from protfold.model.primitives import Linear
 
 
@@ -89,10 +90,23 @@ class PredictedAlignedErrorHead(nn.Module):
         return {"pae_logits": logits, "predicted_aligned_error": pae, "max_predicted_aligned_error": max_pae,
                 "ptm": ptm}
 
+    @torch.no_grad()
+    def reports_in_rows(self, z: Tensor, seq_mask: Tensor | None, rows: int) -> dict[str, Tensor]:
+        """No grad: the reports of `forward` (PAE, its maximum, pTM) from logits made `rows` pair rows at a time;
+        no pae_logits [B, N, N, bins] are returned or ever made whole."""
+        pae, max_pae, ptm = pae_and_ptm_in_rows(
+            lambda start, n: self.linear(z.narrow(-3, start, n)), z.shape[-3], rows,
+            n_bins=self.linear.out_features, max_bin=self.max_bin, residue_weights=seq_mask, like=z[..., 0, :])
+        return {"predicted_aligned_error": pae, "max_predicted_aligned_error": max_pae, "ptm": ptm}
+
 
 class AuxiliaryHeads(nn.Module):
     """All heads together; the experimentally resolved head only when `cfg.experimentally_resolved`, the
-    predicted aligned error head only when `cfg.predicted_aligned_error` (checkpoints without it still load)."""
+    predicted aligned error head only when `cfg.predicted_aligned_error` (checkpoints without it still load).
+
+    Without grad and with `plan.head_chunk`, only what `protfold predict` writes is computed: no distogram_logits
+    and no pae_logits (each [B, N, N, 64]: 38 GB in fp32 at 12,288 residues); PAE and pTM come from the PAE logits
+    made `head_chunk` pair rows at a time (`PredictedAlignedErrorHead.reports_in_rows`)."""
 
     def __init__(self, *, cfg: ModelConfig) -> None:
         super().__init__()
@@ -103,7 +117,7 @@ class AuxiliaryHeads(nn.Module):
         self.predicted_aligned_error = PredictedAlignedErrorHead(cfg=cfg) if cfg.predicted_aligned_error else None
 
     def forward(self, m: Tensor, z: Tensor, *, s_evoformer: Tensor, s_structure: Tensor,
-                seq_mask: Tensor | None = None) -> dict[str, Tensor]:
+                seq_mask: Tensor | None = None, plan: MemoryPlan) -> dict[str, Tensor]:
         """m: [B, S, N, c_m] (the final MSA representation), z: [B, N, N, c_z] (final pair), s_evoformer:
         [B, N, c_s] (the Evoformer's single, Linear(m[0])), s_structure: [B, N, c_s] (the structure module's
         final single), seq_mask: [B, N] (the residues pTM counts; None: all).
@@ -112,15 +126,16 @@ class AuxiliaryHeads(nn.Module):
         enabled) experimentally_resolved_logits (from s_evoformer, supplement 1.9.10, as AF2 and OpenFold do)
         and the outputs of `PredictedAlignedErrorHead`.
         """
-        out = {
-            "distogram_logits": self.distogram(z),
-            "plddt_logits": self.plddt(s_structure),
-            "masked_msa_logits": self.masked_msa(m),
-        }
+        rows = plan.head_chunk  # set only without grad
+        out = {"plddt_logits": self.plddt(s_structure), "masked_msa_logits": self.masked_msa(m)}
+        if rows is None:
+            out["distogram_logits"] = self.distogram(z)
         if self.experimentally_resolved is not None:
             out["experimentally_resolved_logits"] = self.experimentally_resolved(s_evoformer)
-        if self.predicted_aligned_error is not None:
+        if self.predicted_aligned_error is not None and rows is None:
             out.update(self.predicted_aligned_error(z, seq_mask))
+        elif self.predicted_aligned_error is not None:
+            out.update(self.predicted_aligned_error.reports_in_rows(z, seq_mask, rows))
         return out
 
 

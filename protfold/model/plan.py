@@ -29,6 +29,8 @@ class MemoryPlan:
     inplace: no grad, and a switch asks for chunking (pair_chunk, attention_chunk_mb or low_memory_triangle):
     Evoformer blocks add every pair update into z in place, row chunk by row chunk. Otherwise the plain
     update order runs, which costs fewer kernel launches at small crops.
+    structure_chunk, head_chunk: no grad only (None with grad): IPA's query rows and the PAE head's pair rows
+    per chunk (`MemoryConfig`).
     """
 
     grad: bool
@@ -45,6 +47,8 @@ class MemoryPlan:
     triangle_slice_mb: float = DEFAULT_TRIANGLE_SLICE_MB
     offload_triangle_edge: bool = False
     inplace: bool = False
+    structure_chunk: int | None = None
+    head_chunk: int | None = None
 
 
 _flex_warned: set[str] = set()
@@ -75,4 +79,6 @@ def resolve(memory: MemoryConfig, *, grad: bool, device: torch.device | str) -> 
         triangle_slice_mb=memory.triangle_slice_mb or DEFAULT_TRIANGLE_SLICE_MB,
         offload_triangle_edge=memory.offload_triangle_edge and not grad,
         inplace=chunked and not grad,
+        structure_chunk=None if grad else memory.structure_chunk,
+        head_chunk=None if grad else memory.head_chunk,
     )

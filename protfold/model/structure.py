@@ -8,6 +8,7 @@ under bf16 autocast.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from einops import rearrange
@@ -52,16 +53,46 @@ class InvariantPointAttention(nn.Module):
         self.head_weights = nn.Parameter(torch.full((heads,), math.log(math.e - 1.0)))  # softplus^-1(1)
         self.out = Linear(heads * (head_dim + c_z + 4 * v_points), c_s, init="final")
 
-    def forward(self, s: Tensor, z: Tensor, frames: Rigid, mask: Tensor) -> Tensor:
-        """s: [B, N, c_s], z: [B, N, N, c_z], frames: Rigid [B, N] (fp32), mask: [B, N] -> [B, N, c_s]"""
+    def forward(self, s: Tensor, z: Tensor, frames: Rigid, mask: Tensor, *, rows: int | None = None,
+                norm_z: nn.Module | None = None) -> Tensor:
+        """s: [B, N, c_s], z: [B, N, N, c_z], frames: Rigid [B, N] (fp32), mask: [B, N] -> [B, N, c_s]
+
+        `rows` (no grad): queries i in chunks of `rows`, so the logits [B, H, rows, N], the pair bias and the point
+        differences exist for one chunk at a time; `norm_z` is then applied to each chunk's rows of z here (the
+        caller passes z without its LayerNorm), so no normalised or fp32 copy of the whole pair is ever made.
+        Exact: every query row is independent of the others.
+        """
         h = self.heads
         q = rearrange(self.q(s), "b i (h c) -> b h i c", h=h)
         k, v = rearrange(self.kv(s), "b j (two h c) -> two b h j c", two=2, h=h).unbind(0)
-        bias = rearrange(self.pair_bias(z), "b i j h -> b h i j")
         with fp32_island(s):
             q_pts, k_pts, v_pts = self._points(_fp32(s), frames)
-            logits = self._logits(_fp32(q), _fp32(k), _fp32(bias), q_pts, k_pts, _fp32(mask))
-            attn = torch.softmax(logits, dim=-1)  # [B, H, N, N]
+        keys = (k, v, k_pts, v_pts, mask)
+        if rows is None:
+            return self._attend(q, z if norm_z is None else norm_z(z), q_pts, frames, mask, keys)
+        out = None
+        for start in range(0, s.shape[-2], rows):
+            n = min(rows, s.shape[-2] - start)
+            z_rows = z.narrow(1, start, n)
+            part = self._attend(q.narrow(2, start, n), z_rows if norm_z is None else norm_z(z_rows),
+                                q_pts.narrow(1, start, n), frames.map(lambda t, a=start, b=n: t.narrow(1, a, b)),
+                                mask.narrow(1, start, n), keys)
+            if out is None:
+                out = part.new_empty(*part.shape[:1], s.shape[-2], part.shape[-1])
+            out.narrow(1, start, n).copy_(part)
+        return out
+
+    def _attend(self, q: Tensor, z: Tensor, q_pts: Tensor, frames: Rigid, mask_i: Tensor,
+                keys: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+        """Queries i (q [B, H, n, c], z rows [B, n, N, c_z] normalised, q_pts [B, n, H, P, 3], their frames and
+        mask [B, n]) against every key: Alg. 22 lines 7-11 -> [B, n, c_s]."""
+        k, v, k_pts, v_pts, mask = keys
+        bias = rearrange(self.pair_bias(z), "b i j h -> b h i j")
+        with fp32_island(q):
+            logits = self._logits(_fp32(q), _fp32(k), _fp32(bias), q_pts, k_pts, _fp32(mask_i), _fp32(mask))
+            del bias
+            attn = torch.softmax(logits, dim=-1)  # [B, H, n, N]
+            del logits
             o_pts = torch.einsum("bhij,bjhpx->bihpx", attn, v_pts)
             o_pts = frames.unsqueeze(-1).unsqueeze(-1).invert_apply(o_pts)  # back to each frame i
             o_norm = torch.sqrt(torch.sum(o_pts**2, dim=-1) + self.eps)
@@ -80,16 +111,18 @@ class InvariantPointAttention(nn.Module):
         q_pts, kv_pts = local.apply(q_pts), local.apply(kv_pts)
         return q_pts, kv_pts[..., :p_qk, :], kv_pts[..., p_qk:, :]
 
-    def _logits(self, q: Tensor, k: Tensor, bias: Tensor, q_pts: Tensor, k_pts: Tensor, mask: Tensor) -> Tensor:
-        """Alg. 22 line 7: [B, H, N, N] fp32 attention logits with the residue mask applied."""
+    def _logits(self, q: Tensor, k: Tensor, bias: Tensor, q_pts: Tensor, k_pts: Tensor, mask_i: Tensor,
+                mask_j: Tensor) -> Tensor:
+        """Alg. 22 line 7: [B, H, n, N] fp32 attention logits of queries i against keys j, residue mask applied."""
         w_l = math.sqrt(1.0 / 3.0)
         w_c = math.sqrt(2.0 / (9.0 * self.qk_points))
         gamma = nn.functional.softplus(_fp32(self.head_weights)).view(1, -1, 1, 1)
         scalar = torch.einsum("bhic,bhjc->bhij", q, k) / math.sqrt(self.head_dim)
-        diff = q_pts[:, :, None] - k_pts[:, None, :]  # [B, N, N, H, P, 3]
+        diff = q_pts[:, :, None] - k_pts[:, None, :]  # [B, n, N, H, P, 3]
         dist2 = rearrange(torch.sum(diff**2, dim=(-1, -2)), "b i j h -> b h i j")
+        del diff
         logits = w_l * (scalar + bias - 0.5 * gamma * w_c * dist2)
-        pair_mask = mask[:, None, :, None] * mask[:, None, None, :]
+        pair_mask = mask_i[:, None, :, None] * mask_j[:, None, None, :]
         return logits.masked_fill(pair_mask == 0, _MASK_LOGIT)
 
 
@@ -184,7 +217,9 @@ class StructureModule(nn.Module):
         final_atom37 [B, N, 37, 3], single [B, N, c_s].
         """
         s_initial = self.norm_s(s)
-        z = self.norm_z(z)
+        # no grad with plan.structure_chunk: IPA normalises z's rows chunk by chunk
+        rows = plan.structure_chunk
+        z = self.norm_z(z) if rows is None else z
         s = self.embed_s(s_initial)
         if frames is None:
             frames = Rigid.identity(tuple(s.shape[:2]), dtype=_fp32(s).dtype, device=s.device)
@@ -192,7 +227,7 @@ class StructureModule(nn.Module):
         for layer in range(self.cfg.n_structure_layers):
             # With plan.recompute_structure the layer is recomputed in backward (same dropout masks): only
             # its inputs are kept, so at most one layer's intermediates live at a time.
-            s, frames, out = recompute(self.layer, s, s_initial, z, frames, aatype, mask,
+            s, frames, out = recompute(partial(self.layer, rows=rows), s, s_initial, z, frames, aatype, mask,
                                        enabled=plan.recompute_structure)
             per_layer.append(out)
             if layer < self.cfg.n_structure_layers - 1:
@@ -205,10 +240,12 @@ class StructureModule(nn.Module):
         return result
 
     def layer(
-        self, s: Tensor, s_initial: Tensor, z: Tensor, frames: Rigid, aatype: Tensor, mask: Tensor
+        self, s: Tensor, s_initial: Tensor, z: Tensor, frames: Rigid, aatype: Tensor, mask: Tensor, *,
+        rows: int | None = None,
     ) -> tuple[Tensor, Rigid, dict[str, Tensor]]:
-        """One iteration of Alg. 20 (lines 6-10 and 11-14, plus Alg. 24): returns new s, frames, outputs."""
-        s = s + self.ipa(s, z, frames, mask)
+        """One iteration of Alg. 20 (lines 6-10 and 11-14, plus Alg. 24): returns new s, frames, outputs.
+        `rows` (no grad): IPA in query-row chunks of that many residues, z normalised chunk by chunk."""
+        s = s + self.ipa(s, z, frames, mask, rows=rows, norm_z=None if rows is None else self.norm_z)
         s = self.ipa_norm(self.ipa_dropout(s))
         s = self.transition(s)
         update = self.backbone_update(s)

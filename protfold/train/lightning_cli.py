@@ -137,6 +137,16 @@ def _check_config(config: Any) -> None:
                 "protfold: config error: model.memory.offload_triangle_edge acts without grad only, so in training "
                 "it changes nothing: set it in model.inference_memory (validation and prediction) instead"
             )
+        if key == "memory" and fields.get("structure_chunk"):
+            raise SystemExit(
+                "protfold: config error: model.memory.structure_chunk acts without grad only, so in training it "
+                "changes nothing: set it in model.inference_memory instead"
+            )
+        if fields.get("head_chunk"):
+            raise SystemExit(
+                f"protfold: config error: model.{key}.head_chunk drops the distogram and PAE logits that the "
+                "losses read; it is for `protfold predict` only (its planner sets it)"
+            )
     if getattr(model.loss, "experimentally_resolved", 0) > 0 and not cfg.experimentally_resolved:
         raise SystemExit(
             f"protfold: config error: model.loss.experimentally_resolved={model.loss.experimentally_resolved} "

@@ -59,3 +59,25 @@ def test_write_confidence_files(tmp_path, with_pae: bool) -> None:
     for png in (p for p in paths if p.suffix == ".png"):
         width, height = _png_size(png)
         assert width > 300 and height > 200
+
+
+def test_long_target_pae_goes_to_a_compact_npz(tmp_path, monkeypatch) -> None:
+    """Above PAE_JSON_MAX_RESIDUES the JSON names `<id>_pae.npz`: uint8 steps of 0.25 A (within 0.125 A)."""
+    from protfold.io import confidence
+
+    monkeypatch.setattr(confidence, "PAE_JSON_MAX_RESIDUES", 8)
+    monkeypatch.setattr(confidence, "PLOT_MAX_CELLS", 4)  # the heat map is drawn from 4 x 4 block means
+    rng = np.random.default_rng(1)
+    n = 9
+    pae = (31.75 * rng.random((n, n))).astype(np.float32)
+    paths = write_confidence(tmp_path, "long", {"plddt": 100 * rng.random(n), "pae": pae, "max_pae": 31.75, "ptm": 0.5})
+    assert sorted(p.name for p in paths) == ["long_confidence.json", "long_pae.npz", "long_pae.png", "long_plddt.png"]
+    record = json.loads((tmp_path / "long_confidence.json").read_text())
+    assert "predicted_aligned_error" not in record
+    assert record["predicted_aligned_error_file"] == "long_pae.npz" and record["predicted_aligned_error_step"] == 0.25
+    assert record["max_predicted_aligned_error"] == 31.75 and record["ptm"] == 0.5
+    back = confidence.read_pae_npz(tmp_path / "long_pae.npz")
+    assert back.shape == (n, n) and np.abs(back - pae).max() <= 0.125 + 1e-6
+    assert np.load(tmp_path / "long_pae.npz")["pae"].dtype == np.uint8
+    means = confidence._block_mean(pae, 4)  # 3 x 3 blocks of 3 residues
+    assert means.shape == (3, 3) and means[0, 0] == pytest.approx(pae[:3, :3].mean())

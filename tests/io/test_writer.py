@@ -77,3 +77,44 @@ def test_bad_shapes_and_long_chain_ids_are_refused(tmp_path, samples):
         to_pdb(TwoLetterChain(), tmp_path / "y.pdb")
     (back,) = parse_structure(to_mmcif(TwoLetterChain(), tmp_path / "y.cif"))  # mmCIF has no such limit
     assert back.chain_id == "AA" and back.sequence == chain.sequence
+
+
+class _Long:
+    """A chain-like of `n` residues of one type with every atom of that type, numbered from `first` (0-based)."""
+
+    def __init__(self, n: int, restype: str = "W", first: int = 0, chain_id: str = "A") -> None:
+        from protfold import constants as rc
+
+        self.aatype = np.full(n, rc.restype_order[restype])
+        self.atom_mask = rc.restype_atom37_mask[self.aatype]
+        self.atom_positions = np.random.default_rng(0).uniform(-50, 50, (n, 37, 3)) * self.atom_mask[..., None]
+        self.residue_index = np.arange(first, first + n)
+        self.chain_id = chain_id
+
+
+@pytest.mark.parametrize(("chain", "words"), [
+    (_Long(7_200), "100,800 atoms"),  # 14 atoms per TRP: past the 99,999 serials
+    (_Long(3, first=9_998), "residue numbers 9999..10001"),
+    (_Long(3, chain_id="AB"), "one-character chain ids"),
+])
+def test_pdb_limits_are_refused_in_one_line_and_mmcif_holds_them(tmp_path, chain, words) -> None:
+    from protfold.io.writer import PDBFormatLimitError
+
+    with pytest.raises(PDBFormatLimitError, match=words) as info:
+        to_pdb(chain, tmp_path / "x.pdb")
+    assert "\n" not in str(info.value) and "x.pdb" in str(info.value) and "mmCIF" in str(info.value)
+    assert not (tmp_path / "x.pdb").exists()
+    text = to_mmcif(chain, tmp_path / "x.cif").read_text()  # every atom, with its residue number and chain id
+    assert text.count("\nATOM ") == int(chain.atom_mask.sum())
+    assert f" {chain.residue_index[-1] + 1} TRP {chain.chain_id} " in text
+
+
+def test_pdb_limits_at_the_edge_are_written(tmp_path) -> None:
+    """9,999 as the last residue number and 99,999 serials (atoms plus the TER record) still fit."""
+    to_pdb(_Long(2, first=9_997), tmp_path / "a.pdb")
+    chain = _Long(7_143)  # 100,002 atoms: 4 taken from the last residue leave 99,998 + TER
+    chain.atom_mask = chain.atom_mask.copy()
+    chain.atom_mask[-1, np.nonzero(chain.atom_mask[-1])[0][-4:]] = 0
+    assert int(chain.atom_mask.sum()) == 99_998
+    text = to_pdb(chain, tmp_path / "b.pdb").read_text()
+    assert "TER   99999" in text

@@ -75,3 +75,48 @@ def test_predict_without_the_head_has_no_pae(pretrained, tmp_path) -> None:
     assert not (folder / "toy_pae.png").exists() and (folder / "toy_plddt.png").is_file()
     record = json.loads((folder / "toy_confidence.json").read_text())
     assert not {"predicted_aligned_error", "max_predicted_aligned_error", "ptm"} & record.keys()
+
+
+def test_predict_with_a_tiny_budget_chunks_everything_and_writes_the_same(ptm_predictor, tmp_path, capsys,
+                                                                         monkeypatch) -> None:
+    """No --inference_memory: the plan for a forced 1-KiB budget is the smallest (rows of 1, small attention chunks,
+    triangle edge on the host, chunked structure module and heads); the outputs are those of the plain path.
+    The PAE goes to the compact .npz (threshold lowered for the test), and a residue number past 9,999 makes the
+    PDB writer refuse while the mmCIF is written."""
+    from protfold.data.targets import collect_targets
+    from protfold.io import confidence
+    from protfold.io.writer import PDBFormatLimitError
+    from protfold.train import predict
+
+    monkeypatch.setattr(confidence, "PAE_JSON_MAX_RESIDUES", 4)
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">toy\nMKVLAAGWRD\n")
+    folders = {}
+    for name, flags in (("plain", ["--inference_memory", "none"]), ("tiny", ["--memory_budget_gib", str(2**-20)])):
+        out = tmp_path / name
+        assert main(["predict", "--ckpt_path", str(ptm_predictor), "--input", str(fasta), "--out", str(out),
+                     "--device", "cpu", *flags]) == 0
+        folders[name] = out / "toy"
+    printed = capsys.readouterr().out
+    assert "memory plan:" in printed and "DOES NOT FIT" in printed and "chunks of 1 rows" in printed
+    assert "triangle edge in pinned host memory" in printed and "10 residues in" in printed
+    records = {k: json.loads((f / "toy_confidence.json").read_text()) for k, f in folders.items()}
+    np.testing.assert_allclose(records["tiny"]["plddt"], records["plain"]["plddt"], atol=1e-3)
+    assert records["tiny"]["ptm"] == pytest.approx(records["plain"]["ptm"], abs=1e-4)
+    paes = [confidence.read_pae_npz(folders[k] / "toy_pae.npz") for k in ("plain", "tiny")]
+    assert np.abs(paes[0] - paes[1]).max() <= 0.25  # at most one 0.25 A step apart (rounding of equal values)
+    cif = {k: [line for line in (f / "toy.cif").read_text().splitlines() if line.startswith("ATOM")]
+           for k, f in folders.items()}
+    assert len(cif["tiny"]) == len(cif["plain"]) > 0
+    xyz = {k: np.array([[float(v) for v in line.split()[10:13]] for line in lines]) for k, lines in cif.items()}
+    np.testing.assert_allclose(xyz["tiny"], xyz["plain"], atol=2e-3)
+
+    # a target the PDB format cannot hold: the mmCIF and the confidence files are written, no PDB
+    (target,) = collect_targets(fasta)
+    pred = {"aatype": np.zeros(3, dtype=np.int64), "atom_positions": np.zeros((3, 37, 3)),
+            "atom_mask": np.ones((3, 37)), "residue_index": np.arange(9_998, 10_001), "plddt": np.full(3, 50.0)}
+    with pytest.raises(PDBFormatLimitError):
+        predict.to_pdb(type("C", (), {**pred, "chain_id": "A"})(), tmp_path / "x.pdb")
+    path = predict.write_prediction(tmp_path / "big", target.id, pred)
+    assert path.suffix == ".cif" and path.is_file() and not path.with_suffix(".pdb").exists()
+    assert (path.parent / "toy_confidence.json").is_file()

@@ -223,6 +223,8 @@ def test_config_error_pae_loss_without_its_head(run_kit, tmp_path, capsys, monke
     (("--model.inference_memory", "{triangle_slice_mb: 64}"), ("model.inference_memory", "triangle_slice_mb")),
     (("--model.memory.low_memory_triangle", "true", "--model.memory.offload_triangle_edge", "true"),
      ("model.memory.offload_triangle_edge", "model.inference_memory")),
+    (("--model.memory.structure_chunk", "64"), ("model.memory.structure_chunk", "model.inference_memory")),
+    (("--model.inference_memory", "{head_chunk: 64}"), ("model.inference_memory.head_chunk", "protfold predict")),
 ])
 def test_config_error_inert_memory_combination(run_kit, tmp_path, capsys, monkeypatch, extra, words):
     """A memory setting that would change nothing where it is set is refused before any work, naming the fields."""

@@ -1,0 +1,147 @@
+"""Inference memory planned from the shapes and a byte budget: `plan_inference` (no grad, `protfold predict`).
+
+A pure function of (N_res, N_seq, N_extra, budget, model sizes, compute dtype): it counts the bytes alive at the
+peak of a no-grad forward for each candidate `MemoryConfig`, fastest first, and returns the first that fits.
+
+The count (bytes; a = bytes per element of the compute dtype, 2 for bf16; the pair stream z is fp32 whatever
+the autocast dtype, as the input embedder's relative-position term is fp32):
+- floor: z [N, N, c_z] fp32 (one copy: the embedders write it in place, every block updates it in place), the
+  pair mask [N, N] fp32, the MSA streams m [S, N, c_m] fp32 and e [E, N, c_e] twice each (stream and one update);
+- the low-memory triangle multiplication: its combined edge x [N, N, c_hidden] in the compute dtype (zero on the
+  device with `offload_triangle_edge`) and one fp32 slice of the b edge (a sixteenth of z, `triangle.py`);
+- the attention biases [H, N, N] of MSA row attention and triangle attention (compute dtype, made whole);
+- one chunk's transients, the largest of: attention logits (3 x `attention_chunk_mb`, or 3 x all the logits if
+  fewer: logits, softmax, output),
+  the pair transition / OPM / LayerNorm rows (`pair_chunk` rows of N), the structure module's IPA rows
+  (`structure_chunk` queries: fp32 LayerNorm of z's rows, pair bias, logits, point differences
+  [rows, N, H, P, 3]) and the heads' PAE logits rows (`head_chunk` rows of [N, 64] fp32, three times).
+The plain path (no switch) is counted as three pair tensors (the recycled z, the embedding, their sum), the
+previous pass's distogram and PAE logits, and the two largest whole-size intermediates it makes: the triangle update's
+projections, triangle attention's logits [N, H, N, N], MSA row attention's [S, H, N, N] and [E, H, N, N], the
+distogram and PAE
+logits and IPA's point differences. Plans are tested to compute the plain path's outputs (tests/model/
+test_inference_plan.py) and their counts against peaks measured on the CPU (`memory.peak_new_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from protfold.config import MemoryConfig, ModelConfig
+
+__all__ = ["HEADROOM", "InferenceShape", "plan_inference", "predicted_peak_bytes"]
+
+GiB = 2**30
+# fraction of the budget plans may use: the allocator's fragmentation and cuBLAS / kernel workspaces come on top
+HEADROOM = 0.85
+_ROWS = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)  # candidate chunk rows, largest (fastest) first
+_ATTENTION_MB = (512.0, 64.0, 8.0)  # candidate caps on one chunk's fp32 attention logits, largest first
+
+
+@dataclass(frozen=True)
+class InferenceShape:
+    """The shapes a plan is made for: residues, MSA cluster rows, extra MSA rows."""
+
+    n_res: int
+    n_seq: int
+    n_extra: int
+
+
+def _floor(shape: InferenceShape, cfg: ModelConfig) -> int:
+    """z, the pair mask and the MSA streams (each stream and one update alive)."""
+    n, s, e = shape.n_res, shape.n_seq, shape.n_extra
+    # per residue, small beside the pair at long N: the structure module's per-layer outputs (frames, atoms,
+    # angles), the single representations, the MSA transition's hidden rows and the masked-MSA logits
+    linear = 4 * n * (cfg.n_structure_layers * 256 + 1024 + 8 * cfg.c_s)
+    linear += 4 * s * n * (cfg.c_m * cfg.transition_factor + cfg.msa_classes) + 4 * e * n * cfg.c_e * cfg.transition_factor
+    return 4 * n * n * cfg.c_z + 4 * n * n + 2 * 4 * s * n * cfg.c_m + 2 * 4 * e * n * cfg.c_e + linear
+
+
+def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int) -> int:
+    n, s = shape.n_res, shape.n_seq
+    pair = n * n
+    candidates = (
+        pair * cfg.tri_mul_hidden * (4 * a + 4) + 2 * 4 * pair * cfg.c_z,  # a, b, gates, fp32 einsum, LN(z), out
+        3 * 4 * n * pair * cfg.pair_heads + 4 * pair * cfg.c_z,  # triangle attention: logits, biased, softmax; LN(z)
+        3 * 4 * s * pair * cfg.msa_heads,  # MSA row attention, the same three
+        3 * 4 * shape.n_extra * pair * cfg.extra_msa_heads,  # the extra MSA stack's row attention
+        2 * 4 * pair * cfg.c_z * cfg.transition_factor,  # pair transition hidden
+        3 * 4 * pair * max(cfg.distogram_bins, cfg.pae_bins),  # distogram / PAE logits, their softmax
+        4 * pair * (cfg.c_z * 2 + cfg.ipa_heads * (cfg.ipa_qk_points * 3 + 4)),  # IPA: LN(z) fp32, diff, logits
+    )
+    # besides: the embedders' own z and z + update beside the recycled z (two more pair tensors), and the previous
+    # pass's outputs, alive during the next pass: its distogram and PAE logits
+    kept = 2 * 4 * pair * cfg.c_z + 2 * 4 * pair * max(cfg.distogram_bins, cfg.pae_bins)
+    largest, second = sorted(candidates)[-2:][::-1]
+    return _floor(shape, cfg) + kept + largest + second  # the two largest: an upper estimate of overlaps
+
+
+def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes alive at the peak of a no-grad forward of `cfg` at `shape` under `mem` (the module docstring's count).
+    Exact switch-by-switch accounting is not attempted: each term is an upper estimate of what it counts."""
+    a = torch.empty((), dtype=dtype).element_size()
+    if not (mem.low_memory_triangle and mem.pair_chunk and mem.attention_chunk_mb and mem.structure_chunk
+            and mem.head_chunk):
+        return _plain_peak(shape, cfg, a)
+    n = shape.n_res
+    pair = n * n
+    edge = 0 if mem.offload_triangle_edge else pair * cfg.tri_mul_hidden * a
+    edge += 4 * pair * cfg.c_z // 16  # the fp32 b-edge slice (triangle.py: a sixteenth of z's bytes)
+    biases = pair * a * max(cfg.msa_heads, cfg.pair_heads)
+    r, rs, rh = min(mem.pair_chunk, n), min(mem.structure_chunk, n), min(mem.head_chunk, n)
+    whole_logits = 4 * pair * max(shape.n_seq * cfg.msa_heads, shape.n_extra * cfg.extra_msa_heads, n * cfg.pair_heads)
+    transients = (
+        3 * min(int(mem.attention_chunk_mb * 2**20), whole_logits),
+        r * n * 4 * (2 * cfg.c_z * cfg.transition_factor + cfg.opm_hidden**2 + 3 * cfg.c_z),
+        rs * n * 4 * (3 * cfg.c_z + cfg.ipa_heads * (cfg.ipa_qk_points * 3 * 2 + 6)),
+        rh * n * 4 * (3 * max(cfg.distogram_bins, cfg.pae_bins) + 4 * cfg.c_z + cfg.recycle_bins),
+    )
+    return _floor(shape, cfg) + edge + biases + max(transients)
+
+
+def _candidates(n_res: int) -> list[tuple[str, MemoryConfig]]:
+    """Plans from fastest to smallest: the plain path, then chunked ones with ever smaller chunks, then with the
+    triangle edge in pinned host memory (copying it back costs time, so it comes last)."""
+    plans = [("plain (no chunking)", MemoryConfig())]
+    rows = [r for r in _ROWS if r <= n_res] or [1]
+    for offload in (False, True):
+        for cap in _ATTENTION_MB:
+            for r in rows:
+                mem = MemoryConfig(pair_chunk=r, attention_chunk_mb=cap, low_memory_triangle=True,
+                                   offload_triangle_edge=offload, structure_chunk=r, head_chunk=r)
+                plans.append((f"chunks of {r} rows, attention chunks <= {cap:g} MiB, in-place triangle updates"
+                              + (", triangle edge in pinned host memory" if offload else ""), mem))
+    return plans
+
+
+def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, model_cfg: ModelConfig,
+                   dtype: torch.dtype = torch.bfloat16) -> tuple[MemoryConfig, int, str]:
+    """The fastest inference `MemoryConfig` whose predicted peak fits `HEADROOM` x `budget_bytes`.
+
+    Returns (plan, its predicted peak in bytes, a one-line explanation). When no plan fits, the one with the
+    smallest predicted peak, and the explanation says it does not fit. Raises ValueError on shapes < 1 or a
+    budget <= 0.
+    """
+    if min(n_res, n_seq) < 1 or n_extra < 0:
+        raise ValueError(f"plan_inference: n_res and n_seq must be >= 1, n_extra >= 0; got {n_res}, {n_seq}, {n_extra}")
+    if budget_bytes <= 0:
+        raise ValueError(f"plan_inference: budget_bytes must be > 0, got {budget_bytes}")
+    shape = InferenceShape(n_res, n_seq, n_extra)
+    usable = int(budget_bytes * HEADROOM)
+    scored = [(name, mem, predicted_peak_bytes(mem, shape, model_cfg, dtype)) for name, mem in _candidates(n_res)]
+    head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows, budget {_size(budget_bytes)}"
+    for name, mem, peak in scored:
+        if peak <= usable:
+            return mem, peak, f"{head}: {name}; predicted peak {_size(peak)}"
+    name, mem, peak = min(reversed(scored), key=lambda item: item[2])  # among equal peaks the smallest chunks
+    return mem, peak, (f"{head}: DOES NOT FIT: the smallest plan ({name}) needs about {_size(peak)} "
+                       f"(the pair representation alone is {_size(4 * n_res**2 * model_cfg.c_z)})")
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{int(n_bytes)} B"

@@ -1,0 +1,146 @@
+"""The inference memory planner and the no-grad chunked paths it turns on (pair embedders, IPA, heads): plans change
+with the budget, every plan computes the plain path's outputs (fp32, 1e-5), and the planned peak bounds the peak
+measured on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protfold.bench.synthetic import synthetic_batch
+from protfold.config import MemoryConfig, model_preset
+from protfold.geometry import Rigid
+from protfold.model.alphafold import AlphaFold
+from protfold.model.confidence import pae_and_ptm_in_rows, predicted_aligned_error, predicted_tm_score
+from protfold.model.embedders import InputEmbedder, RecyclingEmbedder, embed_pair_in_place
+from protfold.model.heads import AuxiliaryHeads
+from protfold.model.inference_plan import (
+    HEADROOM,
+    GiB,
+    InferenceShape,
+    _candidates,
+    plan_inference,
+    predicted_peak_bytes,
+)
+from protfold.model.memory import peak_new_bytes
+from protfold.model.structure import StructureModule
+
+from .conftest import planned, randomize_, real_mask
+
+CFG = model_preset("tiny_ptm")
+KEYS = ("final_atom37", "plddt_logits", "single", "single_evoformer", "pair", "masked_msa_logits",
+        "predicted_aligned_error", "ptm", "experimentally_resolved_logits")
+
+
+def _model() -> AlphaFold:
+    torch.manual_seed(1)
+    return randomize_(AlphaFold(cfg=CFG), std=0.2).eval()
+
+
+def _run(model: AlphaFold, mem: MemoryConfig, batch: dict) -> dict:
+    with torch.no_grad():
+        return model(batch, n_recycles=1, memory=mem)
+
+
+def test_plan_changes_with_the_budget() -> None:
+    af2 = model_preset("af2_ptm")
+    assert plan_inference(256, 128, 1024, 80 * GiB, af2, torch.bfloat16)[0] == MemoryConfig()  # plain fits: fastest
+    plans = {b: plan_inference(4096, 128, 1024, b * GiB, af2, torch.bfloat16) for b in (139, 24, 12)}
+    assert plans[139][0] != plans[24][0] != plans[12][0]
+    peaks = [plans[b][1] for b in (139, 24, 12)]
+    assert peaks == sorted(peaks, reverse=True)  # a smaller budget never gets a larger plan
+    for b in (139, 24):
+        assert plans[b][1] <= 0.85 * b * GiB and "predicted peak" in plans[b][2]
+    assert plans[12][0].offload_triangle_edge  # the last resort: the triangle edge in host memory
+    mem, peak, text = plan_inference(12288, 128, 1024, 80 * GiB, af2, torch.bfloat16)
+    assert "DOES NOT FIT" in text and peak > 72 * GiB  # z alone is 72 GiB in fp32 at 12,288 residues
+    with pytest.raises(ValueError, match="budget_bytes"):
+        plan_inference(10, 1, 0, 0, af2)
+
+
+def test_every_plan_matches_the_plain_path_fp32() -> None:
+    """Every plan `plan_inference` can return for these shapes (all of its candidates) computes the plain path's
+    outputs; the budgets below pick several of them."""
+    n, s, e = 12, 3, 4
+    batch = synthetic_batch(n, s, e, seed=2)
+    batch["seq_mask"] = real_mask(1, n, p=0.2)
+    model = _model()
+    ref = _run(model, MemoryConfig(), batch)
+    plans = [mem for _, mem in _candidates(n)]
+    peaks = sorted({predicted_peak_bytes(mem, InferenceShape(n, s, e), CFG, torch.float32) for mem in plans})
+    chosen = {plan_inference(n, s, e, int(peak / HEADROOM) + 1, CFG, torch.float32)[0] for peak in peaks}
+    assert len(chosen) >= 3
+    assert chosen <= set(plans)
+    for mem in plans:
+        out = _run(model, mem, batch)
+        for key in KEYS:
+            torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5, msg=f"{key} under {mem}")
+        if mem.head_chunk:
+            assert "distogram_logits" not in out and "pae_logits" not in out
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_pair_embedding_in_place_equals_plain(rows) -> None:
+    n = 7
+    inp = randomize_(InputEmbedder.from_config(CFG))
+    rec = randomize_(RecyclingEmbedder.from_config(CFG))
+    target_feat, residue_index = torch.randn(2, n, 22), torch.tensor([[0, 1, 2, 5, 6, 40, 41]] * 2)
+    z_prev, x_prev = torch.randn(2, n, n, CFG.c_z), 8 * torch.randn(2, n, 3)
+    with torch.no_grad():
+        ref = inp.pair_rows(target_feat, residue_index) + rec(torch.zeros(2, n, CFG.c_m), z_prev, x_prev)[1]
+        buffer = z_prev.clone()
+        out = embed_pair_in_place(inp, rec, target_feat, residue_index, buffer, x_prev, rows)
+    assert out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_structure_module_in_query_chunks_equals_plain(rows) -> None:
+    n = 9
+    torch.manual_seed(3)
+    module = randomize_(StructureModule(cfg=CFG), std=0.2).eval()
+    plain, chunked = planned(module, MemoryConfig()), planned(module, MemoryConfig(structure_chunk=rows))
+    s, z = torch.randn(2, n, CFG.c_s), torch.randn(2, n, n, CFG.c_z)
+    aatype, mask = torch.randint(0, 20, (2, n)), real_mask(2, n)
+    frames = Rigid.identity((2, n))
+    with torch.no_grad():
+        ref, out = plain(s, z, aatype, mask, frames), chunked(s, z, aatype, mask, frames)
+    for key in ("frames", "positions", "angles", "single", "final_atom37"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 11])
+def test_heads_pae_and_ptm_in_row_chunks_equal_the_whole_logits(rows) -> None:
+    n = 11
+    heads = planned(randomize_(AuxiliaryHeads(cfg=CFG)), MemoryConfig(head_chunk=rows))
+    m, z = torch.randn(2, 3, n, CFG.c_m), torch.randn(2, n, n, CFG.c_z)
+    s, mask = torch.randn(2, n, CFG.c_s), real_mask(2, n)
+    with torch.no_grad():
+        out = heads(m, z, s_evoformer=s, s_structure=s, seq_mask=mask)
+        logits = heads.predicted_aligned_error.linear(z)
+    assert "distogram_logits" not in out and "pae_logits" not in out
+    pae, max_pae = predicted_aligned_error(logits)
+    torch.testing.assert_close(out["predicted_aligned_error"], pae, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["ptm"], predicted_tm_score(logits, mask), rtol=1e-5, atol=1e-5)
+    assert float(out["max_predicted_aligned_error"]) == float(max_pae)
+    # without weights every residue counts, as in predicted_tm_score
+    _, _, ptm = pae_and_ptm_in_rows(lambda a, b: logits.narrow(-3, a, b), n, rows, n_bins=64, like=s)
+    torch.testing.assert_close(ptm, predicted_tm_score(logits), rtol=1e-5, atol=1e-5)
+
+
+def test_planned_peak_bounds_the_measured_peak() -> None:
+    """On the CPU (fp32), the peak of a whole no-grad forward with one recycle stays under the plan's count, and a
+    chunked plan's measured peak is below the plain path's."""
+    n, s, e = 24, 3, 4
+    batch = synthetic_batch(n, s, e, seed=1)
+    model = _model()
+    existing = list(model.parameters()) + [v for v in batch.values() if torch.is_tensor(v)]
+    shape = InferenceShape(n, s, e)
+    measured = {}
+    for mem in (MemoryConfig(), _candidates(n)[-1][1]):  # the plain path and the smallest plan
+        with torch.no_grad():
+            measured[mem] = peak_new_bytes(lambda: model(batch, n_recycles=1, memory=mem), existing)
+        assert measured[mem] <= predicted_peak_bytes(mem, shape, CFG, torch.float32), mem
+    assert measured[_candidates(n)[-1][1]] < measured[MemoryConfig()]
+    floor = 4 * n * n * CFG.c_z  # z itself is alive throughout
+    assert min(measured.values()) > floor
