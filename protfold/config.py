@@ -43,6 +43,10 @@ class MemoryConfig:
     # same function up to float reordering, ~1e-7 relative in fp32; dropout masks drawn by the eager kernels).
     # One compile serves every block of a stack; a new input shape compiles again.
     compile_blocks: bool = False
+    # triangle multiplication and triangle attention with grad or without chunking: "torch" (protfold's own path)
+    # or "cueq", NVIDIA's cuEquivariance kernels (`pip install protfold[cueq]`, CUDA; protfold.model.kernels.cueq).
+    # Where cueq cannot run (no CUDA, package missing, unsupported widths) the torch path runs, logged once.
+    triangle_kernel: Literal["torch", "cueq"] = "torch"
 
     def __post_init__(self) -> None:
         if self.attention_chunk_mb is not None and not self.attention_chunk_mb > 0:
@@ -60,6 +64,8 @@ class MemoryConfig:
                 raise ValueError(f"MemoryConfig.{name} must be a positive integer or None, got {value!r}")
         if self.attention not in ("naive", "sdpa", "flex"):
             raise ValueError(f"MemoryConfig.attention must be 'naive', 'sdpa' or 'flex', got {self.attention!r}")
+        if self.triangle_kernel not in ("torch", "cueq"):
+            raise ValueError(f"MemoryConfig.triangle_kernel must be 'torch' or 'cueq', got {self.triangle_kernel!r}")
         if self.checkpoint_storage not in ("fp32", "bf16", "cpu"):
             raise ValueError(
                 f"MemoryConfig.checkpoint_storage must be 'fp32', 'bf16' or 'cpu', got {self.checkpoint_storage!r}"

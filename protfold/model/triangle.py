@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protfold.config import DEFAULT_TRIANGLE_SLICE_MB, MemoryConfig
+from protfold.model.kernels import cueq
 from protfold.model.memory import chunk_rows, fp32_island, infer_rows, recompute, upcast
 from protfold.model.primitives import Attention, Linear, pair_bias_rows, row_attention
 
@@ -91,6 +92,8 @@ class TriangleMultiplication(nn.Module):
         self.linear_o = Linear(c_hidden, c_z, init="final")
 
     def forward(self, z: Tensor, pair_mask: Tensor) -> Tensor:
+        if self.mem.triangle_kernel == "cueq" and (out := cueq.triangle_multiplication(self, z, pair_mask)) is not None:
+            return out
         if not self.mem.low_memory_triangle:
             z_ln = self.norm_in(z)
             x = self._combine(self._project(z_ln, pair_mask, "a"), self._project(z_ln, pair_mask, "b"))
@@ -278,6 +281,8 @@ class TriangleAttention(nn.Module):
         self.attention = Attention(c_q=c_z, c_kv=c_z, c_hidden=c_hidden, n_heads=n_heads, mem=mem)
 
     def forward(self, z: Tensor, pair_mask: Tensor) -> Tensor:
+        if self.mem.triangle_kernel == "cueq" and (out := cueq.triangle_attention(self, z, pair_mask)) is not None:
+            return out
         if not self.starting:
             z, pair_mask = z.transpose(-2, -3), pair_mask.transpose(-1, -2)
         chunk = self.mem.pair_chunk

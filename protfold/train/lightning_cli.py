@@ -17,6 +17,7 @@ from protfold.data.datamodule import ProteinDataModule
 from protfold.errors import ProtfoldInputError
 from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, StepStats, TrainingCurvePlot
 from protfold.train.checkpoints import read_checkpoint
+from protfold.train.compile_cache import CompileStats, use_compile_cache
 from protfold.train.module import ProtfoldModule
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ class ProtfoldCLI(LightningCLI):
         parser.add_argument("--torch_threads", type=Optional[int], default=None,
                             help="torch's intra-op CPU threads (default: the cores this process may use, less "
                             "one per data worker, unless OMP_NUM_THREADS is set)")
+        parser.add_argument("--compile_cache", type=Optional[str], default=None,
+                            help="folder of the persistent compile cache (inductor's FX graph cache and the "
+                            "AOTAutograd cache) for compiled blocks; default $XDG_CACHE_HOME/protfold/compile "
+                            "(~/.cache/protfold/compile); 'none' leaves torch's default")
 
     def _parse_ckpt_path(self) -> None:
         """validate/test: the checkpoint's model settings are used (Lightning's behaviour). fit: the config
@@ -57,6 +62,7 @@ class ProtfoldCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         _check_config(config)
         set_torch_threads(config.torch_threads, data_workers=config.data.num_workers)
+        use_compile_cache(config.compile_cache)
         _resolve_last_checkpoint(config)
         if self.subcommand == "fit":
             _check_checkpoint_matches(config)
@@ -181,7 +187,8 @@ def trainer_defaults() -> dict[str, Any]:
                            filename="best-{step}", auto_insert_metric_name=False)
     # the plugin as a class path, not an instance: the saved config.yaml must be readable by `fit -c` again
     atomic_io = {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__qualname__}"}
-    return {"callbacks": [best, TrainingCurvePlot(), StepStats()], "plugins": [atomic_io]}
+    # CompileStats after StepStats: it adds its figures to the perf.json that StepStats writes
+    return {"callbacks": [best, TrainingCurvePlot(), StepStats(), CompileStats()], "plugins": [atomic_io]}
 
 
 def run_lightning(argv: list[str]) -> int:
