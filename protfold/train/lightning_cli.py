@@ -63,6 +63,7 @@ class ProtfoldCLI(LightningCLI):
         _check_config(config)
         set_torch_threads(config.torch_threads, data_workers=config.data.num_workers)
         use_compile_cache(config.compile_cache)
+        _load_triangle_kernels(config)
         _resolve_last_checkpoint(config)
         if self.subcommand == "fit":
             _check_checkpoint_matches(config)
@@ -97,6 +98,19 @@ def set_torch_threads(requested: int | None, *, data_workers: int) -> int:
     log.info("torch threads: %d (%d cores, %d data workers; --torch_threads or OMP_NUM_THREADS to change)",
              threads, cores, data_workers)
     return threads
+
+
+def _load_triangle_kernels(config: Any) -> None:
+    """`triangle_kernel: cueq`: import cuEquivariance (or log once why not) now, before any block is compiled, so that
+    dynamo's first trace of a block does not meet the import."""
+    memory = getattr(config.model, "memory", None)
+    kernel = memory.get("triangle_kernel") if isinstance(memory, dict) else getattr(memory, "triangle_kernel", None)
+    if kernel == "cueq":
+        import torch
+
+        from protfold.model.kernels import cueq
+
+        cueq.available(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _resolve_last_checkpoint(config: Any) -> None:
