@@ -8,7 +8,8 @@ own (reference) path runs instead:
   `cuequivariance_torch.triangle_multiplicative_update`, with protfold's weights: LayerNorm in, the gated
   projections a and b with their biases (cueq's `p_in` / `g_in` are [a; b] stacked), the mask on a and b, the sum
   over k (outgoing: a_ik b_jk, incoming: a_ki b_kj), LayerNorm out, and the output gate sigmoid(Linear_g(LN(z)))
-  times Linear_o, both with biases. Needs c_hidden == c_z (cueq's projections are square per edge).
+  times Linear_o, both with biases. Needs c_hidden == c_z (cueq's projections are square per edge), a multiple
+  of 32 (the kernel's limit; af2's 128 qualifies).
 - `triangle_attention(mod, z, pair_mask)`: AF2 Algorithms 13 / 14: protfold's LayerNorm, projections, gate and
   output projection around `cuequivariance_torch.triangle_attention` (softmax(q·k/√c + b) v with the pair bias b
   [H, N, N] and the key mask; the bias receives its gradient from the kernel).
@@ -79,10 +80,11 @@ def _dtype(z: Tensor) -> torch.dtype:
 def triangle_multiplication(mod: nn.Module, z: Tensor, pair_mask: Tensor) -> Tensor | None:
     """`mod` (a TriangleMultiplication) applied to z [*, N, N, c_z] with cueq's fused kernel, or None when it
     cannot run (then the caller runs its own path)."""
-    if mod.c_hidden != z.shape[-1]:
-        _fallback_once(f"triangle multiplication with c_hidden={mod.c_hidden} != c_z={z.shape[-1]}")
-        return None
     if not available(z.device):
+        return None
+    if mod.c_hidden != z.shape[-1] or z.shape[-1] % 32:
+        _fallback_once(f"triangle multiplication with c_hidden={mod.c_hidden}, c_z={z.shape[-1]} (the kernel needs "
+                       "c_hidden == c_z, a multiple of 32)")
         return None
     cue = _module()
     dtype = _dtype(z)
@@ -124,7 +126,7 @@ def triangle_attention(mod: nn.Module, z: Tensor, pair_mask: Tensor) -> Tensor |
     bias = mod.linear_b(z_ln).movedim(-1, -3)[:, None]  # [B, 1, H, N, N]: shared by every row i
 
     def heads(x: Tensor) -> Tensor:  # [B, I, J, H*c] -> [B, I, H, J, c]
-        return x.unflatten(-1, (attn.n_heads, attn.c_hidden)).transpose(-2, -3)
+        return x.unflatten(-1, (attn.n_heads, attn.c_hidden)).transpose(-2, -3).contiguous()
 
     q, k, v = heads(attn.linear_q(z_ln)), heads(attn.linear_k(z_ln)), heads(attn.linear_v(z_ln))
     dtype = q.dtype  # the linears' compute dtype (bf16 under autocast)
