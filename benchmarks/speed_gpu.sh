@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Speed on one GPU in one call (about 8 minutes on an H200), everything written to OUT (argument 1):
 #   (c1) `protfold fit` with the default GPU config (configs/gpu_af2.yaml) on the shipped samples, FIT_STEPS steps,
-#        from an empty compile cache (OUT/compile_cache): per-step times, compiles and compile seconds, peak
+#        from an empty compile cache (WORK/compile_cache, WORK=/tmp/speed_gpu_work unless set): per-step times, compiles and compile seconds, peak
 #        (fit1/.../perf.json);
 #   (a)  `protfold bench` at AF2's initial shapes (af2, crop 256, 128 clusters, 1024 extra rows, one recycle, bf16)
 #        for the default GPU mode (gpu_af2.yaml's model.memory, `compiled_flex`) with and without cuEquivariance's
@@ -51,9 +51,9 @@ stamp "prepare the shipped samples"
 python3 -m protfold.cli prepare data/samples --out "$WORK/cache" --msa_dir data/samples/msas --no_progress | tail -1
 
 FIT=(python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml --data.cache_dir "$WORK/cache"
-     --trainer.limit_val_batches 0 --trainer.enable_progress_bar false --compile_cache "$OUT/compile_cache")
+     --trainer.limit_val_batches 0 --trainer.enable_progress_bar false --compile_cache "$WORK/compile_cache")
 stamp "(c1) fit, $FIT_STEPS steps, empty compile cache"
-rm -rf "$OUT/compile_cache" "$OUT/fit1" "$OUT/fit2"
+rm -rf "$WORK/compile_cache" "$OUT/fit1" "$OUT/fit2"
 timeout 300 "${FIT[@]}" --trainer.max_steps "$FIT_STEPS" --data.samples_per_epoch "$FIT_STEPS" \
   --trainer.default_root_dir "$OUT/fit1" > "$OUT/fit1.log" 2>&1 || echo "fit1 failed: tail of $OUT/fit1.log" >&2
 grep -E "compiled .* graph|Error|error" "$OUT/fit1.log" | tail -3
@@ -80,7 +80,7 @@ for name, fields in (("gpu_default", default), ("offload", offload)):
 EOF
 MODES=$WORK/modes/gpu_default.yaml,$WORK/modes/gpu_default_cueq.yaml,$WORK/modes/offload.yaml,$WORK/modes/offload_cueq.yaml
 # the fit's compile cache: compiling is not what the bench measures (its warm-up step absorbs it)
-TORCHINDUCTOR_CACHE_DIR=$OUT/compile_cache timeout 300 python3 -m protfold.cli bench --model af2 --device cuda \
+TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache timeout 300 python3 -m protfold.cli bench --model af2 --device cuda \
   --precisions bf16 --crops 256 --rows 128 --extra-rows 1024 --recycles 1 --steps "$BENCH_STEPS" --warmup 1 \
   --no-infer --time-limit 200 --modes "$MODES" --out "$OUT/bench" > "$OUT/bench.log" 2>&1 \
   || echo "bench failed: tail of $OUT/bench.log" >&2
