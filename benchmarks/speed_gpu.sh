@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Speed on one GPU in one call (about 8 minutes on an H200), everything written to OUT (argument 1):
 #   (c1) `protfold fit` with the default GPU config (configs/gpu_af2.yaml) on the shipped samples, FIT_STEPS steps,
-#        from an empty compile cache (WORK/compile_cache, WORK=/tmp/speed_gpu_work unless set): per-step times, compiles and compile seconds, peak
-#        (fit1/.../perf.json);
+#        from an empty compile cache (WORK/compile_cache; WORK=/tmp/speed_gpu_work unless set): per-step times,
+#        compiles and compile seconds, peak (OUT/fit1/.../perf.json; checkpoints stay in WORK);
 #   (a)  `protfold bench` at AF2's initial shapes (af2, crop 256, 128 clusters, 1024 extra rows, one recycle, bf16)
 #        for the default GPU mode (gpu_af2.yaml's model.memory, `compiled_flex`) with and without cuEquivariance's
 #        triangle kernels, and `offload` (uncompiled, the previous default) likewise (bench/results.json); the bench
@@ -24,6 +24,8 @@ mkdir -p "$OUT" "$WORK"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 stamp() { echo "$(date -u +%FT%TZ) $*"; }
+# a fit's run folder without its checkpoints (an af2 checkpoint with optimizer state is over 1 GB)
+keep() { mkdir -p "$OUT/$1"; tar -C "$WORK/$1" --exclude=checkpoints -cf - . | tar -C "$OUT/$1" -xf -; }
 
 stamp "environment"
 if [ -d .whl ]; then python3 -m pip install -q --no-index --find-links .whl --no-deps .whl/*.whl 2>&1 | tail -3; fi
@@ -53,9 +55,10 @@ python3 -m protfold.cli prepare data/samples --out "$WORK/cache" --msa_dir data/
 FIT=(python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml --data.cache_dir "$WORK/cache"
      --trainer.limit_val_batches 0 --trainer.enable_progress_bar false --compile_cache "$WORK/compile_cache")
 stamp "(c1) fit, $FIT_STEPS steps, empty compile cache"
-rm -rf "$WORK/compile_cache" "$OUT/fit1" "$OUT/fit2"
+rm -rf "$WORK/compile_cache" "$WORK/fit1" "$WORK/fit2" "$OUT/fit1" "$OUT/fit2"
 timeout 300 "${FIT[@]}" --trainer.max_steps "$FIT_STEPS" --data.samples_per_epoch "$FIT_STEPS" \
-  --trainer.default_root_dir "$OUT/fit1" > "$OUT/fit1.log" 2>&1 || echo "fit1 failed: tail of $OUT/fit1.log" >&2
+  --trainer.default_root_dir "$WORK/fit1" > "$OUT/fit1.log" 2>&1 || echo "fit1 failed: tail of $OUT/fit1.log" >&2
+keep fit1
 grep -E "compiled .* graph|Error|error" "$OUT/fit1.log" | tail -3
 
 stamp "(a) bench at initial shapes"
@@ -97,7 +100,8 @@ fi
 
 stamp "(c2) fit again, $REFIT_STEPS steps, from the same compile cache"
 timeout 150 "${FIT[@]}" --trainer.max_steps "$REFIT_STEPS" --data.samples_per_epoch "$REFIT_STEPS" \
-  --trainer.default_root_dir "$OUT/fit2" > "$OUT/fit2.log" 2>&1 || echo "fit2 failed: tail of $OUT/fit2.log" >&2
+  --trainer.default_root_dir "$WORK/fit2" > "$OUT/fit2.log" 2>&1 || echo "fit2 failed: tail of $OUT/fit2.log" >&2
+keep fit2
 grep -E "compiled .* graph|Error|error" "$OUT/fit2.log" | tail -3
 
 stamp "summary"
