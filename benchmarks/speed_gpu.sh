@@ -57,7 +57,7 @@ FIT=(python3 -m protfold.cli fit -c configs/sample.yaml -c configs/gpu_af2.yaml 
 stamp "(c1) fit, $FIT_STEPS steps, empty compile cache"
 rm -rf "$WORK/compile_cache" "$WORK/fit1" "$WORK/fit2" "$OUT/fit1" "$OUT/fit2"
 timeout 300 "${FIT[@]}" --trainer.max_steps "$FIT_STEPS" --data.samples_per_epoch "$FIT_STEPS" \
-  --trainer.default_root_dir "$WORK/fit1" > "$OUT/fit1.log" 2>&1 || echo "fit1 failed: tail of $OUT/fit1.log" >&2
+  --trainer.default_root_dir "$WORK/fit1" > "$OUT/fit1.log" 2>&1 || { echo "fit1 failed:" >&2; tail -5 "$OUT/fit1.log" >&2; }
 keep fit1
 grep -E "compiled .* graph|Error|error" "$OUT/fit1.log" | tail -3
 
@@ -86,21 +86,21 @@ MODES=$WORK/modes/gpu_default.yaml,$WORK/modes/gpu_default_cueq.yaml,$WORK/modes
 TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache timeout 300 python3 -m protfold.cli bench --model af2 --device cuda \
   --precisions bf16 --crops 256 --rows 128 --extra-rows 1024 --recycles 1 --steps "$BENCH_STEPS" --warmup 1 \
   --no-infer --time-limit 200 --modes "$MODES" --out "$OUT/bench" > "$OUT/bench.log" 2>&1 \
-  || echo "bench failed: tail of $OUT/bench.log" >&2
+  || { echo "bench failed:" >&2; tail -5 "$OUT/bench.log" >&2; }
 
 stamp "(b) OpenFold's step at the same shapes"
 if [ -n "$OF" ]; then
   wait "$BUILD"
   PYTHONPATH=$PWD/.bench:$PYTHONPATH timeout 120 python3 $OF/of_step.py --device cuda --ext-dir "$WORK/ext" \
     --warmup 2 --steps 10 --out "$OUT/openfold.json" > "$OUT/openfold.log" 2>&1 \
-    || echo "OpenFold's step failed: tail of $OUT/openfold.log" >&2
+    || { echo "OpenFold's step failed:" >&2; tail -5 "$OUT/openfold.log" >&2; }
 else
   echo "no .bench/openfold: OpenFold's figure from ../shared/docs/OPENFOLD_BASELINE.md (not this run)" >&2
 fi
 
 stamp "(c2) fit again, $REFIT_STEPS steps, from the same compile cache"
 timeout 150 "${FIT[@]}" --trainer.max_steps "$REFIT_STEPS" --data.samples_per_epoch "$REFIT_STEPS" \
-  --trainer.default_root_dir "$WORK/fit2" > "$OUT/fit2.log" 2>&1 || echo "fit2 failed: tail of $OUT/fit2.log" >&2
+  --trainer.default_root_dir "$WORK/fit2" > "$OUT/fit2.log" 2>&1 || { echo "fit2 failed:" >&2; tail -5 "$OUT/fit2.log" >&2; }
 keep fit2
 grep -E "compiled .* graph|Error|error" "$OUT/fit2.log" | tail -3
 
