@@ -31,13 +31,13 @@ import sys
 import numpy as np
 import torch
 
-from protfold.config import MemoryConfig, model_preset
+from protfold.config import model_preset
 from protfold.model.alphafold import AlphaFold
 from protfold.weights import export_af2
 
 torch.manual_seed(0)
 cfg = model_preset("af2_ptm")
-arrays = export_af2(AlphaFold(cfg=cfg, mem=MemoryConfig()).state_dict(), cfg)
+arrays = export_af2(AlphaFold(cfg=cfg).state_dict(), cfg)
 np.savez(sys.argv[1], **arrays)
 print(f"{len(arrays)} arrays, {sum(a.size for a in arrays.values()):,} numbers")
 EOF

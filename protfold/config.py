@@ -50,6 +50,10 @@ class MemoryConfig:
     # write z in place; the heads then return only what `protfold predict` writes: no distogram or PAE logits
     # ([N, N, bins]), the PAE and pTM computed from the PAE logits row chunk by row chunk
     head_chunk: int | None = None
+    # triangle multiplication and triangle attention with grad or without chunking: "torch" (protfold's own path)
+    # or "cueq", NVIDIA's cuEquivariance kernels (`pip install protfold[cueq]`, CUDA; protfold.model.kernels.cueq).
+    # Where cueq cannot run (no CUDA, package missing, unsupported widths) the torch path runs, logged once.
+    triangle_kernel: Literal["torch", "cueq"] = "torch"
 
     def __post_init__(self) -> None:
         if self.attention_chunk_mb is not None and not self.attention_chunk_mb > 0:
@@ -67,6 +71,8 @@ class MemoryConfig:
                 raise ValueError(f"MemoryConfig.{name} must be a positive integer or None, got {value!r}")
         if self.attention not in ("naive", "sdpa", "flex"):
             raise ValueError(f"MemoryConfig.attention must be 'naive', 'sdpa' or 'flex', got {self.attention!r}")
+        if self.triangle_kernel not in ("torch", "cueq"):
+            raise ValueError(f"MemoryConfig.triangle_kernel must be 'torch' or 'cueq', got {self.triangle_kernel!r}")
         if self.checkpoint_storage not in ("fp32", "bf16", "cpu"):
             raise ValueError(
                 f"MemoryConfig.checkpoint_storage must be 'fp32', 'bf16' or 'cpu', got {self.checkpoint_storage!r}"

@@ -18,6 +18,19 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """`protfold fit` keeps its compile cache under $XDG_CACHE_HOME: a temporary folder for the suite (and the
+    processes it starts), so tests neither read a cache left by earlier runs nor write into the user's."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     import torch

@@ -3,8 +3,12 @@
 Order: crop -> MSA sampling, masking and clustering -> input features -> ground truth -> padding. All
 randomness comes from one `numpy.random.Generator(seed)`, so a seed fixes the example.
 
-Training (`train=True`): crop by `cfg.crop_mode`, then pad residues to `cfg.crop_size` (MSA rows are
-padded by `collate`). Evaluation (`train=False`): AF2 evaluates uncropped, so the chain is kept whole when
+Training (`train=True`): crop by `cfg.crop_mode`, then pad residues to `cfg.crop_size`, MSA rows to
+`cfg.max_msa_clusters` and extra rows to `cfg.max_extra_msa`, all with zero masks, so every training batch has
+the same shapes whatever the chain's length and alignment depth: compiled blocks (`memory.compile_blocks`) then
+compile once per run instead of once per new depth. The model masks every padded row (attention keys, the outer
+product mean, the global column mean, the masked-MSA loss), so padding changes no output or gradient
+(tests/data/test_fixed_shapes.py). Evaluation (`train=False`): AF2 evaluates uncropped, so the chain is kept whole when
 it fits `cfg.crop_size`; a longer chain gets a deterministic contiguous crop (the window with the most
 observed residues) and nothing is padded. MSA sampling and BERT masking run in both modes, as in AF2
 (the masked-MSA loss is reported in evaluation too); the seed makes them reproducible.
@@ -34,6 +38,11 @@ def _previous_atoms(raw: dict, idx: np.ndarray) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(pos[prev]), torch.from_numpy(mask[prev] * valid[:, None])
 
 
+def training_sizes(cfg: DataConfig) -> dict[str, int]:
+    """The fixed sizes every training example is padded to: residues, MSA rows, extra MSA rows."""
+    return {"N": cfg.crop_size, "S": cfg.max_msa_clusters, "E": cfg.max_extra_msa}
+
+
 def make_example(raw: dict, cfg: DataConfig, *, seed: int, train: bool) -> dict:
     """Features and ground truth of one chain; keys and shapes in `crop.FEATURE_DIMS` plus `id` (str).
 
@@ -61,6 +70,6 @@ def make_example(raw: dict, cfg: DataConfig, *, seed: int, train: bool) -> dict:
     # unknown resolution -> 0.0: outside every resolution filter (pLDDT uses 0.1-3.0 A) and NaN-free
     example["resolution"] = torch.tensor(0.0 if np.isnan(resolution) else resolution, dtype=torch.float32)
     if train:
-        example = crop_lib.pad_example(example, {"N": cfg.crop_size})
+        example = crop_lib.pad_example(example, training_sizes(cfg))
     example["id"] = str(raw.get("id", ""))
     return example

@@ -49,6 +49,7 @@ class MemoryPlan:
     inplace: bool = False
     structure_chunk: int | None = None
     head_chunk: int | None = None
+    triangle_kernel: Literal["torch", "cueq"] = "torch"
 
 
 _flex_warned: set[str] = set()
@@ -81,4 +82,5 @@ def resolve(memory: MemoryConfig, *, grad: bool, device: torch.device | str) -> 
         inplace=chunked and not grad,
         structure_chunk=None if grad else memory.structure_chunk,
         head_chunk=None if grad else memory.head_chunk,
+        triangle_kernel=memory.triangle_kernel,
     )

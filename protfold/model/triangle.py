@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from protfold.model.kernels import cueq
 from protfold.model.memory import chunk_rows, fp32_island, recompute, upcast
 from protfold.model.plan import MemoryPlan
 from protfold.model.primitives import Attention, Linear, row_attention
@@ -69,6 +70,8 @@ class TriangleMultiplication(nn.Module):
         self.linear_o = Linear(c_hidden, c_z, init="final")
 
     def forward(self, z: Tensor, pair_mask: Tensor, *, plan: MemoryPlan) -> Tensor:
+        if plan.triangle_kernel == "cueq" and (out := cueq.triangle_multiplication(self, z, pair_mask)) is not None:
+            return out
         if plan.low_memory_triangle:
             return low_memory_update(self, z, pair_mask, plan)
         z_ln = self.norm_in(z)
@@ -114,6 +117,8 @@ class TriangleAttention(nn.Module):
         self.attention = Attention(c_q=c_z, c_kv=c_z, c_hidden=c_hidden, n_heads=n_heads)
 
     def forward(self, z: Tensor, pair_mask: Tensor, *, plan: MemoryPlan) -> Tensor:
+        if plan.triangle_kernel == "cueq" and (out := cueq.triangle_attention(self, z, pair_mask)) is not None:
+            return out
         if not self.starting:
             z, pair_mask = z.transpose(-2, -3), pair_mask.transpose(-1, -2)
         chunk = plan.pair_chunk

@@ -17,6 +17,7 @@ from protfold.data.datamodule import ProteinDataModule
 from protfold.errors import ProtfoldInputError
 from protfold.train.callbacks import AtomicCheckpointIO, BestAndLastCheckpoint, StepStats, TrainingCurvePlot
 from protfold.train.checkpoints import read_checkpoint
+from protfold.train.compile_cache import CompileStats, use_compile_cache
 from protfold.train.module import ProtfoldModule
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class ProtfoldCLI(LightningCLI):
         parser.add_argument("--torch_threads", type=Optional[int], default=None,
                             help="torch's intra-op CPU threads (default: the cores this process may use, less "
                             "one per data worker, unless OMP_NUM_THREADS is set)")
+        parser.add_argument("--compile_cache", type=Optional[str], default=None,
+                            help="folder of the persistent compile cache (inductor's FX graph cache and the "
+                            "AOTAutograd cache) for compiled blocks; default $XDG_CACHE_HOME/protfold/compile "
+                            "(~/.cache/protfold/compile); 'none' leaves torch's default")
 
     def _parse_ckpt_path(self) -> None:
         """validate/test: the checkpoint's model settings are used (Lightning's behaviour). fit: the config
@@ -67,6 +72,8 @@ class ProtfoldCLI(LightningCLI):
             _resolve_auto_memory(config, self.auto_memory)
         _check_config(config)
         set_torch_threads(config.torch_threads, data_workers=config.data.num_workers)
+        use_compile_cache(config.compile_cache)
+        _load_triangle_kernels(config)
         _resolve_last_checkpoint(config)
         if self.subcommand == "fit":
             _check_checkpoint_matches(config)
@@ -101,6 +108,19 @@ def set_torch_threads(requested: int | None, *, data_workers: int) -> int:
     log.info("torch threads: %d (%d cores, %d data workers; --torch_threads or OMP_NUM_THREADS to change)",
              threads, cores, data_workers)
     return threads
+
+
+def _load_triangle_kernels(config: Any) -> None:
+    """`triangle_kernel: cueq`: import cuEquivariance (or log once why not) now, before any block is compiled, so that
+    dynamo's first trace of a block does not meet the import."""
+    memory = getattr(config.model, "memory", None)
+    kernel = memory.get("triangle_kernel") if isinstance(memory, dict) else getattr(memory, "triangle_kernel", None)
+    if kernel == "cueq":
+        import torch
+
+        from protfold.model.kernels import cueq
+
+        cueq.available(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _resolve_last_checkpoint(config: Any) -> None:
@@ -201,7 +221,8 @@ def trainer_defaults() -> dict[str, Any]:
                            filename="best-{step}", auto_insert_metric_name=False)
     # the plugin as a class path, not an instance: the saved config.yaml must be readable by `fit -c` again
     atomic_io = {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__qualname__}"}
-    return {"callbacks": [best, TrainingCurvePlot(), StepStats()], "plugins": [atomic_io]}
+    # CompileStats after StepStats: it adds its figures to the perf.json that StepStats writes
+    return {"callbacks": [best, TrainingCurvePlot(), StepStats(), CompileStats()], "plugins": [atomic_io]}
 
 
 def _resolve_auto_memory(config: Any, auto: bool) -> None:
