@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from protfold.config import model_preset
+from protfold.config import MemoryConfig, model_preset
 from protfold.model.confidence import (
     aligned_error_bin_centres,
     predicted_aligned_error,
     predicted_tm_score,
 )
 from protfold.model.heads import AuxiliaryHeads, PredictedAlignedErrorHead
+from protfold.model.plan import resolve
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "alphafold_params_small"
 B, S, N, BINS = 2, 3, 7, 64
+
+PLAIN = resolve(MemoryConfig(), grad=True, device="cpu")  # the plain path (no head_chunk)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -89,7 +92,7 @@ def test_head_shapes_range_and_uniform_start(tiny_cfg, mask_factory, randomize) 
     heads = AuxiliaryHeads(cfg=cfg)
     assert isinstance(heads.predicted_aligned_error.linear, torch.nn.Linear)
     s = torch.randn(B, N, cfg.c_s)
-    out = heads(torch.randn(B, S, N, cfg.c_m), z, s_evoformer=s, s_structure=s, seq_mask=seq_mask)
+    out = heads(torch.randn(B, S, N, cfg.c_m), z, s_evoformer=s, s_structure=s, seq_mask=seq_mask, plan=PLAIN)
     assert out["pae_logits"].shape == (B, N, N, 64)
     assert out["predicted_aligned_error"].shape == (B, N, N)
     assert out["max_predicted_aligned_error"].shape == () and float(out["max_predicted_aligned_error"]) == 31.75

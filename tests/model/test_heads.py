@@ -7,16 +7,20 @@ import math
 import pytest
 import torch
 
+from protfold.config import MemoryConfig
 from protfold.losses import distogram_loss
 from protfold.model.heads import AuxiliaryHeads, DistogramHead
+from protfold.model.plan import resolve
 
 B, S, N = 2, 3, 7
+
+PLAIN = resolve(MemoryConfig(), grad=True, device="cpu")  # the plain path (no head_chunk)
 
 
 def test_shapes_and_zero_init(tiny_cfg) -> None:
     heads = AuxiliaryHeads(cfg=tiny_cfg)
     m, z, s = torch.randn(B, S, N, tiny_cfg.c_m), torch.randn(B, N, N, tiny_cfg.c_z), torch.randn(B, N, tiny_cfg.c_s)
-    out = heads(m, z, s_evoformer=s, s_structure=s)
+    out = heads(m, z, s_evoformer=s, s_structure=s, plan=PLAIN)
     shapes = {
         "distogram_logits": (B, N, N, 64), "plddt_logits": (B, N, 50), "masked_msa_logits": (B, S, N, 23),
         "experimentally_resolved_logits": (B, N, 37),
@@ -31,7 +35,8 @@ def test_experimentally_resolved_head_optional(tiny_cfg) -> None:
 
     heads = AuxiliaryHeads(cfg=model_preset("tiny", experimentally_resolved=False))
     s = torch.randn(B, N, tiny_cfg.c_s)
-    out = heads(torch.randn(B, S, N, tiny_cfg.c_m), torch.randn(B, N, N, tiny_cfg.c_z), s_evoformer=s, s_structure=s)
+    out = heads(torch.randn(B, S, N, tiny_cfg.c_m), torch.randn(B, N, N, tiny_cfg.c_z), s_evoformer=s, s_structure=s,
+                plan=PLAIN)
     assert "experimentally_resolved_logits" not in out
 
 
