@@ -20,7 +20,7 @@ from protfold.model.alphafold import AlphaFold
 from protfold.train import sharding
 from protfold.train.checkpoints import read_checkpoint
 from protfold.train.ema import EMA
-from protfold.train.oom import leanest_failed_message, next_leaner, preset_name, requested_bytes
+from protfold.train.oom import leanest_failed_message, next_leaner, preset_name
 from protfold.train.optimizers import (
     check_state_available,
     decode_optimizer_states,
@@ -210,24 +210,11 @@ class ProtfoldModule(pl.LightningModule):
         old = preset_name(self.train_memory) or "custom"
         nxt = next_leaner(self.train_memory)
         if nxt is None:
-            raise RuntimeError(self._leanest_failed(batch, old, message)) from None
+            raise RuntimeError(leanest_failed_message(self, batch, old, message)) from None
         log.warning("out of memory at step %d: memory mode %s -> %s, retrying the same batch", self.global_step, old,
                     nxt[0])
         self.set_train_memory(nxt[1])
         self.oom_recoveries.append((self.global_step, old, nxt[0]))
-
-    def _leanest_failed(self, batch: dict[str, Tensor], mode: str, message: str) -> str:
-        cuda = self.device.type == "cuda"
-        capacity = torch.cuda.get_device_properties(self.device).total_memory if cuda else 0
-        on_device = [*self.model.parameters(), *(p.grad for p in self.model.parameters() if p.grad is not None),
-                     *(t for t in self.ema.shadow.values() if t.device == self.device)]
-        inner = getattr(self.optimizers(), "optimizer", None)
-        for state in (inner.state.values() if inner is not None else ()):
-            on_device += [t for t in state.values() if isinstance(t, Tensor) and t.device == self.device]
-        resident = sum(t.numel() * t.element_size() for t in on_device)  # quantized moments: counted as fp32
-        peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
-        return leanest_failed_message(int(batch["aatype"].shape[-1]), mode, self.global_step, capacity=capacity,
-                                      resident=resident, peak=peak, requested=requested_bytes(message))
 
     def _finish_step(self, opt, loss: Tensor) -> None:
         if self._step_is_finite(loss):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from protfold.config import MemoryConfig, load_memory_preset
 
 MEMORY_LADDER = ("none", "triangle", "chunked", "recompute", "offload", "compiled_inblock", "compiled",
@@ -57,14 +59,31 @@ def crop_that_fits(crop: int, *, capacity: int, resident: int, peak: int, reques
     return max(int(crop * math.sqrt(max(capacity - resident, 0) / needed)) // 8 * 8, 0)
 
 
-def leanest_failed_message(crop: int, mode: str, step: int, *, capacity: int, resident: int, peak: int,
-                           requested: int) -> str:
+def _device_resident(module, device) -> int:
+    """Bytes of weights, gradients, optimizer state and EMA on `device` (quantized moments count as fp32)."""
+    params = list(module.model.parameters())
+    tensors = [*params, *(p.grad for p in params if p.grad is not None),
+               *(t for t in module.ema.shadow.values() if t.device == device)]
+    inner = getattr(module.optimizers(), "optimizer", None)
+    for state in (inner.state.values() if inner is not None else ()):
+        tensors += [t for t in state.values() if isinstance(t, torch.Tensor) and t.device == device]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def leanest_failed_message(module, batch: dict, mode: str, error: str) -> str:
+    """The one-line stop of a run whose step does not fit in the leanest mode, with an estimated crop."""
     gib = 1024 ** 3
-    fit = crop_that_fits(crop, capacity=capacity, resident=resident, peak=peak, requested=requested)
-    return (f"out of memory at step {step} in the leanest memory mode {mode!r} with crop {crop}: a crop of about "
-            f"{fit} residues or less should fit (estimate: activation memory ~ crop^2; {capacity / gib:.2f} GiB "
-            f"on the device, {resident / gib:.2f} GiB of weights, gradients, optimizer state and EMA on it); lower "
-            "data.crop_size, or use optim.state 8bit and optim.ema_storage cpu")
+    device = module.device
+    cuda = device.type == "cuda"
+    capacity = torch.cuda.get_device_properties(device).total_memory if cuda else 0
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    resident = _device_resident(module, device)
+    crop = int(batch["aatype"].shape[-1])
+    fit = crop_that_fits(crop, capacity=capacity, resident=resident, peak=peak, requested=requested_bytes(error))
+    return (f"out of memory at step {module.global_step} in the leanest memory mode {mode!r} with crop {crop}: a crop "
+            f"of about {fit} residues or less should fit (estimate: activation memory ~ crop^2; {capacity / gib:.2f}"
+            f" GiB on the device, {resident / gib:.2f} GiB of weights, gradients, optimizer state and EMA on it); "
+            "lower data.crop_size, or use optim.state 8bit and optim.ema_storage cpu")
 
 
 __all__ = ["MEMORY_LADDER", "crop_that_fits", "leanest_failed_message", "next_leaner", "preset_name",
