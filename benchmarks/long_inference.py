@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from protfold.model.structure import StructureModule
 GiB = 2**30
 OPENFOLD_4096 = {"time_s": 8.8, "peak_gib": 13.5}  # ../shared/docs/OPENFOLD_BASELINE.md (H200, one block, bf16)
 S, E = 128, 1024
+ATTENTION: str | None = None  # --attention: the kernel instead of the plan's
 
 
 def _inputs(part: str, n: int, cfg, dev, pair_dtype) -> tuple:
@@ -83,6 +85,8 @@ def measure(part: str, n: int, *, pair_dtype=torch.float32, budget: int | None =
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(dev)[0]
     mem, predicted, text = plan_inference(n, S, E, budget or free, cfg, torch.bfloat16)
+    if ATTENTION and mem.attention != ATTENTION:
+        mem, text = replace(mem, attention=ATTENTION), f"{text}; attention {ATTENTION} (--attention)"
     module = _module(part, cfg).to(dev).eval()
     plan = resolve(mem, grad=False, device=dev)
     args = _inputs(part, n, cfg, dev, pair_dtype)
@@ -207,7 +211,11 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 12288])
     ap.add_argument("--max_s", type=float, default=300.0, help="skip a length whose extrapolated time exceeds this")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/long_inference"))
+    ap.add_argument("--attention", choices=("naive", "sdpa", "flex"), default=None,
+                    help="attention kernel instead of the plan's (flex keeps no [H, N, N] logits)")
     args = ap.parse_args()
+    global ATTENTION
+    ATTENTION = args.attention
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part == "summary":
         summary(args.out)

@@ -10,8 +10,8 @@ the autocast dtype, as the input embedder's relative-position term is fp32):
 - the low-memory triangle multiplication: its combined edge x [N, N, c_hidden] in the compute dtype (zero on the
   device with `offload_triangle_edge`) and one fp32 slice of the b edge (a sixteenth of z, `triangle.py`);
 - the attention biases [H, N, N] of MSA row attention and triangle attention (compute dtype, made whole);
-- one chunk's transients, the largest of: attention logits (3 x `attention_chunk_mb`, or 3 x all the logits if
-  fewer: logits, softmax, output),
+- one chunk's transients, the largest of: attention logits (3 x `attention_chunk_mb`, at least one row's
+  [H, N, N] and at most all the logits: logits, softmax, output),
   the pair transition / OPM / LayerNorm rows (`pair_chunk` rows of N), the structure module's IPA rows
   (`structure_chunk` queries: fp32 LayerNorm of z's rows, pair bias, logits, point differences
   [rows, N, H, P, 3]) and the heads' PAE logits rows (`head_chunk` rows of [N, 64] fp32, three times).
@@ -53,9 +53,8 @@ def _floor(shape: InferenceShape, cfg: ModelConfig) -> int:
     """z, the pair mask and the MSA streams (each stream and one update alive)."""
     n, s, e = shape.n_res, shape.n_seq, shape.n_extra
     # per residue, small beside the pair at long N: the structure module's per-layer outputs (frames, atoms,
-    # angles), the single representations, the MSA transition's hidden rows and the masked-MSA logits
-    linear = 4 * n * (cfg.n_structure_layers * 256 + 1024 + 8 * cfg.c_s)
-    linear += 4 * s * n * (cfg.c_m * cfg.transition_factor + cfg.msa_classes) + 4 * e * n * cfg.c_e * cfg.transition_factor
+    # angles), the single representations and the masked-MSA logits
+    linear = 4 * n * (cfg.n_structure_layers * 256 + 1024 + 8 * cfg.c_s) + 4 * s * n * cfg.msa_classes
     return 4 * n * n * cfg.c_z + 4 * n * n + 2 * 4 * s * n * cfg.c_m + 2 * 4 * e * n * cfg.c_e + linear
 
 
@@ -74,6 +73,7 @@ def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int) -> int:
     # besides: the embedders' own z and z + update beside the recycled z (two more pair tensors), and the previous
     # pass's outputs, alive during the next pass: its distogram and PAE logits
     kept = 2 * 4 * pair * cfg.c_z + 2 * 4 * pair * max(cfg.distogram_bins, cfg.pae_bins)
+    kept += 4 * n * (s * cfg.c_m + shape.n_extra * cfg.c_e) * cfg.transition_factor  # MSA transitions' hidden
     largest, second = sorted(candidates)[-2:][::-1]
     return _floor(shape, cfg) + kept + largest + second  # the two largest: an upper estimate of overlaps
 
@@ -92,8 +92,9 @@ def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelCon
     biases = pair * a * max(cfg.msa_heads, cfg.pair_heads)
     r, rs, rh = min(mem.pair_chunk, n), min(mem.structure_chunk, n), min(mem.head_chunk, n)
     whole_logits = 4 * pair * max(shape.n_seq * cfg.msa_heads, shape.n_extra * cfg.extra_msa_heads, n * cfg.pair_heads)
+    one_row = 4 * pair * max(cfg.msa_heads, cfg.extra_msa_heads, cfg.pair_heads)  # a chunk holds one row at least
     transients = (
-        3 * min(int(mem.attention_chunk_mb * 2**20), whole_logits),
+        3 * min(whole_logits, max(int(mem.attention_chunk_mb * 2**20), one_row)),
         r * n * 4 * (2 * cfg.c_z * cfg.transition_factor + cfg.opm_hidden**2 + 3 * cfg.c_z),
         rs * n * 4 * (3 * cfg.c_z + cfg.ipa_heads * (cfg.ipa_qk_points * 3 * 2 + 6)),
         rh * n * 4 * (3 * max(cfg.distogram_bins, cfg.pae_bins) + 4 * cfg.c_z + cfg.recycle_bins),
