@@ -4,8 +4,9 @@
 #        from an empty compile cache (WORK/compile_cache; WORK=/tmp/speed_gpu_work unless set): per-step times,
 #        compiles and compile seconds, peak (OUT/fit1/.../perf.json; checkpoints stay in WORK);
 #   (a)  `protfold bench` at AF2's initial shapes (af2, crop 256, 128 clusters, 1024 extra rows, one recycle, bf16)
-#        for the default GPU mode (gpu_af2.yaml's model.memory, `compiled_flex`) with and without cuEquivariance's
-#        triangle kernels, and `offload` (uncompiled, the previous default) likewise (bench/results.json); the bench
+#        for the default GPU mode (gpu_af2.yaml's model.memory, `compiled_flex`) and `offload` (uncompiled), each
+#        also with cuEquivariance's triangle kernels where they import (bench/results.json), and the default mode
+#        with 8-bit Adam moments and a bf16 EMA (bench_lean/results.json); the bench
 #        shares the fit's compile cache, so its compiled modes spend their warm-up loading, not compiling;
 #   (b)  OpenFold's step at the same shapes (../shared/bench/openfold, carried as .bench/openfold_bench/ next to
 #        OpenFold's package in .bench/openfold/), or, where it is missing, ../shared/docs/OPENFOLD_BASELINE.md's
@@ -81,12 +82,22 @@ for name, fields in (("gpu_default", default), ("offload", offload)):
     (out / f"{name}.yaml").write_text(yaml.safe_dump(fields))
     (out / f"{name}_cueq.yaml").write_text(yaml.safe_dump({**fields, "triangle_kernel": "cueq"}))
 EOF
-MODES=$WORK/modes/gpu_default.yaml,$WORK/modes/gpu_default_cueq.yaml,$WORK/modes/offload.yaml,$WORK/modes/offload_cueq.yaml
+MODES=$WORK/modes/gpu_default.yaml,$WORK/modes/offload.yaml
+# the cueq variants only where cuEquivariance imports (otherwise they would time the plain path twice)
+if python3 -c "import cuequivariance_torch, cuequivariance_ops_torch" 2>/dev/null; then
+  MODES=$MODES,$WORK/modes/gpu_default_cueq.yaml,$WORK/modes/offload_cueq.yaml
+fi
 # the fit's compile cache: compiling is not what the bench measures (its warm-up step absorbs it)
 TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache timeout 300 python3 -m protfold.cli bench --model af2 --device cuda \
   --precisions bf16 --crops 256 --rows 128 --extra-rows 1024 --recycles 1 --steps "$BENCH_STEPS" --warmup 1 \
   --no-infer --time-limit 200 --modes "$MODES" --out "$OUT/bench" > "$OUT/bench.log" 2>&1 \
   || { echo "bench failed:" >&2; tail -5 "$OUT/bench.log" >&2; }
+# the default mode again with the leanest optimizer state and EMA (8-bit Adam moments, bf16 EMA)
+TORCHINDUCTOR_CACHE_DIR=$WORK/compile_cache timeout 200 python3 -m protfold.cli bench --model af2 --device cuda \
+  --precisions bf16 --crops 256 --rows 128 --extra-rows 1024 --recycles 1 --steps "$BENCH_STEPS" --warmup 1 \
+  --no-infer --time-limit 150 --modes "$WORK/modes/gpu_default.yaml" --optim.state 8bit --optim.ema_storage bf16 \
+  --out "$OUT/bench_lean" > "$OUT/bench_lean.log" 2>&1 \
+  || { echo "bench (8-bit Adam, bf16 EMA) failed:" >&2; tail -5 "$OUT/bench_lean.log" >&2; }
 
 stamp "(b) OpenFold's step at the same shapes"
 if [ -n "$OF" ]; then

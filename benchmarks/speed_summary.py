@@ -33,12 +33,14 @@ def _openfold(out: Path) -> dict:
 def main(out: Path) -> dict:
     of = _openfold(out)
     rows: list[dict] = []
-    bench = out / "bench" / "results.json"
-    for run in json.loads(bench.read_text()) if bench.is_file() else []:
+    runs = [run for bench in sorted(out.glob("bench*/results.json")) for run in json.loads(bench.read_text())]
+    for run in runs:
         if run.get("kind") != "train":
             continue
         ok = run.get("status") == "ok"
-        rows.append({"what": f"bench {run['mode']}", "status": run.get("status"),
+        lean = "" if run.get("optim_state", "fp32") == "fp32" and run.get("ema_storage", "fp32") == "fp32" else \
+            f" ({run.get('optim_state')} Adam, {run.get('ema_storage')} EMA)"
+        rows.append({"what": f"bench {run['mode']}{lean}", "status": run.get("status"),
                      "step_s": run["step_time_s"] if ok else None,
                      "peak_gib": run["peak_bytes"] / GIB if ok and run.get("peak_bytes") else None,
                      "triangle_kernel": (run.get("memory") or {}).get("triangle_kernel", "torch")})

@@ -28,7 +28,7 @@ from protfold.train.optimizers import (
     encode_optimizer_states,
     wait_for_grads,
 )
-from protfold.train.step import adam, freeze_unused_heads, training_loss
+from protfold.train.step import adam, clip_and_step, freeze_unused_heads, training_loss
 from protfold.weights import as_preset, read_external_weights
 
 log = logging.getLogger(__name__)
@@ -218,9 +218,13 @@ class ProtfoldModule(pl.LightningModule):
 
     def _finish_step(self, opt, loss: Tensor) -> None:
         if self._step_is_finite(loss):
-            wait_for_grads(opt)  # cpu_offload: clipping reads the host copies of the gradients
-            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
+            if getattr(self.trainer.precision_plugin, "scaler", None) is None:  # fp32, bf16: nothing to unscale
+                # the bench's update too; Lightning's clip_gradients refuses fused Adam under any AMP plugin
+                clip_and_step(opt, [p for p in self.model.parameters() if p.requires_grad], self.optim_cfg.grad_clip)
+            else:  # fp16 with a gradient scaler: Lightning unscales before clipping
+                wait_for_grads(opt)
+                self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
+                opt.step()
             self.lr_schedulers().step()
             self.ema.update()
             self.bad_steps_in_row = 0

@@ -4,8 +4,8 @@
 loss. Backward stays with the caller: `fit` goes through Lightning's `manual_backward` (so precision plugins
 and strategies apply), the bench calls `backward` inside its meters. The optimiser side is shared too:
 `freeze_unused_heads` decides what is trained, `adam` builds the optimiser, and `clip_and_step` is the update
-the bench applies by hand (what Lightning's `clip_gradients(..., "norm")` then `opt.step()` do in `fit` when
-no gradient scaler is involved, i.e. fp32 and bf16).
+both apply when no gradient scaler is involved (fp32 and bf16; with fp16's scaler `fit` lets Lightning unscale
+and clip).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from protfold.config import LossConfig, MemoryConfig, OptimConfig
 from protfold.losses import alphafold_loss
-from protfold.train.optimizers import build_adam, step_params
+from protfold.train.optimizers import build_adam, step_params, wait_for_grads
 
 __all__ = ["adam", "clip_and_step", "freeze_unused_heads", "training_loss"]
 
@@ -59,5 +59,6 @@ def clip_and_step(opt: torch.optim.Optimizer, params: list[Tensor], max_norm: fl
     `params` are the trainable parameters; an optimizer that steps on host copies of them (cpu_offload)
     clips those copies instead, the gradients its step reads."""
     offloads = hasattr(getattr(opt, "optimizer", opt), "wait_for_grads")
+    wait_for_grads(opt)  # cpu_offload: the host copies of the gradients have landed before they are clipped
     torch.nn.utils.clip_grad_norm_(step_params(opt) if offloads else params, max_norm)
     opt.step()

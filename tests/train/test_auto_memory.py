@@ -29,7 +29,7 @@ def test_fit_auto_with_a_budget_too_small_stops_in_one_line(run_kit, tmp_path, c
 
 
 def test_fit_auto_builds_the_model_with_the_chosen_preset(run_kit, tmp_path, monkeypatch):
-    """The choice (here forced to `recompute`, as on a card where it is auto's pick) is what the model gets."""
+    """The choice (here forced to `recompute`, as on a card where it is auto's pick) is what the model runs with."""
     import protfold.plan.auto as auto
 
     seen = {}
@@ -41,13 +41,13 @@ def test_fit_auto_builds_the_model_with_the_chosen_preset(run_kit, tmp_path, mon
     monkeypatch.setattr(auto, "resolve", pick)
     from protfold.model.alphafold import AlphaFold
 
-    built = AlphaFold.__init__
+    forward = AlphaFold.forward
 
-    def init(self, *args, **kwargs):
-        seen["mem"] = kwargs["mem"]
-        built(self, *args, **kwargs)
+    def run(self, *args, **kwargs):
+        seen.setdefault("mem", kwargs["memory"])  # the training step's memory, passed on each call
+        return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(AlphaFold, "__init__", init)
+    monkeypatch.setattr(AlphaFold, "forward", run)
     run_kit.fit(run_kit.fit_args(tmp_path, steps=1, extra=("--model.memory", "auto", "--memory_budget_gib", "3")))
     assert seen["shape"].crop == 24 and seen["shape"].rows == 4 and seen["budget"] == 3 * 2**30
     assert seen["mem"] == load_memory_preset("recompute")  # a MemoryConfig, not fields
