@@ -72,7 +72,8 @@ class ProtfoldCLI(LightningCLI):
             _resolve_auto_memory(config, self.auto_memory)
         _check_config(config)
         set_torch_threads(config.torch_threads, data_workers=config.data.num_workers)
-        use_compile_cache(config.compile_cache)
+        if config.compile_cache or _memory_field(config, "compile_blocks") or _memory_field(config, "attention") == "flex":
+            use_compile_cache(config.compile_cache)  # only runs that compile make (or name) a cache folder
         _load_triangle_kernels(config)
         _resolve_last_checkpoint(config)
         if self.subcommand == "fit":
@@ -110,12 +111,16 @@ def set_torch_threads(requested: int | None, *, data_workers: int) -> int:
     return threads
 
 
+def _memory_field(config: Any, name: str) -> Any:
+    """Field `name` of the training memory config, which the parser holds as a dict or a MemoryConfig."""
+    memory = getattr(config.model, "memory", None)
+    return memory.get(name) if isinstance(memory, dict) else getattr(memory, name, None)
+
+
 def _load_triangle_kernels(config: Any) -> None:
     """`triangle_kernel: cueq`: import cuEquivariance (or log once why not) now, before any block is compiled, so that
     dynamo's first trace of a block does not meet the import."""
-    memory = getattr(config.model, "memory", None)
-    kernel = memory.get("triangle_kernel") if isinstance(memory, dict) else getattr(memory, "triangle_kernel", None)
-    if kernel == "cueq":
+    if _memory_field(config, "triangle_kernel") == "cueq":
         import torch
 
         from protfold.model.kernels import cueq

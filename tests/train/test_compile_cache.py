@@ -106,3 +106,12 @@ def test_snapshot_counts_graphs() -> None:
     torch.compile(lambda x: x.sin() + 1, backend="eager")(torch.randn(3))
     after = compile_snapshot()
     assert after["graphs"] - before["graphs"] == 1 and after["seconds"] > before["seconds"]
+
+
+def test_uncompiled_fit_makes_no_cache_folder(run_kit, tmp_path, monkeypatch) -> None:
+    """Only a run that compiles (or names --compile_cache) makes a folder outside its own run folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    run_kit.fit(run_kit.fit_args(tmp_path / "run", steps=1))
+    assert run_kit.version_dirs(tmp_path / "run")
+    assert not (tmp_path / "xdg").exists()
