@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _budget(card_gib: float | None) -> tuple[float, str]:
     if card_gib is not None:
+        if not card_gib > 0:
+            raise SystemExit(f"protfold bench: --card_gib {card_gib:g}: a card's size in GiB must be > 0")
         free = card_gib * GIB
         return free * (1 - SAFETY_FRACTION) - SAFETY_GIB * GIB, f"card {card_gib:g} GiB"
     import torch

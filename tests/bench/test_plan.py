@@ -64,3 +64,8 @@ def test_bench_modes_auto_becomes_the_pick(capsys):
     if not torch.cuda.is_available():
         argv = ["--modes=auto", "--crops", "24", "--device", "cpu"]
         assert resolve_auto_modes(argv) == ["--modes=none", "--crops", "24", "--device", "cpu"]
+
+
+def test_plan_refuses_a_card_size_that_is_not_positive():
+    with pytest.raises(SystemExit, match=r"--card_gib -3: a card's size in GiB must be > 0"):
+        main(["bench", "--plan", "--crops", "256", "--card_gib", "-3"])
