@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from protfold.config import PRESET_NAMES, model_preset
-from protfold.plan.auto import SAFETY_FRACTION, SAFETY_GIB, PlanRow, card_budget, choose, nothing_fits_message, plan
+from protfold.plan.auto import (
+    SAFETY_FRACTION,
+    SAFETY_GIB,
+    PlanRow,
+    card_budget,
+    choose,
+    nothing_fits_message,
+    plan,
+    usable_bytes,
+)
 from protfold.plan.cost import GIB, OPTIM_STATE_BYTES, Shape, count_parameters
 
 __all__ = ["main", "plan_records"]
@@ -43,8 +52,7 @@ def _budget(card_gib: float | None) -> tuple[float, str]:
     if card_gib is not None:
         if not card_gib > 0:
             raise SystemExit(f"protfold bench: --card_gib {card_gib:g}: a card's size in GiB must be > 0")
-        free = card_gib * GIB
-        return free * (1 - SAFETY_FRACTION) - SAFETY_GIB * GIB, f"card {card_gib:g} GiB"
+        return usable_bytes(card_gib * GIB), f"card {card_gib:g} GiB"
     import torch
 
     if not torch.cuda.is_available():

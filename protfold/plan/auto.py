@@ -37,12 +37,17 @@ class PlanRow:
         return self.pred.mode
 
 
+def usable_bytes(free_bytes: float) -> float:
+    """What a training step may plan to use of `free_bytes`: less the safety margin (a fraction and a constant)."""
+    return free_bytes * (1 - SAFETY_FRACTION) - SAFETY_GIB * GIB
+
+
 def card_budget(device_index: int = 0) -> tuple[float, str]:
     """(budget bytes, how it was found) from the card's free memory, less the safety margin."""
     import torch
 
     free, total = torch.cuda.mem_get_info(device_index)
-    budget = free * (1 - SAFETY_FRACTION) - SAFETY_GIB * GIB
+    budget = usable_bytes(free)
     return budget, (f"cuda:{device_index} free {free / GIB:.2f} of {total / GIB:.2f} GiB, less "
                     f"{SAFETY_FRACTION:.0%} and {SAFETY_GIB:g} GiB")
 
