@@ -20,6 +20,8 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", "--warmup-steps", dest="warmup_steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="variants trained at once, each in its own process on --device (a small model leaves "
+                        "most of a GPU idle; the curves do not depend on it)")
     p.add_argument("--out", type=Path, default=None, help="write curves.csv, summary.json/.csv, stability.png")
     return p
 
@@ -221,6 +226,26 @@ def _write(out: Path, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]
           f"{len(meta['ids'])} proteins, {meta['device']}")
 
 
+def _ordered(runs: dict[str, dict[str, Any]], variants: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: runs[name] for name in variants if name in runs}
+
+
+def _run_all(variants: dict[str, dict[str, Any]], state: dict[str, torch.Tensor], batches: list[dict],
+             draws: list[tuple[int, bool]], args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, run) per variant as each finishes: in this process one after another, or with --jobs N > 1 in N
+    spawned processes at once (each builds its model from the same `state` and reads the same batches)."""
+    if args.jobs <= 1 or len(variants) == 1:
+        for name, spec in variants.items():
+            yield name, run_variant(name, spec, state, batches, draws, args)
+        return
+    context = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(variants)), mp_context=context) as pool:
+        futures = {pool.submit(run_variant, name, spec, state, batches, draws, args): name
+                   for name, spec in variants.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -231,6 +256,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.stability < 1:
         raise SystemExit("protfold bench --stability: STEPS must be >= 1")
+    if args.jobs < 1:
+        raise SystemExit(f"protfold bench --stability: --jobs must be >= 1, got {args.jobs}")
     variants = _variants(args)
     batches = _batches(args)
     cfg = model_preset(args.model)
@@ -244,13 +271,14 @@ def main(argv: list[str]) -> int:
             "steps": args.stability, "ids": ids, "lr": args.lr, "warmup_steps": args.warmup_steps,
             "seed": args.seed, "reference": REFERENCE, "variant_specs": variants,
             **environment(torch.device(args.device), ["protfold", "bench", *argv])}
-    runs = {}
-    for name, spec in variants.items():
-        runs[name] = run_variant(name, spec, state, batches, draws, args)
-        if runs[name]["status"] == "skipped":
-            print(f"# {name}: skipped: {runs[name]['note']}", file=sys.stderr)
-        if args.out:  # after every variant: a run stopped later keeps the variants it finished
-            _write(args.out, runs, summarize(runs), meta)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, run in _run_all(variants, state, batches, draws, args):
+        runs[name] = run
+        if run["status"] == "skipped":
+            print(f"# {name}: skipped: {run['note']}", file=sys.stderr)
+        if args.out and REFERENCE in runs:  # after every variant: a run stopped later keeps those it finished
+            _write(args.out, _ordered(runs, variants), summarize(_ordered(runs, variants)), meta)
+    runs = _ordered(runs, variants)
     rows = summarize(runs)
     keys = ["variant", "status", "max_abs_diff_loss", "end_abs_diff_loss", "max_abs_diff_lddt_ca",
             "end_abs_diff_lddt_ca", "final_lddt_ca"]

@@ -3,9 +3,10 @@
 A pure function of (N_res, N_seq, N_extra, budget, model sizes, compute dtype): it counts the bytes alive at the
 peak of a no-grad forward for each candidate `MemoryConfig`, fastest first, and returns the first that fits.
 
-The count (bytes; a = bytes per element of the compute dtype, 2 for bf16; the pair stream z is fp32 whatever
-the autocast dtype, as the input embedder's relative-position term is fp32):
-- floor: z [N, N, c_z] fp32 (one copy: the embedders write it in place, every block updates it in place), the
+The count (bytes; a = bytes per element of the compute dtype, 2 for bf16; the pair stream z is fp32 in the model
+whatever the autocast dtype, as the input embedder's relative-position term is fp32; `pair_dtype` counts a z
+kept in another dtype, as a single block's benchmark against OpenFold keeps it in bf16):
+- floor: z [N, N, c_z] (one copy: the embedders write it in place, every block updates it in place), the
   pair mask [N, N] fp32, the MSA streams m [S, N, c_m] fp32 and e [E, N, c_e] twice each (stream and one update);
 - the low-memory triangle multiplication: its combined edge x [N, N, c_hidden] in the compute dtype (zero on the
   device with `offload_triangle_edge`) and one fp32 slice of the b edge (a sixteenth of z, `triangle.py`);
@@ -31,13 +32,14 @@ import torch
 
 from protfold.config import MemoryConfig, ModelConfig
 
-__all__ = ["HEADROOM", "InferenceShape", "plan_inference", "predicted_peak_bytes"]
+__all__ = ["HEADROOM", "NEAR_SMALLEST", "InferenceShape", "plan_inference", "predicted_peak_bytes"]
 
 GiB = 2**30
 # fraction of the budget plans may use: the allocator's fragmentation and cuBLAS / kernel workspaces come on top
 HEADROOM = 0.85
 _ROWS = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)  # candidate chunk rows, largest (fastest) first
 _ATTENTION_MB = (512.0, 64.0, 8.0)  # candidate caps on one chunk's fp32 attention logits, largest first
+NEAR_SMALLEST = 0.02  # when nothing fits: plans within 2% of the smallest peak count as the smallest
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,16 @@ class InferenceShape:
     n_extra: int
 
 
-def _floor(shape: InferenceShape, cfg: ModelConfig) -> int:
+def _floor(shape: InferenceShape, cfg: ModelConfig, z_bytes: int) -> int:
     """z, the pair mask and the MSA streams (each stream and one update alive)."""
     n, s, e = shape.n_res, shape.n_seq, shape.n_extra
     # per residue, small beside the pair at long N: the structure module's per-layer outputs (frames, atoms,
     # angles), the single representations and the masked-MSA logits
     linear = 4 * n * (cfg.n_structure_layers * 256 + 1024 + 8 * cfg.c_s) + 4 * s * n * cfg.msa_classes
-    return 4 * n * n * cfg.c_z + 4 * n * n + 2 * 4 * s * n * cfg.c_m + 2 * 4 * e * n * cfg.c_e + linear
+    return z_bytes * n * n * cfg.c_z + 4 * n * n + 2 * 4 * s * n * cfg.c_m + 2 * 4 * e * n * cfg.c_e + linear
 
 
-def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int) -> int:
+def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int, z_bytes: int) -> int:
     n, s = shape.n_res, shape.n_seq
     pair = n * n
     candidates = (
@@ -75,16 +77,19 @@ def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int) -> int:
     kept = 2 * 4 * pair * cfg.c_z + 2 * 4 * pair * max(cfg.distogram_bins, cfg.pae_bins)
     kept += 4 * n * (s * cfg.c_m + shape.n_extra * cfg.c_e) * cfg.transition_factor  # MSA transitions' hidden
     largest, second = sorted(candidates)[-2:][::-1]
-    return _floor(shape, cfg) + kept + largest + second  # the two largest: an upper estimate of overlaps
+    return _floor(shape, cfg, z_bytes) + kept + largest + second  # the two largest: an upper estimate of overlaps
 
 
-def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes alive at the peak of a no-grad forward of `cfg` at `shape` under `mem` (the module docstring's count).
-    Exact switch-by-switch accounting is not attempted: each term is an upper estimate of what it counts."""
+def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelConfig, dtype: torch.dtype,
+                         pair_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes alive at the peak of a no-grad forward of `cfg` at `shape` under `mem` (the module docstring's count),
+    with the pair stream z stored in `pair_dtype`. Exact switch-by-switch accounting is not attempted: each term
+    is an upper estimate of what it counts."""
     a = torch.empty((), dtype=dtype).element_size()
+    z_bytes = torch.empty((), dtype=pair_dtype).element_size()
     if not (mem.low_memory_triangle and mem.pair_chunk and mem.attention_chunk_mb and mem.structure_chunk
             and mem.head_chunk):
-        return _plain_peak(shape, cfg, a)
+        return _plain_peak(shape, cfg, a, z_bytes)
     n = shape.n_res
     pair = n * n
     edge = 0 if mem.offload_triangle_edge else pair * cfg.tri_mul_hidden * a
@@ -99,7 +104,7 @@ def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelCon
         rs * n * 4 * (3 * cfg.c_z + cfg.ipa_heads * (cfg.ipa_qk_points * 3 * 2 + 6)),
         rh * n * 4 * (3 * max(cfg.distogram_bins, cfg.pae_bins) + 4 * cfg.c_z + cfg.recycle_bins),
     )
-    return _floor(shape, cfg) + edge + biases + max(transients)
+    return _floor(shape, cfg, z_bytes) + edge + biases + max(transients)
 
 
 def _candidates(n_res: int) -> list[tuple[str, MemoryConfig]]:
@@ -118,12 +123,14 @@ def _candidates(n_res: int) -> list[tuple[str, MemoryConfig]]:
 
 
 def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, model_cfg: ModelConfig,
-                   dtype: torch.dtype = torch.bfloat16) -> tuple[MemoryConfig, int, str]:
+                   dtype: torch.dtype = torch.bfloat16,
+                   pair_dtype: torch.dtype = torch.float32) -> tuple[MemoryConfig, int, str]:
     """The fastest inference `MemoryConfig` whose predicted peak fits `HEADROOM` x `budget_bytes`.
 
-    Returns (plan, its predicted peak in bytes, a one-line explanation). When no plan fits, the one with the
-    smallest predicted peak, and the explanation says it does not fit. Raises ValueError on shapes < 1 or a
-    budget <= 0.
+    Returns (plan, its predicted peak in bytes, a one-line explanation). When no plan fits, the fastest of those
+    within `NEAR_SMALLEST` of the smallest predicted peak (the floor dominates there, and chunks of one row would
+    cost thousands of kernel launches for a few MiB), and the explanation says it does not fit. Raises ValueError
+    on shapes < 1 or a budget <= 0.
     """
     if min(n_res, n_seq) < 1 or n_extra < 0:
         raise ValueError(f"plan_inference: n_res and n_seq must be >= 1, n_extra >= 0; got {n_res}, {n_seq}, {n_extra}")
@@ -131,14 +138,17 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
         raise ValueError(f"plan_inference: budget_bytes must be > 0, got {budget_bytes}")
     shape = InferenceShape(n_res, n_seq, n_extra)
     usable = int(budget_bytes * HEADROOM)
-    scored = [(name, mem, predicted_peak_bytes(mem, shape, model_cfg, dtype)) for name, mem in _candidates(n_res)]
+    scored = [(name, mem, predicted_peak_bytes(mem, shape, model_cfg, dtype, pair_dtype))
+              for name, mem in _candidates(n_res)]
     head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows, budget {_size(budget_bytes)}"
     for name, mem, peak in scored:
         if peak <= usable:
             return mem, peak, f"{head}: {name}; predicted peak {_size(peak)}"
-    name, mem, peak = min(reversed(scored), key=lambda item: item[2])  # among equal peaks the smallest chunks
+    smallest = min(peak for _, _, peak in scored)
+    name, mem, peak = next(item for item in scored if item[2] <= smallest * (1 + NEAR_SMALLEST))
+    z_bytes = torch.empty((), dtype=pair_dtype).element_size() * n_res**2 * model_cfg.c_z
     return mem, peak, (f"{head}: DOES NOT FIT: the smallest plan ({name}) needs about {_size(peak)} "
-                       f"(the pair representation alone is {_size(4 * n_res**2 * model_cfg.c_z)})")
+                       f"(the pair representation alone is {_size(z_bytes)})")
 
 
 def _size(n_bytes: float) -> str:

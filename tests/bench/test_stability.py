@@ -44,7 +44,27 @@ def test_stability_end_to_end_on_tiny(prepared_samples, tmp_path, capsys):
     (["--variants", "fp32,fp8"], "unknown variant 'fp8'"),
     (["--variants", "bf16"], "reference variant 'fp32' must be in --variants"),
     (["--ids", "nosuch_A"], "no such prepared entry"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
 ])
 def test_stability_bad_arguments_fail_in_one_line(prepared_samples, argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["bench", "--stability", "1", "--cache", str(prepared_samples.cache_dir), "--device", "cpu", *argv])
+
+
+def test_stability_jobs_give_the_same_curves(prepared_samples, tmp_path):
+    """--jobs 2 trains the variants in two spawned processes: the same curves as one after another."""
+    assert prepared_samples.returncode == 0, prepared_samples.stderr[-2000:]
+    curves = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["bench", "--stability", "2", "--model", "tiny", "--cache", str(prepared_samples.cache_dir),
+                     "--ids", "1psm_A", "--crop", "16", "--rows", "4", "--extra-rows", "4", "--variants",
+                     "fp32,bf16", "--device", "cpu", "--jobs", str(jobs), "--out", str(out)]) == 0
+        with open(out / "curves.csv", newline="") as f:
+            curves[jobs] = [(r["variant"], int(r["step"]), float(r["loss"]), float(r["lddt_ca"]))
+                            for r in csv.DictReader(f)]
+        assert [r["variant"] for r in json.loads((out / "summary.json").read_text())["variants"]] == ["fp32", "bf16"]
+    assert [c[:2] for c in curves[1]] == [c[:2] for c in curves[2]] == [("fp32", 1), ("fp32", 2), ("bf16", 1),
+                                                                        ("bf16", 2)]
+    for one, two in zip(curves[1], curves[2]):
+        assert two[2] == pytest.approx(one[2], rel=1e-5) and two[3] == pytest.approx(one[3], abs=1e-5)

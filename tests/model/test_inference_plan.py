@@ -16,6 +16,7 @@ from protfold.model.embedders import InputEmbedder, RecyclingEmbedder, embed_pai
 from protfold.model.heads import AuxiliaryHeads
 from protfold.model.inference_plan import (
     HEADROOM,
+    NEAR_SMALLEST,
     GiB,
     InferenceShape,
     _candidates,
@@ -56,6 +57,21 @@ def test_plan_changes_with_the_budget() -> None:
     assert "DOES NOT FIT" in text and peak > 72 * GiB  # z alone is 72 GiB in fp32 at 12,288 residues
     with pytest.raises(ValueError, match="budget_bytes"):
         plan_inference(10, 1, 0, 0, af2)
+
+
+def test_plan_counts_the_pair_dtype_and_falls_back_to_a_fast_smallest_plan() -> None:
+    """A z kept in bf16 is counted at 2 bytes; when nothing fits, the plan is the fastest of those within
+    NEAR_SMALLEST of the smallest peak, not chunks of one row (thousands of launches for a few MiB)."""
+    af2 = model_preset("af2_ptm")
+    shape = InferenceShape(4096, 128, 0)
+    mem = plan_inference(4096, 128, 0, 139 * GiB, af2)[0]
+    fp32, bf16 = (predicted_peak_bytes(mem, shape, af2, torch.bfloat16, d) for d in (torch.float32, torch.bfloat16))
+    assert fp32 - bf16 == 2 * 4096**2 * af2.c_z
+    mem, peak, text = plan_inference(4096, 128, 0, GiB, af2, torch.bfloat16, torch.bfloat16)
+    assert "DOES NOT FIT" in text and "the pair representation alone is 4.00 GiB" in text
+    candidates = [predicted_peak_bytes(m, shape, af2, torch.bfloat16, torch.bfloat16) for _, m in _candidates(4096)]
+    assert min(candidates) <= peak <= min(candidates) * (1 + NEAR_SMALLEST)
+    assert mem.pair_chunk > 1 and mem.offload_triangle_edge
 
 
 def test_every_plan_matches_the_plain_path_fp32() -> None:
