@@ -1,6 +1,6 @@
 """Fit the cost model's coefficients to measured bench records (`results.json` under benchmarks/gpu/).
 
-Points: kind "train", status "ok" records of the `af2` preset; records of the same mode, shape and precision
+Points: kind "train", status "ok" records of the `af2` preset with fp32 optimizer state and EMA; records of the same mode, shape and precision
 are merged (median peak and time). Per preset with at least three distinct bf16 shapes: non-negative least
 squares of the relative error over all subsets of the terms (exact for four terms). A preset with fewer
 shapes gets one scale on its parent's fit (`PARENTS`, the preset it extends). fp32 against bf16: one factor
@@ -43,6 +43,8 @@ def load_points(root: Path) -> list[dict[str, Any]]:
         for r in records if isinstance(records, list) else []:
             if r.get("kind") != "train" or r.get("status") != "ok" or r.get("preset") != "af2":
                 continue
+            if r.get("optim_state", "fp32") != "fp32" or r.get("ema_storage", "fp32") != "fp32":
+                continue  # the modes' cost is fitted with fp32 Adam and EMA (what the model's resident bytes count)
             key = (r["mode"], r["crop"], r["rows"], r["extra_rows"], r["recycles"], r["precision"], r["n_params"])
             groups.setdefault(key, []).append((r, str(path.relative_to(root).parent)))
     points = []

@@ -22,12 +22,23 @@ def test_refitting_reproduces_the_committed_table():
 
 
 def test_error_on_measured_points_is_what_the_docs_state():
-    """docs/memory.md: peak max 31% (long at 256), median 1.2%; time max 23%, median 2.1%, over 30 points."""
+    """docs/memory.md: peak max 31% (long at 256), median 2.0%; time max 23%, median 3.3%, over 35 points."""
     rows = model_errors(RECORDS, load_table())
-    assert len(rows) == 30
+    assert len(rows) == 35
     peak, time = [abs(r["peak_err"]) for r in rows], [abs(r["time_err"]) for r in rows]
-    assert max(peak) < 0.31 and statistics.median(peak) < 0.015
-    assert max(time) < 0.23 and statistics.median(time) < 0.025
+    assert max(peak) < 0.31 and statistics.median(peak) < 0.025
+    assert max(time) < 0.23 and statistics.median(time) < 0.04
+
+
+def test_points_leave_out_other_optimizer_states(tmp_path):
+    """A step measured with 8-bit Adam moments or a bf16 EMA is not a point of its mode's fp32 cost."""
+    base = {"kind": "train", "status": "ok", "preset": "af2", "mode": "low", "crop": 256, "rows": 128,
+            "extra_rows": 1024, "recycles": 1, "precision": "bf16", "n_params": 1, "step_time_s": 1.0}
+    records = [dict(base, peak_bytes=4 * GIB), dict(base, peak_bytes=2 * GIB, optim_state="8bit"),
+               dict(base, peak_bytes=3 * GIB, ema_storage="bf16"), dict(base, peak_bytes=5 * GIB, optim_state="fp32")]
+    (tmp_path / "results.json").write_text(json.dumps(records))
+    (point,) = load_points(tmp_path)
+    assert point["n"] == 2 and point["peak_bytes"] == 4.5 * GIB
 
 
 def test_recorded_out_of_memory_steps_are_predicted_above_the_card():
