@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Peak memory and step time of the af2 training step with each optimizer-state kind and EMA storage, alone and
 # with the lowest-memory (`low`) and fastest (`compiled_flex`) activation modes (issue 16, Must-show 1).
-# Usage: scripts/optim_memory.sh OUT_DIR   (one H200: about 8 minutes; each bench call is capped by --time-limit)
+# Usage: scripts/optim_memory.sh OUT_DIR [all|initial|finetune|table]
+#   initial: 5 bench calls (about 9 minutes on one H200, each compiles), finetune: 3 (about 5 minutes), table: only
+#   the table of what OUT_DIR holds (no GPU). Each bench call is capped by --time-limit.
 # Writes OUT_DIR/<shape>_<state>_<ema>/results.{json,csv} per call, then OUT_DIR/table.md and OUT_DIR/summary.json.
 set -uo pipefail
-out=${1:?usage: scripts/optim_memory.sh OUT_DIR}
+out=${1:?usage: scripts/optim_memory.sh OUT_DIR [all|initial|finetune|table]}
+part=${2:-all}
+case $part in all|initial|finetune|table) ;; *) echo "optim_memory.sh: unknown part '$part' (all, initial, finetune, table)" >&2; exit 2;; esac
 mkdir -p "$out"
 common=(--model af2 --device cuda --precisions bf16 --recycles 1 --steps 1 --warmup 1 --no-infer)
 run() {  # shape state ema modes shape-args...
@@ -14,12 +18,16 @@ run() {  # shape state ema modes shape-args...
 }
 initial=(--crops 256 --rows 128 --extra-rows 1024)
 finetune=(--crops 384 --rows 512 --extra-rows 5120)
-for v in fp32:fp32 8bit:fp32 cpu_offload:fp32 fp32:bf16 8bit:bf16; do
-  run initial "${v%:*}" "${v#*:}" low,compiled_flex "${initial[@]}"
-done
-for v in fp32:fp32 8bit:bf16 cpu_offload:bf16; do
-  run finetune "${v%:*}" "${v#*:}" compiled_flex "${finetune[@]}"
-done
+if [ "$part" = all ] || [ "$part" = initial ]; then
+  for v in fp32:fp32 8bit:fp32 cpu_offload:fp32 fp32:bf16 8bit:bf16; do
+    run initial "${v%:*}" "${v#*:}" low,compiled_flex "${initial[@]}"
+  done
+fi
+if [ "$part" = all ] || [ "$part" = finetune ]; then
+  for v in fp32:fp32 8bit:bf16 cpu_offload:bf16; do
+    run finetune "${v%:*}" "${v#*:}" compiled_flex "${finetune[@]}"
+  done
+fi
 python3 - "$out" <<'PY'
 import json, sys
 from pathlib import Path
