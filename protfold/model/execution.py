@@ -138,7 +138,7 @@ def _triangle_attention_into(mod: TriangleAttention, z: Tensor, pair_mask: Tenso
     if not mod.starting:
         z, pair_mask = z.transpose(-2, -3), pair_mask.transpose(-1, -2)
     rows = infer_rows(plan, z.shape[-3])
-    bias = pair_bias_rows(mod.norm, mod.linear_b, z, rows)
+    bias = pair_bias_rows(mod.norm, mod.linear_b, z, rows, fp32=plan.attention == "naive")
 
     def out(start: int, n: int, update: Tensor) -> None:
         emit(dim, start, n, update if mod.starting else update.transpose(-2, -3))

@@ -9,8 +9,8 @@ large N, the projections and gates are made one channel slice at a time (slices 
 `plan.triangle_slice_mb` per fp32 edge) and recomputed per slice, the output gate per row chunk.
 
 Without grad (`combined_edge`, then `finish_rows`): b is built channels-first in at least fp32, one channel slice
-at a time from row chunks of z (at most `_INFER_EDGE_FRACTION` of z's bytes), a only for each output row chunk,
-so the k-sum is a batched matmul with no permuted copies; the combined edge x [*, N, N, c_hidden] is complete
+at a time from row chunks of z (at most `_INFER_EDGE_FRACTION` of z's bytes in fp32), a only for each output row
+chunk, so the k-sum is a batched matmul with no permuted copies; the combined edge x [*, N, N, c_hidden] is complete
 before any output row is made. `add_into` adds the output into z row chunk by row chunk (x reads all of z, and
 each output row chunk needs only its own rows of z and x); `low_memory_update` writes it over x instead. With
 `plan.offload_triangle_edge` x lives in (pinned) host memory, one [*, N, N, width] tensor per channel slice.
@@ -100,7 +100,18 @@ def add_into(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan, emit: Emi
 def _rows_of(mod: Any, z: Tensor, pair_mask: Tensor, edge: str, sl: slice, start: int, n: int, dim: int) -> Tensor:
     """The projected edge for rows (dim -3) or columns (dim -2) start:start+n of z, hidden channels sl."""
     z_part = z.narrow(dim, start, n)
-    return mod._project(mod.norm_in(z_part), pair_mask.narrow(dim + 1, start, n), edge, sl)
+    return mod._project(_norm_for_linear(mod.norm_in, z_part), pair_mask.narrow(dim + 1, start, n), edge, sl)
+
+
+def _norm_for_linear(norm: Any, z: Tensor) -> Tensor:
+    """norm(z), already in autocast's dtype when autocast would cast it for a Linear (LayerNorm runs in fp32 under
+    CUDA autocast). `_project`'s two Linears would each make that same cast of the pair-row-sized fp32 output;
+    made once here, they read the same rounded values (no grad: nothing to differentiate through the cast)."""
+    z_ln = norm(z)
+    device = z_ln.device.type
+    if torch.is_autocast_enabled(device) and z_ln.dtype == torch.float32:
+        z_ln = z_ln.to(torch.get_autocast_dtype(device))
+    return z_ln
 
 
 def combined_edge(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> tuple[Tensor | None, list[Tensor]]:
@@ -108,7 +119,9 @@ def combined_edge(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> t
     `plan.offload_triangle_edge`) as host tensors, one per channel slice. Returns (x or None, host slices)."""
     n_res = z.shape[-3]
     rows = infer_rows(plan, n_res)
-    edge_bytes = z.numel() * z.element_size() * _INFER_EDGE_FRACTION
+    # a fraction of z's bytes counted in at least fp32 (as the planner counts the slice): a bf16 z gets slices as
+    # wide as an fp32 z's, so LN(z) and the projections are remade for half as many slices
+    edge_bytes = z.numel() * max(z.element_size(), 4) * _INFER_EDGE_FRACTION
     per_channel = z[..., 0].numel() * 4
     host = plan.offload_triangle_edge
     x: Tensor | None = None
