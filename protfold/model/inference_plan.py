@@ -9,7 +9,8 @@ kept in another dtype, as a single block's benchmark against OpenFold keeps it i
 - floor: z [N, N, c_z] (one copy: the embedders write it in place, every block updates it in place), the
   pair mask [N, N] fp32, the MSA streams m [S, N, c_m] fp32 and e [E, N, c_e] twice each (stream and one update);
 - the low-memory triangle multiplication: its combined edge x [N, N, c_hidden] in the compute dtype (zero on the
-  device with `offload_triangle_edge`) and one fp32 slice of the b edge (a sixteenth of z, `triangle.py`);
+  device with `offload_triangle_edge`) and one fp32 slice of the b edge (a sixteenth of z in fp32; with row chunks
+  of N/8 rows or more, two fp32 row chunks of z more, inside the pair-row transients below: `triangle_exec.py`);
 - the attention biases [H, N, N] of MSA row attention (compute dtype) and triangle attention (fp32: the naive
   kernel adds it in the logits' up-cast pass), made whole;
 - one chunk's transients, the largest of: attention logits (3 x `attention_chunk_mb`, at least one row's

@@ -55,6 +55,7 @@ def test_in_place_pair_update_equals_plain_under_bf16_autocast(kind, ones, monke
     the in-place update rounds to bf16 at the same points as z + the plain update (equal on the CPU; 1e-6 leaves
     room for another BLAS blocking of the chunked fp32 sums)."""
     monkeypatch.setattr(triangle_exec, "_INFER_EDGE_FRACTION", 1 / 64)  # several channel slices
+    monkeypatch.setattr(triangle_exec, "_INFER_EDGE_ROW_CHUNKS", 0)
     calls = []
     plain_mask_bias = primitives.mask_bias
     monkeypatch.setattr(primitives, "mask_bias", lambda m: calls.append(m.shape) or plain_mask_bias(m))
@@ -92,3 +93,23 @@ def test_sdpa_with_a_bias_shared_by_every_row_matches_naive(grad) -> None:
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not grad or outs[1][1].shape == pair.shape
+
+
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_large_row_chunks_widen_the_edge_slices(outgoing, monkeypatch) -> None:
+    """Row chunks of at least N/8 rows give the fp32 b slice two row chunks of room more (fewer, wider slices);
+    smaller chunks keep a sixteenth of z; both equal the plain update."""
+    made = []
+    plain_slices = triangle_exec.slices
+    monkeypatch.setattr(triangle_exec, "slices", lambda c, parts: made.append(plain_slices(c, parts)) or made[-1])
+    torch.manual_seed(8)
+    mod = randomize_(TriangleMultiplication(c_z=6, c_hidden=8, outgoing=outgoing))
+    z, mask = torch.randn(1, 16, 16, 6), real_mask(1, 16, 16)
+    with torch.no_grad():
+        expected = z + mod(z, mask, plan=resolve(MemoryConfig(), grad=False, device="cpu"))
+        for rows, parts in ((8, 2), (1, 8)):  # 16 x 16 x 8 fp32 edge: 8 KiB; 1/16 of z: 384 B; 2 chunks of 8: 6 KiB
+            z_in = z.clone()
+            plan = resolve(MemoryConfig(pair_chunk=rows, low_memory_triangle=True), grad=False, device="cpu")
+            add_into(mod, z_in, mask, plan=plan, emit=AddInto(z_in, None))
+            assert len(made.pop()) == parts
+            torch.testing.assert_close(z_in, expected, rtol=1e-5, atol=1e-5)
