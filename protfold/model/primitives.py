@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protfold.model.memory import chunk_rows, fp32_island, upcast
+from protfold.model.memory import chunk_rows, fp32_island, norm_for_linear, upcast
 from protfold.model.plan import MemoryPlan
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ def row_attention(
 
     def run(x_c: Tensor, mask_c: Tensor, bias: Tensor | None) -> Tensor:
         if norm is not None:
-            x_c = norm(x_c)
+            x_c = norm(x_c) if torch.is_grad_enabled() else norm_for_linear(norm, x_c)
         biases = [mask_bias(mask_c)[..., :, None, None, :]] if masked else []  # [*, R, 1, 1, L]
         if bias is not None:
             biases.append(bias[..., None, :, :, :])  # [*, 1, H, L, L]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from protfold.model.memory import chunk_rows, fp32_island, infer_rows, recompute, upcast
+from protfold.model.memory import chunk_rows, fp32_island, infer_rows, norm_for_linear, recompute, upcast
 from protfold.model.plan import MemoryPlan
 
 __all__ = ["Emit", "add_into", "low_memory_update", "slices", "train_slices"]
@@ -110,18 +110,7 @@ def add_into(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan, emit: Emi
 def _rows_of(mod: Any, z: Tensor, pair_mask: Tensor, edge: str, sl: slice, start: int, n: int, dim: int) -> Tensor:
     """The projected edge for rows (dim -3) or columns (dim -2) start:start+n of z, hidden channels sl."""
     z_part = z.narrow(dim, start, n)
-    return mod._project(_norm_for_linear(mod.norm_in, z_part), pair_mask.narrow(dim + 1, start, n), edge, sl)
-
-
-def _norm_for_linear(norm: Any, z: Tensor) -> Tensor:
-    """norm(z), already in autocast's dtype when autocast would cast it for a Linear (LayerNorm runs in fp32 under
-    CUDA autocast). `_project`'s two Linears would each make that same cast of the pair-row-sized fp32 output;
-    made once here, they read the same rounded values (no grad: nothing to differentiate through the cast)."""
-    z_ln = norm(z)
-    device = z_ln.device.type
-    if torch.is_autocast_enabled(device) and z_ln.dtype == torch.float32:
-        z_ln = z_ln.to(torch.get_autocast_dtype(device))
-    return z_ln
+    return mod._project(norm_for_linear(mod.norm_in, z_part), pair_mask.narrow(dim + 1, start, n), edge, sl)
 
 
 def combined_edge(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> tuple[Tensor | None, list[Tensor]]:
