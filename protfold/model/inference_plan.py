@@ -9,8 +9,10 @@ kept in another dtype, as a single block's benchmark against OpenFold keeps it i
 - floor: z [N, N, c_z] (one copy: the embedders write it in place, every block updates it in place), the
   pair mask [N, N] fp32, the MSA streams m [S, N, c_m] fp32 and e [E, N, c_e] twice each (stream and one update);
 - the low-memory triangle multiplication: its combined edge x [N, N, c_hidden] in the compute dtype (zero on the
-  device with `offload_triangle_edge`) and one fp32 slice of the b edge (a sixteenth of z, `triangle.py`);
-- the attention biases [H, N, N] of MSA row attention and triangle attention (compute dtype, made whole);
+  device with `offload_triangle_edge`) and one fp32 slice of the b edge (a sixteenth of z in fp32; with row chunks
+  of N/8 rows or more, two fp32 row chunks of z more, inside the pair-row transients below: `triangle_exec.py`);
+- the attention biases [H, N, N] of MSA row attention (compute dtype) and triangle attention (fp32: the naive
+  kernel adds it in the logits' up-cast pass), made whole;
 - one chunk's transients, the largest of: attention logits (3 x `attention_chunk_mb`, at least one row's
   [H, N, N] and at most all the logits: logits, softmax, output),
   the pair transition / OPM / LayerNorm rows (`pair_chunk` rows of N), the structure module's IPA rows
@@ -93,8 +95,8 @@ def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelCon
     n = shape.n_res
     pair = n * n
     edge = 0 if mem.offload_triangle_edge else pair * cfg.tri_mul_hidden * a
-    edge += 4 * pair * cfg.c_z // 16  # the fp32 b-edge slice (triangle.py: a sixteenth of z's bytes)
-    biases = pair * a * max(cfg.msa_heads, cfg.pair_heads)
+    edge += 4 * pair * cfg.c_z // 16  # the fp32 b-edge slice (triangle_exec.py: a sixteenth of z in fp32)
+    biases = pair * max(a * cfg.msa_heads, 4 * cfg.pair_heads)  # triangle attention's kept in fp32 (naive kernel)
     r, rs, rh = min(mem.pair_chunk, n), min(mem.structure_chunk, n), min(mem.head_chunk, n)
     whole_logits = 4 * pair * max(shape.n_seq * cfg.msa_heads, shape.n_extra * cfg.extra_msa_heads, n * cfg.pair_heads)
     one_row = 4 * pair * max(cfg.msa_heads, cfg.extra_msa_heads, cfg.pair_heads)  # a chunk holds one row at least

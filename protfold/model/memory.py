@@ -42,6 +42,7 @@ __all__ = [
     "compiled",
     "fp32_island",
     "infer_rows",
+    "norm_for_linear",
     "peak_new_bytes",
     "recompute",
     "reset_compiled",
@@ -107,6 +108,18 @@ def chunk_rows(
         out.narrow(out_dim, start, n).copy_(res)
         del res
     return torch.cat(outs, dim=out_dim) if grad else out  # type: ignore[return-value]
+
+
+def norm_for_linear(norm: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """No grad: norm(x), already in autocast's dtype when autocast would cast it for a Linear (LayerNorm runs in
+    fp32 under CUDA autocast, and on fp32 inputs under CPU autocast). The Linears that read it (two projections of
+    the triangle update, four of an attention) would each make that same cast of a row-chunk-sized fp32 tensor;
+    made once here, they read the same rounded values."""
+    out = norm(x)
+    device = out.device.type
+    if torch.is_autocast_enabled(device) and out.dtype == torch.float32:
+        out = out.to(torch.get_autocast_dtype(device))
+    return out
 
 
 def infer_rows(plan: MemoryPlan, n: int, parts: int = 16) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protfold.model.memory import chunk_rows, fp32_island, upcast
+from protfold.model.memory import chunk_rows, fp32_island, norm_for_linear, upcast
 from protfold.model.plan import MemoryPlan
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,15 @@ def _naive_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) 
     # the bias sum and the softmax are fp32. sdpa and flex keep their own fp32 softmax inside the kernel.
     logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     with fp32_island(logits):
-        logits = upcast(logits)
         if not torch.is_grad_enabled():
-            # No grad: each bias is added in place (fp32 + half promotes exactly, as the up-cast does), so no
-            # fp32 copy of a shared [H, N, N] bias per chunk and no second logits-sized buffer.
+            # No grad: a first fp32 bias is added to the half logits out of place (type promotion up-casts them
+            # exactly: fl(fp32(l) + b), what up-cast then add gives) in one pass over the logits instead of two;
+            # each later bias is added in place (fp32 + half promotes exactly, as the up-cast does), so no fp32
+            # copy of a shared [H, N, N] bias per chunk and no second logits-sized buffer.
+            if biases and _adds_up_cast(logits, biases[0]):
+                logits, biases = torch.add(logits, biases[0]), biases[1:]
+            else:
+                logits = upcast(logits)
             for b in biases:
                 b_dtype = torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype
                 fits = torch.broadcast_shapes(logits.shape, b.shape) == logits.shape
@@ -99,10 +104,17 @@ def _naive_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) 
             probs = torch.softmax(logits, dim=-1)
             del logits
             return torch.matmul(probs.to(v.dtype), v)
+        logits = upcast(logits)
         for b in biases:
             logits = logits + upcast(b)
         probs = torch.softmax(logits, dim=-1)
     return torch.matmul(probs.to(v.dtype), v)
+
+
+def _adds_up_cast(logits: Tensor, bias: Tensor) -> bool:
+    """Whether half `logits` + fp32 `bias` is fp32 of the logits' shape (the up-cast fused into the bias add)."""
+    return (logits.dtype in (torch.float16, torch.bfloat16) and bias.dtype == torch.float32
+            and torch.broadcast_shapes(logits.shape, bias.shape) == logits.shape)
 
 
 def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -> Tensor:
@@ -111,7 +123,13 @@ def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -
     for b in biases:
         mask = b if mask is None else mask + b
     if mask is not None:
-        mask = mask.to(q.dtype).expand(*q.shape[:-1], k.shape[-2]).reshape(-1, *q.shape[-3:-1], k.shape[-2])
+        mask = mask.to(q.dtype)
+        if mask.dim() >= 3 and all(d == 1 for d in mask.shape[:-3]):
+            # shared by every batch row (a pair bias alone, the all-ones mask left out): a view the kernel
+            # broadcasts, not one copy per row of a chunk
+            mask = mask.reshape(1, *mask.shape[-3:])
+        else:
+            mask = mask.expand(*q.shape[:-1], k.shape[-2]).reshape(-1, *q.shape[-3:-1], k.shape[-2])
     flat = [t.reshape(-1, *t.shape[-3:]) for t in (q, k, v)]
     out = F.scaled_dot_product_attention(*flat, attn_mask=mask)
     return out.reshape(*lead, *out.shape[-3:])
@@ -271,10 +289,14 @@ def row_attention(
     chunk's output goes to `emit(start, n, out)` instead of a joined output (see `chunk_rows`).
     """
 
+    # In-place no-grad passes (long sequences): a mask with no zero adds 0 to every logit, exactly nothing, so its
+    # bias is left out, one pass over every chunk's logits fewer (one host sync per call to find out).
+    masked = not (plan.inplace and not torch.is_grad_enabled() and bool((mask == 1).all()))
+
     def run(x_c: Tensor, mask_c: Tensor, bias: Tensor | None) -> Tensor:
         if norm is not None:
-            x_c = norm(x_c)
-        biases = [mask_bias(mask_c)[..., :, None, None, :]]  # [*, R, 1, 1, L]
+            x_c = norm(x_c) if torch.is_grad_enabled() else norm_for_linear(norm, x_c)
+        biases = [mask_bias(mask_c)[..., :, None, None, :]] if masked else []  # [*, R, 1, 1, L]
         if bias is not None:
             biases.append(bias[..., None, :, :, :])  # [*, 1, H, L, L]
         return attn(x_c, x_c, biases, plan=plan)
@@ -283,9 +305,14 @@ def row_attention(
                       emit=emit)
 
 
-def pair_bias_rows(norm: nn.Module, linear: nn.Module, z: Tensor, rows: int) -> Tensor:
+def pair_bias_rows(norm: nn.Module, linear: nn.Module, z: Tensor, rows: int, *, fp32: bool = False) -> Tensor:
     """No grad: the attention bias linear(norm(z)) as [*, H, N, N], built row chunk by row chunk of z
-    [*, N, N, c_z], so LayerNorm(z) (fp32 under CUDA autocast) never exists at the full pair size."""
+    [*, N, N, c_z], so LayerNorm(z) (fp32 under CUDA autocast) never exists at the full pair size.
+
+    `fp32`: kept up-cast (exactly: the naive kernel up-casts it anyway), so the naive kernel adds it to the half
+    logits in the same pass as their up-cast (`_naive_attention`); twice the bytes of a half bias."""
+    if fp32:
+        return chunk_rows(lambda z_: upcast(linear(norm(z_))).movedim(-1, -3), [z], [-3], rows, out_dim=-2)
     return chunk_rows(lambda z_: linear(norm(z_)).movedim(-1, -3), [z], [-3], rows, out_dim=-2)
 
 

@@ -9,11 +9,12 @@ large N, the projections and gates are made one channel slice at a time (slices 
 `plan.triangle_slice_mb` per fp32 edge) and recomputed per slice, the output gate per row chunk.
 
 Without grad (`combined_edge`, then `finish_rows`): b is built channels-first in at least fp32, one channel slice
-at a time from row chunks of z (at most `_INFER_EDGE_FRACTION` of z's bytes), a only for each output row chunk,
-so the k-sum is a batched matmul with no permuted copies; the combined edge x [*, N, N, c_hidden] is complete
-before any output row is made. `add_into` adds the output into z row chunk by row chunk (x reads all of z, and
-each output row chunk needs only its own rows of z and x); `low_memory_update` writes it over x instead. With
-`plan.offload_triangle_edge` x lives in (pinned) host memory, one [*, N, N, width] tensor per channel slice.
+at a time from row chunks of z (at most `_INFER_EDGE_FRACTION` of z's bytes, more with large row chunks), a only
+for each output row chunk, so the k-sum is a batched matmul with no permuted copies; the combined edge
+x [*, N, N, c_hidden] is complete before any output row is made. `add_into` adds the output into z row chunk by
+row chunk (x reads all of z, and each output row chunk needs only its own rows of z and x); `low_memory_update`
+writes it over x instead. With `plan.offload_triangle_edge` x lives in (pinned) host memory, one [*, N, N, width]
+tensor per channel slice.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from protfold.model.memory import chunk_rows, fp32_island, infer_rows, recompute, upcast
+from protfold.model.memory import chunk_rows, fp32_island, infer_rows, norm_for_linear, recompute, upcast
 from protfold.model.plan import MemoryPlan
 
 __all__ = ["Emit", "add_into", "low_memory_update", "slices", "train_slices"]
@@ -36,6 +37,15 @@ Emit = Callable[[int, int, int, Tensor], None]
 _ROW_CHUNKS_TRAIN = 4  # with grad: rows of z in this many slices for the output gate when pair_chunk is unset
 # no grad: one fp32 [slice, N, N] edge is at most this fraction of z's bytes
 _INFER_EDGE_FRACTION = 1 / 16
+# With row chunks of at least N / _INFER_EDGE_MIN_PARTS rows (the planner picks them when memory is plentiful) the
+# slice may be larger: the fraction of z's bytes counted in fp32 (as the planner counts the slice), plus this many
+# fp32 row chunks of z ([rows, N, c_z] each), room the planner counts as one pair-row chunk's transients (the pair
+# transition's hidden rows, 2 x transition_factor of them, and the OPM's outer products), not alive while the
+# triangle update runs. Each slice remakes LN(z) and the projections for every row of z, so wider slices cut that
+# work (2 slices instead of 32 for a bf16 z with 1024-row chunks at N = 4096). Memory-tight plans (small chunks)
+# keep the fraction of z's own bytes: the room would widen their slices little and raise their peak.
+_INFER_EDGE_ROW_CHUNKS = 2
+_INFER_EDGE_MIN_PARTS = 8
 
 
 def slices(c_hidden: int, parts: int) -> list[slice]:
@@ -86,9 +96,9 @@ def _train(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> Tensor:
 def add_into(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan, emit: Emit) -> None:
     """No grad: z += update, the update emitted row chunk by row chunk (`emit(-3, start, n, rows)`).
 
-    Alive at once besides z: x [*, N, N, c_hidden] (compute dtype; on the host with offload), one fp32 b slice
-    and row-chunk transients, about 2.2x the pair tensor when c_hidden = c_z. Without low_memory_triangle: the
-    plain update, added whole.
+    Alive at once besides z: x [*, N, N, c_hidden] (compute dtype; on the host with offload), one fp32 b slice (a
+    sixteenth of z in fp32 and two fp32 row chunks of z at most) and row-chunk transients, about 2.2x the pair
+    tensor when c_hidden = c_z. Without low_memory_triangle: the plain update, added whole.
     """
     if not plan.low_memory_triangle:
         emit(-3, 0, z.shape[-3], mod(z, pair_mask, plan=plan))
@@ -100,7 +110,7 @@ def add_into(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan, emit: Emi
 def _rows_of(mod: Any, z: Tensor, pair_mask: Tensor, edge: str, sl: slice, start: int, n: int, dim: int) -> Tensor:
     """The projected edge for rows (dim -3) or columns (dim -2) start:start+n of z, hidden channels sl."""
     z_part = z.narrow(dim, start, n)
-    return mod._project(mod.norm_in(z_part), pair_mask.narrow(dim + 1, start, n), edge, sl)
+    return mod._project(norm_for_linear(mod.norm_in, z_part), pair_mask.narrow(dim + 1, start, n), edge, sl)
 
 
 def combined_edge(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> tuple[Tensor | None, list[Tensor]]:
@@ -109,6 +119,9 @@ def combined_edge(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> t
     n_res = z.shape[-3]
     rows = infer_rows(plan, n_res)
     edge_bytes = z.numel() * z.element_size() * _INFER_EDGE_FRACTION
+    if rows * _INFER_EDGE_MIN_PARTS >= n_res:  # plentiful memory: wider slices (see _INFER_EDGE_ROW_CHUNKS)
+        wide = max(z.element_size(), 4)
+        edge_bytes = z.numel() * wide * _INFER_EDGE_FRACTION + _INFER_EDGE_ROW_CHUNKS * wide * z.numel() // n_res * rows
     per_channel = z[..., 0].numel() * 4
     host = plan.offload_triangle_edge
     x: Tensor | None = None

@@ -180,6 +180,7 @@ def test_offloaded_triangle_edge_is_built_in_host_memory(monkeypatch, mask_facto
 
     monkeypatch.setattr(triangle, "_host_buffer", spy)
     monkeypatch.setattr(triangle, "_INFER_EDGE_FRACTION", 1 / 64)  # force several channel slices here
+    monkeypatch.setattr(triangle, "_INFER_EDGE_ROW_CHUNKS", 0)
     z, mask = torch.randn(2, 9, 9, 6), mask_factory(2, 9, 9)
     outs = []
     for host in (False, True):
