@@ -68,6 +68,8 @@ def main() -> int:
     parser.add_argument("--time_limit", type=float, default=420.0, help="seconds for all crops' bench runs")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per mode (the median is compared)")
     args = parser.parse_args()
+    if args.steps < 1 or args.time_limit <= 0:
+        raise SystemExit(f"auto_check: --steps must be >= 1 and --time_limit > 0; got {args.steps}, {args.time_limit}")
     if not torch.cuda.is_available():
         raise SystemExit("auto_check: needs a CUDA device")
     if args.card_gib:

@@ -68,6 +68,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if not (args.shims / "of_step.py").is_file():
+        raise SystemExit(f"openfold_block.py: {args.shims}: no of_step.py there (--shims names the folder of "
+                         "../shared/bench/openfold/of_step.py)")
+    if min(args.lengths) < 1 or args.rows < 1 or args.chunk < 1:
+        raise SystemExit("openfold_block.py: --lengths, --rows and --chunk must be >= 1")
+    try:
+        importlib.import_module("openfold")
+    except ImportError as err:
+        raise SystemExit(f"openfold_block.py: OpenFold's package is not importable ({err}); put the folder holding "
+                         "openfold/ on PYTHONPATH") from None
     sys.path.insert(0, str(args.shims))
     of_step = importlib.import_module("of_step")
     of_step._stub_modules()

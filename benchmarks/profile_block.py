@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if args.n < 1 or (args.budget_gib is not None and args.budget_gib <= 0):
+        raise SystemExit(f"profile_block.py: --n must be >= 1 and --budget_gib > 0; got {args.n}, {args.budget_gib}")
     dev = torch.device(args.device)
     cfg = model_preset("af2_ptm")
     pair_dtype = getattr(torch, args.pair_dtype)
