@@ -289,14 +289,10 @@ def row_attention(
     chunk's output goes to `emit(start, n, out)` instead of a joined output (see `chunk_rows`).
     """
 
-    # In-place no-grad passes (long sequences): a mask with no zero adds 0 to every logit, exactly nothing, so its
-    # bias is left out, one pass over every chunk's logits fewer (one host sync per call to find out).
-    masked = not (plan.inplace and not torch.is_grad_enabled() and bool((mask == 1).all()))
-
     def run(x_c: Tensor, mask_c: Tensor, bias: Tensor | None) -> Tensor:
         if norm is not None:
             x_c = norm(x_c) if torch.is_grad_enabled() else norm_for_linear(norm, x_c)
-        biases = [mask_bias(mask_c)[..., :, None, None, :]] if masked else []  # [*, R, 1, 1, L]
+        biases = [mask_bias(mask_c)[..., :, None, None, :]]  # [*, R, 1, 1, L]
         if bias is not None:
             biases.append(bias[..., None, :, :, :])  # [*, 1, H, L, L]
         return attn(x_c, x_c, biases, plan=plan)
