@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from protfold.plan.cost import COST_TABLE
-from protfold.plan.fit import fit_table, leave_one_out, model_errors
+from protfold.plan.fit import fit_table, leave_one_out, load_points, model_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=Path, default=ROOT / "benchmarks" / "gpu")
     parser.add_argument("--out", type=Path, default=COST_TABLE)
     args = parser.parse_args(argv)
+    if not load_points(args.records):  # before anything is written: an empty fit would replace the shipped table
+        raise SystemExit(f"fit_cost_model.py: {args.records}: no af2 training records (results.json) to fit")
     table = fit_table(args.records)
     args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     rows = model_errors(args.records, table)

@@ -143,8 +143,11 @@ def resolve_auto_modes(argv: list[str]) -> list[str]:
     if any("," in v for v in values):
         raise SystemExit("protfold bench: --modes auto is resolved for one point: give one --model, --crops, --rows, "
                          "--extra-rows and --precisions")
-    cfg = model_preset(args.model)
-    shape = Shape(int(args.crops), int(args.rows), int(args.extra_rows), args.recycles, args.precisions)
+    try:
+        cfg = model_preset(args.model)
+        shape = Shape(int(args.crops), int(args.rows), int(args.extra_rows), args.recycles, args.precisions)
+    except ValueError as err:
+        raise SystemExit(f"protfold bench --modes auto: {err}") from None
     import torch
 
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

@@ -94,6 +94,12 @@ def _variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         chosen[f"{mode}_{args.mode_precision}"] = {"precision": args.mode_precision, "memory": mode}
     if REFERENCE not in chosen:
         raise SystemExit(f"protfold bench --stability: the reference variant {REFERENCE!r} must be in --variants")
+    for name, spec in chosen.items():  # before any variant trains: a bad preset must not end a long run half-way
+        try:
+            load_memory_preset(spec["memory"])
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            raise SystemExit(f"protfold bench --stability: variant {name}: memory preset {spec['memory']!r}: "
+                             f"{err}".splitlines()[0]) from None
     return chosen
 
 

@@ -45,6 +45,8 @@ def test_stability_end_to_end_on_tiny(prepared_samples, tmp_path, capsys):
     (["--variants", "bf16"], "reference variant 'fp32' must be in --variants"),
     (["--ids", "nosuch_A"], "no such prepared entry"),
     (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--modes", "nosuchmode"], "variant nosuchmode_bf16: memory preset 'nosuchmode'"),
+    (["--memory", "nosuch"], "variant fp32: memory preset 'nosuch'"),
 ])
 def test_stability_bad_arguments_fail_in_one_line(prepared_samples, argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -109,3 +109,28 @@ def test_auto_is_taken_out_of_argv():
     assert take_auto_memory(["fit", "--model.memory", "auto", "-c", "x"]) == (["fit", "-c", "x"], True)
     assert take_auto_memory(["fit", "--model.memory=auto"]) == (["fit"], True)
     assert take_auto_memory(["fit", "--model.memory", "low"]) == (["fit", "--model.memory", "low"], False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nosuch", "--crops", "64"], "unknown model preset 'nosuch'"),
+    (["--crops", "6x4"], "invalid literal"),
+])
+def test_bench_modes_auto_refuses_a_bad_point_in_one_line(argv, message):
+    from protfold.bench.plan import resolve_auto_modes
+
+    with pytest.raises(SystemExit, match=f"protfold bench --modes auto: .*{message}"):
+        resolve_auto_modes(["--modes", "auto", "--device", "cpu", *argv])
+
+
+def test_fit_cost_model_refuses_an_empty_records_folder_before_writing(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "fit_cost_model.py"
+    spec = importlib.util.spec_from_file_location("fit_cost_model", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "table.json"
+    with pytest.raises(SystemExit, match="no af2 training records"):
+        module.main(["--records", str(tmp_path / "empty"), "--out", str(out)])
+    assert not out.exists()
