@@ -103,7 +103,8 @@ def _variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return chosen
 
 
-def _batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+def _batches(args: argparse.Namespace) -> tuple[list[str], list[dict[str, torch.Tensor]]]:
+    """The entries trained on (--ids, or the cache's first 3) and one fixed crop of each."""
     ids = args.ids.split(",") if args.ids else list_entries(args.cache)[:3]
     if not ids:
         raise SystemExit(f"protfold bench --stability: {args.cache}: no prepared entries")
@@ -114,7 +115,7 @@ def _batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
         if not path.is_file():
             raise SystemExit(f"protfold bench --stability: {path}: no such prepared entry (--ids)")
         batches.append(collate([make_example(read_entry(path), data, seed=args.seed + i, train=True)]))
-    return batches
+    return ids, batches
 
 
 class _Capture:
@@ -265,14 +266,13 @@ def main(argv: list[str]) -> int:
     if args.jobs < 1:
         raise SystemExit(f"protfold bench --stability: --jobs must be >= 1, got {args.jobs}")
     variants = _variants(args)
-    batches = _batches(args)
+    ids, batches = _batches(args)
     cfg = model_preset(args.model)
     gen = torch.Generator().manual_seed(args.seed)
     draws = [(int(torch.randint(0, cfg.max_recycles + 1, (1,), generator=gen)),
               bool(torch.rand((), generator=gen) < LossConfig().fape_clamp_prob)) for _ in range(args.stability)]
     torch.manual_seed(args.seed)
     state = {k: v.clone() for k, v in AlphaFold(cfg=cfg).state_dict().items()}
-    ids = args.ids.split(",") if args.ids else list_entries(args.cache)[:3]
     meta = {"model": args.model, "crop": args.crop, "rows": args.rows, "extra_rows": args.extra_rows,
             "steps": args.stability, "ids": ids, "lr": args.lr, "warmup_steps": args.warmup_steps,
             "seed": args.seed, "reference": REFERENCE, "variant_specs": variants,
