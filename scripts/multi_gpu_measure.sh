@@ -13,8 +13,9 @@ MODE=${1:?scaling, maxcrop or resume}
 OUT=${2:?output folder}
 shift 2
 mkdir -p "$OUT"
-[ -d cache/samples ] || protfold prepare data/samples --out cache/samples --msa_dir data/samples/msas --no_progress
-BASE=(-c configs/sample.yaml -c configs/gpu_af2.yaml --trainer.max_steps 8 --trainer.limit_val_batches 0
+CACHE="$OUT/cache"  # the prepared samples live under OUT: nothing is written outside the folder named
+[ -d "$CACHE" ] || protfold prepare data/samples --out "$CACHE" --msa_dir data/samples/msas --no_progress
+BASE=(-c configs/sample.yaml -c configs/gpu_af2.yaml --data.cache_dir "$CACHE" --trainer.max_steps 8 --trainer.limit_val_batches 0
       --data.samples_per_epoch 64 --trainer.enable_progress_bar false)
 INITIAL=(--data.crop_size 256 --data.max_msa_clusters 128 --data.max_extra_msa 1024)
 FINETUNE=(--data.crop_size 384 --data.max_msa_clusters 512 --data.max_extra_msa 5120)
