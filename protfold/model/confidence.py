@@ -36,8 +36,13 @@ def predicted_aligned_error(logits: Tensor, *, max_bin: float = 31.0) -> tuple[T
     with fp32_island(logits):
         logits = upcast(logits)
         centres = aligned_error_bin_centres(logits.shape[-1], max_bin, dtype=logits.dtype, device=logits.device)
-        pae = torch.sum(torch.softmax(logits, dim=-1) * centres, dim=-1)
+        pae = _expected_error(torch.softmax(logits, dim=-1), centres)
     return pae, centres[-1]
+
+
+def _expected_error(probs: Tensor, centres: Tensor) -> Tensor:
+    """The expected aligned error [*, n, N] of bin probabilities [*, n, N, bins] with bin centres [bins]."""
+    return torch.sum(probs * centres, dim=-1)
 
 
 def predicted_tm_score(logits: Tensor, residue_weights: Tensor | None = None, *, max_bin: float = 31.0,
@@ -57,7 +62,7 @@ def predicted_tm_score(logits: Tensor, residue_weights: Tensor | None = None, *,
             residue_weights = logits.new_ones(logits.shape[:-2])
         weights = residue_weights.to(logits.dtype)
         tm_per_bin, normed = _tm_terms(weights, logits.shape[-1], max_bin, eps)
-        per_alignment = _per_alignment(logits, tm_per_bin, normed)  # [*, N]
+        per_alignment = _per_alignment(torch.softmax(logits, dim=-1), tm_per_bin, normed)  # [*, N]
         return _best_alignment(per_alignment, weights)
 
 
@@ -70,9 +75,9 @@ def _tm_terms(weights: Tensor, n_bins: int, max_bin: float, eps: float = 1e-8) -
     return tm_per_bin, weights / (eps + total[..., None])
 
 
-def _per_alignment(logits: Tensor, tm_per_bin: Tensor, normed: Tensor) -> Tensor:
-    """Rows i of logits [*, n, N, bins] -> the expected TM-score aligned on each i, [*, n]."""
-    expected = torch.sum(torch.softmax(logits, dim=-1) * tm_per_bin[..., None, None, :], dim=-1)  # [*, n, N]
+def _per_alignment(probs: Tensor, tm_per_bin: Tensor, normed: Tensor) -> Tensor:
+    """Rows i of bin probabilities [*, n, N, bins] -> the expected TM-score aligned on each i, [*, n]."""
+    expected = torch.sum(probs * tm_per_bin[..., None, None, :], dim=-1)  # [*, n, N]
     return torch.sum(expected * normed[..., None, :], dim=-1)
 
 
@@ -101,8 +106,8 @@ def pae_and_ptm_in_rows(logits_rows: Callable[[int, int], Tensor], n_res: int, r
         tm_per_bin, normed = _tm_terms(weights, n_bins, max_bin)
         for start in range(0, n_res, rows):
             n = min(rows, n_res - start)
-            logits = upcast(logits_rows(start, n)).to(dtype)
-            pae.narrow(-2, start, n).copy_(torch.sum(torch.softmax(logits, dim=-1) * centres, dim=-1))
-            per_alignment.narrow(-1, start, n).copy_(_per_alignment(logits, tm_per_bin, normed))
-            del logits
+            probs = torch.softmax(upcast(logits_rows(start, n)).to(dtype), dim=-1)  # once for PAE and pTM
+            pae.narrow(-2, start, n).copy_(_expected_error(probs, centres))
+            per_alignment.narrow(-1, start, n).copy_(_per_alignment(probs, tm_per_bin, normed))
+            del probs
         return pae, centres[-1], _best_alignment(per_alignment, weights)
