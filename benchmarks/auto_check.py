@@ -8,6 +8,10 @@ more than it ever was, so those are not run (they would cost minutes each). Writ
 records) and OUT/auto_check.json, prints one line per crop.
 
     python3 benchmarks/auto_check.py --out /tmp/auto_check [--crops 256,512,768] [--card_gib GIB] [--steps N]
+    python3 benchmarks/auto_check.py --out /tmp/verdict --records RECORDS --crops 384,512 --card_gib 139.1
+
+The second form judges bench records measured before (a call stopped before writing auto_check.json) with the
+cost model as it is now, on any machine.
 
 Each crop's bench run compiles every compiled mode it measures (about a minute each on an H200): three crops
 take about 8 minutes; one device call can run them one crop at a time.
@@ -31,7 +35,9 @@ RATIO = 1.6
 NOISE = 0.05
 
 
-def check(crop: int, budget: float, out: Path, time_limit: float, steps: int = 1) -> dict:
+def check(crop: int, budget: float, out: Path, time_limit: float, steps: int = 1, records: Path | None = None
+          ) -> dict:
+    """Plan at `crop`, measure (or, with `records`, read that folder's crop_N/results.json) and judge the pick."""
     cfg = model_preset("af2")
     rows = plan(cfg, Shape(crop, 128, 1024, 0, "bf16"), n_params=count_parameters(cfg), budget_bytes=budget)
     pick = choose(rows)
@@ -40,11 +46,14 @@ def check(crop: int, budget: float, out: Path, time_limit: float, steps: int = 1
     # the pick first, so a time limit never skips it
     run = [pick.mode] + [r.mode for r in rows if r.fits and r.mode != pick.mode
                          and r.pred.time_s <= RATIO * pick.pred.time_s]
-    folder = out / f"crop_{crop}"
-    bench(["--model", "af2", "--device", "cuda", "--precisions", "bf16", "--crops", str(crop), "--rows", "128",
-           "--extra-rows", "1024", "--recycles", "0", "--steps", str(steps), "--warmup", "1", "--no-infer",
-           "--time-limit", str(time_limit), "--modes", ",".join(run), "--out", str(folder)])
+    folder = (records or out) / f"crop_{crop}"
+    if records is None:
+        bench(["--model", "af2", "--device", "cuda", "--precisions", "bf16", "--crops", str(crop), "--rows", "128",
+               "--extra-rows", "1024", "--recycles", "0", "--steps", str(steps), "--warmup", "1", "--no-infer",
+               "--time-limit", str(time_limit), "--modes", ",".join(run), "--out", str(folder)])
     measured = {r["mode"]: r for r in json.loads((folder / "results.json").read_text())}
+    if pick.mode not in measured:
+        return {"crop": crop, "pick": pick.mode, "verdict": f"the pick was not measured in {folder}"}
     chosen = measured[pick.mode]
     ok = {m: r for m, r in measured.items() if r["status"] == "ok"}
     fastest = min(ok, key=lambda m: ok[m]["step_time_s"]) if ok else None
@@ -52,6 +61,7 @@ def check(crop: int, budget: float, out: Path, time_limit: float, steps: int = 1
     return {
         "crop": crop, "budget_gib": budget / GIB, "pick": pick.mode, "measured_modes": run,
         "not_run": [r.mode for r in rows if r.fits and r.mode not in run],
+        "not_finished": [m for m in run if m not in measured],
         "predicted": {r.mode: {"peak_gib": r.pred.peak_gib, "time_s": r.pred.time_s} for r in rows if r.fits},
         "measured": {m: {"status": r["status"], "peak_gib": r["peak_bytes"] and r["peak_bytes"] / GIB,
                          "time_s": r["step_time_s"]} for m, r in measured.items()},
@@ -67,10 +77,18 @@ def main() -> int:
     parser.add_argument("--card_gib", type=float, default=None, help="pretend card (default: the real free memory)")
     parser.add_argument("--time_limit", type=float, default=420.0, help="seconds for all crops' bench runs")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per mode (the median is compared)")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="judge the bench records in RECORDS/crop_N/ instead of measuring (no GPU; needs "
+                        "--card_gib, the card's free GiB when they were measured)")
     args = parser.parse_args()
     if args.steps < 1 or args.time_limit <= 0:
         raise SystemExit(f"auto_check: --steps must be >= 1 and --time_limit > 0; got {args.steps}, {args.time_limit}")
-    if not torch.cuda.is_available():
+    if args.records is not None:
+        missing = [c for c in args.crops.split(",") if not (args.records / f"crop_{c}" / "results.json").is_file()]
+        if missing or not args.card_gib:
+            raise SystemExit(f"auto_check: --records {args.records}: needs --card_gib and crop_N/results.json for "
+                             f"every crop; missing: {', '.join(missing) or '--card_gib'}")
+    elif not torch.cuda.is_available():
         raise SystemExit("auto_check: needs a CUDA device")
     if args.card_gib:
         budget = args.card_gib * GIB * (1 - SAFETY_FRACTION) - SAFETY_GIB * GIB
@@ -79,11 +97,11 @@ def main() -> int:
     crops = [int(c) for c in args.crops.split(",")]
     results = []
     for crop in crops:  # each crop's bench run gets an equal share of the time limit
-        results.append(check(crop, budget, args.out, args.time_limit / len(crops), args.steps))
+        results.append(check(crop, budget, args.out, args.time_limit / len(crops), args.steps, args.records))
         r = results[-1]
         print(f"# crop {crop}: auto picks {r['pick']}; fits (measured peak within {budget / GIB:.2f} GiB): "
               f"{r.get('pick_fits')}; fastest measured {r.get('fastest_measured')} of {r.get('measured_modes')} "
-              f"(pick's time / fastest: {r.get('pick_time_over_fastest')}); "
+              f"(pick's time / fastest: {r.get('pick_time_over_fastest')}); not finished: {r.get('not_finished')}; "
               f"not run (predicted > {RATIO}x slower): {r.get('not_run')}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "auto_check.json").write_text(json.dumps(results, indent=1) + "\n")

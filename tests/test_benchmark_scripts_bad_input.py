@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("openfold_block.py", ["--shims", "{tmp}", "--lengths", "0"], "no of_step.py there"),
     ("profile_block.py", ["--n", "0", "--out", "{tmp}"], "--n must be >= 1"),
     ("auto_check.py", ["--out", "{tmp}", "--steps", "0"], "--steps must be >= 1"),
+    ("auto_check.py", ["--out", "{tmp}", "--records", "{tmp}", "--crops", "256"], "missing: 256"),
 ])
 def test_bad_arguments_fail_in_one_line(script, args, message, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -26,3 +28,21 @@ def test_bad_arguments_fail_in_one_line(script, args, message, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("flex_time, verdict_rc", [(1.30, 0), (1.80, 1)])
+def test_auto_check_judges_recorded_runs_without_a_gpu(flex_time, verdict_rc, tmp_path):
+    """--records: auto's pick at crop 256 (compiled_flex on a 139 GiB card) against the measured modes."""
+    records = tmp_path / "records"
+    (records / "crop_256").mkdir(parents=True)
+    runs = [{"mode": "compiled_flex", "status": "ok", "peak_bytes": 4 * 2**30, "step_time_s": flex_time},
+            {"mode": "compiled", "status": "ok", "peak_bytes": 7 * 2**30, "step_time_s": 1.55}]
+    (records / "crop_256" / "results.json").write_text(json.dumps(runs))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "auto_check.py"), "--out", str(tmp_path / "out"),
+                             "--records", str(records), "--crops", "256", "--card_gib", "139.29"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == verdict_rc, result.stderr
+    (row,) = json.loads((tmp_path / "out" / "auto_check.json").read_text())
+    assert row["pick"] == "compiled_flex" and row["pick_fits"]
+    assert row["fastest_measured"] == ("compiled_flex" if verdict_rc == 0 else "compiled")
