@@ -22,19 +22,23 @@ The plain path (no switch) is counted as three pair tensors (the recycled z, the
 previous pass's distogram and PAE logits, and the two largest whole-size intermediates it makes: the triangle update's
 projections, triangle attention's logits [N, H, N, N], MSA row attention's [S, H, N, N] and [E, H, N, N], the
 distogram and PAE
-logits and IPA's point differences. Plans are tested to compute the plain path's outputs (tests/model/
+logits and IPA's point differences. A plan with the triangle edge in host memory also needs the edge
+[N, N, c_hidden] (compute dtype) in host memory: it is taken only if the edge fits `HEADROOM` x the host's available
+memory (`host_bytes`, default `available_host_bytes()`). Plans are tested to compute the plain path's outputs (tests/model/
 test_inference_plan.py) and their counts against peaks measured on the CPU (`memory.peak_new_bytes`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from protfold.config import MemoryConfig, ModelConfig
 
-__all__ = ["HEADROOM", "NEAR_SMALLEST", "InferenceShape", "plan_inference", "predicted_peak_bytes"]
+__all__ = ["HEADROOM", "NEAR_SMALLEST", "InferenceShape", "available_host_bytes", "host_edge_bytes", "plan_inference",
+           "predicted_peak_bytes"]
 
 GiB = 2**30
 # fraction of the budget plans may use: the allocator's fragmentation and cuBLAS / kernel workspaces come on top
@@ -109,9 +113,28 @@ def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelCon
     return _floor(shape, cfg, z_bytes) + edge + biases + max(transients)
 
 
+def host_edge_bytes(n_res: int, cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Host bytes of a plan with the triangle edge in host memory: the combined edge [N, N, c_hidden] in the compute
+    dtype (`triangle_exec._host_buffer`, one tensor per channel slice; only one triangle update's edge is alive)."""
+    return n_res * n_res * cfg.tri_mul_hidden * dtype.itemsize
+
+
+def available_host_bytes() -> int:
+    """The host memory available to new allocations: MemAvailable of /proc/meminfo (Linux; counts reclaimable page
+    cache), else the free physical pages (`os.sysconf`)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def _candidates(n_res: int) -> list[tuple[str, MemoryConfig]]:
     """Plans from fastest to smallest: the plain path, then chunked ones with ever smaller chunks, then with the
-    triangle edge in pinned host memory (copying it back costs time, so it comes last)."""
+    triangle edge in host memory (copying it back costs time, so it comes last)."""
     plans = [("plain (no chunking)", MemoryConfig())]
     rows = [r for r in _ROWS if r <= n_res] or [1]
     for offload in (False, True):
@@ -120,37 +143,51 @@ def _candidates(n_res: int) -> list[tuple[str, MemoryConfig]]:
                 mem = MemoryConfig(pair_chunk=r, attention_chunk_mb=cap, low_memory_triangle=True,
                                    offload_triangle_edge=offload, structure_chunk=r, head_chunk=r)
                 plans.append((f"chunks of {r} rows, attention chunks <= {cap:g} MiB, in-place triangle updates"
-                              + (", triangle edge in pinned host memory" if offload else ""), mem))
+                              + (", triangle edge in host memory (pinned where possible)" if offload else ""), mem))
     return plans
 
 
 def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, model_cfg: ModelConfig,
                    dtype: torch.dtype = torch.bfloat16,
-                   pair_dtype: torch.dtype = torch.float32) -> tuple[MemoryConfig, int, str]:
-    """The fastest inference `MemoryConfig` whose predicted peak fits `HEADROOM` x `budget_bytes`.
+                   pair_dtype: torch.dtype = torch.float32, *,
+                   host_bytes: int | None = None) -> tuple[MemoryConfig, int, str]:
+    """The fastest inference `MemoryConfig` whose predicted peak fits `HEADROOM` x `budget_bytes`, and, for a plan
+    with the triangle edge in host memory, whose edge (`host_edge_bytes`) fits `HEADROOM` x `host_bytes` (default:
+    `available_host_bytes()`); plans whose edge does not fit the host are never returned.
 
     Returns (plan, its predicted peak in bytes, a one-line explanation). When no plan fits, the fastest of those
     within `NEAR_SMALLEST` of the smallest predicted peak (the floor dominates there, and chunks of one row would
     cost thousands of kernel launches for a few MiB), and the explanation says it does not fit. Raises ValueError
-    on shapes < 1 or a budget <= 0.
+    on shapes < 1, a budget <= 0 or host_bytes < 0.
     """
     if min(n_res, n_seq) < 1 or n_extra < 0:
         raise ValueError(f"plan_inference: n_res and n_seq must be >= 1, n_extra >= 0; got {n_res}, {n_seq}, {n_extra}")
     if budget_bytes <= 0:
         raise ValueError(f"plan_inference: budget_bytes must be > 0, got {budget_bytes}")
+    if host_bytes is None:
+        host_bytes = available_host_bytes()
+    if host_bytes < 0:
+        raise ValueError(f"plan_inference: host_bytes must be >= 0, got {host_bytes}")
     shape = InferenceShape(n_res, n_seq, n_extra)
     usable = int(budget_bytes * HEADROOM)
+    host_edge = host_edge_bytes(n_res, model_cfg, dtype)
+    host_fits = host_edge <= int(host_bytes * HEADROOM)
     scored = [(name, mem, predicted_peak_bytes(mem, shape, model_cfg, dtype, pair_dtype))
-              for name, mem in _candidates(n_res)]
+              for name, mem in _candidates(n_res) if host_fits or not mem.offload_triangle_edge]
     head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows, budget {_size(budget_bytes)}"
     for name, mem, peak in scored:
         if peak <= usable:
-            return mem, peak, f"{head}: {name}; predicted peak {_size(peak)}"
+            host = (f"; triangle edge {_size(host_edge)} in host memory, {_size(host_bytes)} available"
+                    if mem.offload_triangle_edge else "")
+            return mem, peak, f"{head}: {name}; predicted peak {_size(peak)}{host}"
     smallest = min(peak for _, _, peak in scored)
     name, mem, peak = next(item for item in scored if item[2] <= smallest * (1 + NEAR_SMALLEST))
     z_bytes = torch.empty((), dtype=pair_dtype).element_size() * n_res**2 * model_cfg.c_z
-    return mem, peak, (f"{head}: DOES NOT FIT: the smallest plan ({name}) needs about {_size(peak)} "
-                       f"(the pair representation alone is {_size(z_bytes)})")
+    host = "" if host_fits else (f"; plans with the triangle edge in host memory are out: the edge "
+                                 f"({_size(host_edge)}) does not fit {HEADROOM:.0%} of the host's available "
+                                 f"{_size(host_bytes)}")
+    return mem, peak, (f"{head}: DOES NOT FIT: the smallest plan ({name}) needs about {_size(peak)} on the device "
+                       f"(the pair representation alone is {_size(z_bytes)}){host}")
 
 
 def _size(n_bytes: float) -> str:

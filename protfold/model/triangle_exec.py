@@ -13,12 +13,14 @@ at a time from row chunks of z (at most `_INFER_EDGE_FRACTION` of z's bytes, mor
 for each output row chunk, so the k-sum is a batched matmul with no permuted copies; the combined edge
 x [*, N, N, c_hidden] is complete before any output row is made. `add_into` adds the output into z row chunk by
 row chunk (x reads all of z, and each output row chunk needs only its own rows of z and x); `low_memory_update`
-writes it over x instead. With `plan.offload_triangle_edge` x lives in (pinned) host memory, one [*, N, N, width]
-tensor per channel slice.
+writes it over x instead. With `plan.offload_triangle_edge` x lives in host memory, one [*, N, N, width]
+tensor per channel slice: pinned where the host can lock it, else (once a pinned allocation has failed for lack of
+memory, for the rest of the process) pageable, with the same results and slower copies (`_host_buffer`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +31,8 @@ from protfold.model.memory import chunk_rows, fp32_island, infer_rows, norm_for_
 from protfold.model.plan import MemoryPlan
 
 __all__ = ["Emit", "add_into", "low_memory_update", "slices", "train_slices"]
+
+log = logging.getLogger(__name__)
 
 # Emit(dim, start, n, update): add `update` (the module's output for positions start:start+n along `dim` of z,
 # dim -3 rows or -2 columns) into the residual stream in place. Used by the no-grad in-place executors.
@@ -46,6 +50,12 @@ _INFER_EDGE_FRACTION = 1 / 16
 # keep the fraction of z's own bytes: the room would widen their slices little and raise their peak.
 _INFER_EDGE_ROW_CHUNKS = 2
 _INFER_EDGE_MIN_PARTS = 8
+# What a failed pinned (page-locked) host allocation raises: torch.AcceleratorError (a RuntimeError; newer torch)
+# from cudaHostAlloc, torch.OutOfMemoryError, or a plain RuntimeError; told apart from other errors by the message.
+_PIN_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None), getattr(torch, "OutOfMemoryError", None),
+                                RuntimeError) if e is not None)
+# Set when a pinned allocation has failed for lack of memory: the host edge is pageable from then on.
+_pin_failed = False
 
 
 def slices(c_hidden: int, parts: int) -> list[slice]:
@@ -137,7 +147,7 @@ def combined_edge(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> t
                 b32 = torch.empty(*z.shape[:-3], part.shape[-1], n_res, n_res, device=z.device,
                                   dtype=torch.promote_types(part.dtype, torch.float32))
                 if host:  # this slice's part of x, in the compute dtype, in host memory
-                    x_host.append(_host_buffer(z, sl.stop - sl.start, part.dtype))
+                    x_host.append(_host_buffer((*z.shape[:-1], sl.stop - sl.start), part.dtype, pin=z.is_cuda))
                 elif x is None:  # x in the compute dtype (bf16 under autocast), like the plain path
                     x = z.new_empty(*z.shape[:-1], mod.c_hidden, dtype=part.dtype)
             b32.narrow(-2, start, n).copy_(part.movedim(-1, -3))
@@ -155,6 +165,8 @@ def combined_edge(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> t
                 part = a32 @ b32.transpose(-1, -2) if mod.outgoing else a32 @ b32  # [*, c, i, j]
             del a32
             if host:  # rows i of this slice, made contiguous on the device: one contiguous async copy
+                # (into pageable memory cudaMemcpyAsync returns only once the copy is done: `dst` holds the rows
+                # when copy_ returns, and the device temporary is freed stream-ordered either way)
                 dst = x_host[-1].narrow(-3, start, n)
                 dst.copy_(part.movedim(-3, -1).to(dst.dtype).contiguous(), non_blocking=z.is_cuda)
             else:
@@ -171,7 +183,10 @@ def finish_rows(mod: Any, z: Tensor, x: Tensor | None, x_host: list[Tensor], pla
     rows = infer_rows(plan, n_res)
     for start in range(0, n_res, rows):
         n = min(rows, n_res - start)
-        if x is None:  # stream-ordered after the device-to-host copies: no host synchronisation needed
+        # stream-ordered after the device-to-host copies: no host synchronisation needed. From pageable memory
+        # cudaMemcpyAsync first waits for the stream, then stages the rows and returns once they are staged, so
+        # the copy is as correct (and slower); x_host is not written again meanwhile either way.
+        if x is None:
             x_rows = torch.cat([xs.narrow(-3, start, n).to(z.device, non_blocking=z.is_cuda) for xs in x_host], dim=-1)
         else:
             x_rows = x.narrow(-3, start, n)
@@ -179,7 +194,39 @@ def finish_rows(mod: Any, z: Tensor, x: Tensor | None, x_host: list[Tensor], pla
         del x_rows
 
 
-def _host_buffer(z: Tensor, width: int, dtype: torch.dtype) -> Tensor:
-    """One channel slice of the no-grad combined edge in host memory: [*, N, N, width], pinned when z is on a GPU,
-    so every row chunk copied in or out is one contiguous asynchronous transfer."""
-    return torch.empty(*z.shape[:-1], width, dtype=dtype, device="cpu", pin_memory=z.is_cuda)
+def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> Tensor:
+    """One channel slice of the no-grad combined edge in host memory: [*, N, N, width]. `pin` (z is on a GPU): in
+    pinned memory, so every row chunk copied in or out is one contiguous asynchronous transfer, unless a pinned
+    allocation has failed for lack of memory in this process (torch's host allocator rounds pinned blocks up to
+    powers of two, and containers limit locked memory, so that happens while pageable memory is plentiful): then
+    in pageable memory, logged once. Any other error propagates."""
+    global _pin_failed
+    if pin and not _pin_failed:
+        try:
+            return _pinned_empty(shape, dtype)
+        except _PIN_ERRORS as err:
+            if "out of memory" not in str(err).lower():
+                raise
+            _pin_failed = True
+            size = torch.Size(shape).numel() * dtype.itemsize
+            log.warning("protfold: could not allocate %.2f GiB of pinned host memory for the triangle edge (%s); "
+                        "using pageable host memory for it from now on in this process: its copies are slower",
+                        size / 2**30, str(err).splitlines()[0])
+            _release_pinned_cache()
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
+def _pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor in pinned host memory (its own function, so tests can make it fail)."""
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
+
+
+def _release_pinned_cache() -> None:
+    """Give torch's cached, unused pinned blocks back to the host: this path no longer reuses them. Only with a GPU
+    (the call raises without one); `torch.accelerator.empty_host_cache` where it exists, else the older private
+    CUDA binding."""
+    if not torch.cuda.is_available():
+        return
+    release = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if release is not None:
+        release()

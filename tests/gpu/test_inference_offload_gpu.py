@@ -82,3 +82,31 @@ def test_offloaded_edge_block_same_output_no_higher_peak() -> None:
         del m, z
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     assert results[True][1] <= results[False][1], (results[True][1], results[False][1])
+
+
+def test_pageable_host_edge_equals_the_pinned_one(monkeypatch) -> None:
+    """When pinning fails for lack of memory the edge is pageable (`triangle_exec._host_buffer`): its copies are
+    synchronous (device to host) or staged (host to device), and the update is bit for bit the pinned one's."""
+    import protfold.model.triangle_exec as triangle
+
+    block, _, z0, _, pair_mask = _setup()
+    plan = _plan(True)
+    results, pinned = {}, {}
+    plain = triangle._host_buffer
+
+    def spy(shape, dtype, *, pin):
+        buf = plain(shape, dtype, pin=pin)
+        pinned.setdefault(pageable, []).append(buf.is_pinned())
+        return buf
+
+    monkeypatch.setattr(triangle, "_host_buffer", spy)
+    for pageable in (False, True):
+        monkeypatch.setattr(triangle, "_pin_failed", pageable)  # as after a failed pinned allocation
+        z = z0.clone()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            add_into(block.tri_mul_out, z, pair_mask, plan=plan,
+                     emit=lambda dim, start, n, upd, z=z: z.narrow(dim, start, n).add_(upd))
+        torch.cuda.synchronize()
+        results[pageable] = z.float().cpu()
+    assert all(pinned[False]) and not any(pinned[True]), pinned
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=0)

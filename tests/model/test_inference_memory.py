@@ -3,6 +3,8 @@ left alone unless handed over, and a bounded peak (CPU measurement, LayerNorm up
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -174,8 +176,8 @@ def test_offloaded_triangle_edge_is_built_in_host_memory(monkeypatch, mask_facto
     made = []
     plain = triangle._host_buffer
 
-    def spy(z, width, dtype):
-        made.append(plain(z, width, dtype))
+    def spy(shape, dtype, *, pin):
+        made.append(plain(shape, dtype, pin=pin))
         return made[-1]
 
     monkeypatch.setattr(triangle, "_host_buffer", spy)
@@ -196,3 +198,74 @@ def test_offloaded_triangle_edge_is_built_in_host_memory(monkeypatch, mask_facto
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="low_memory_triangle"):
         MemoryConfig(offload_triangle_edge=True)
+
+
+def _no_pinned_memory(monkeypatch, error: type[Exception] = RuntimeError) -> list:
+    """Every pinned allocation fails for lack of memory (as cudaHostAlloc does when the host cannot lock more) and
+    the process starts with pinning allowed. Returns the attempts."""
+    import protfold.model.triangle_exec as triangle
+
+    attempts = []
+
+    def no_room(shape, dtype):
+        attempts.append(shape)
+        raise error("CUDA error: out of memory\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.")
+
+    monkeypatch.setattr(triangle, "_pin_failed", False)
+    monkeypatch.setattr(triangle, "_pinned_empty", no_room)
+    return attempts
+
+
+_PIN_ERRORS = [e for e in (getattr(torch, "AcceleratorError", None), torch.OutOfMemoryError, RuntimeError) if e]
+
+
+@pytest.mark.parametrize("error", _PIN_ERRORS, ids=lambda e: e.__name__)
+def test_host_edge_falls_back_to_pageable_memory_once(monkeypatch, caplog, error) -> None:
+    """A pinned allocation that fails for lack of memory gives a pageable buffer of the same shape and dtype, and
+    every later one is pageable without trying (one warning naming the size); pin=False never tries."""
+    import protfold.model.triangle_exec as triangle
+
+    attempts = _no_pinned_memory(monkeypatch, error)
+    with caplog.at_level(logging.WARNING, logger=triangle.__name__):
+        bufs = [triangle._host_buffer((2, 5, 5, 3), torch.bfloat16, pin=True) for _ in range(2)]
+    for buf in bufs:
+        assert (buf.shape, buf.dtype, buf.device.type, buf.is_pinned()) == ((2, 5, 5, 3), torch.bfloat16, "cpu", False)
+    assert attempts == [(2, 5, 5, 3)]  # tried once: pageable for the rest of the process
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "GiB of pinned host memory" in warnings[0] and "slower" in warnings[0]
+    assert "CUDA error: out of memory" in warnings[0] and "DSA" not in warnings[0]  # the error's first line
+    monkeypatch.setattr(triangle, "_pin_failed", False)
+    triangle._host_buffer((4, 1), torch.float32, pin=False)
+    assert len(attempts) == 1
+
+
+def test_host_edge_other_pinning_errors_propagate(monkeypatch) -> None:
+    import protfold.model.triangle_exec as triangle
+
+    def broken(shape, dtype):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(triangle, "_pin_failed", False)
+    monkeypatch.setattr(triangle, "_pinned_empty", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        triangle._host_buffer((3, 3, 2), torch.float32, pin=True)
+    assert not triangle._pin_failed  # still tries pinned memory next time
+
+
+def test_no_grad_block_with_pageable_host_edge_matches_grad_path(monkeypatch, caplog) -> None:
+    """The in-place no-grad block with the triangle edge in host memory, every pinned allocation failing: pageable
+    buffers, one warning, and the grad path's outputs."""
+    import protfold.model.triangle_exec as triangle
+
+    attempts = _no_pinned_memory(monkeypatch)
+    plain = triangle._host_buffer  # asked for pinned memory, as with z on a GPU
+    monkeypatch.setattr(triangle, "_host_buffer", lambda shape, dtype, *, pin: plain(shape, dtype, pin=True))
+    blk = _block(MEMS["low_edge_on_host"], False)
+    t = make_trunk_inputs(model_preset("tiny"))
+    m_ref, z_ref = blk(t.m, t.z, t.msa_mask, t.pair_mask)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger=triangle.__name__):
+        m_out, z_out = blk(t.m.clone(), t.z.clone(), t.msa_mask, t.pair_mask, inplace=True)
+    torch.testing.assert_close(m_out, m_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_out, z_ref.detach(), rtol=1e-5, atol=1e-5)
+    assert len(attempts) == 1 and triangle._pin_failed  # both triangle updates ran, the second never tried
+    assert sum("pinned host memory" in r.getMessage() for r in caplog.records) == 1

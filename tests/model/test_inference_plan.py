@@ -10,6 +10,7 @@ import torch
 from protfold.bench.synthetic import synthetic_batch
 from protfold.config import MemoryConfig, model_preset
 from protfold.geometry import Rigid
+from protfold.model import inference_plan
 from protfold.model.alphafold import AlphaFold
 from protfold.model.confidence import pae_and_ptm_in_rows, predicted_aligned_error, predicted_tm_score
 from protfold.model.embedders import InputEmbedder, RecyclingEmbedder, embed_pair_in_place
@@ -20,6 +21,8 @@ from protfold.model.inference_plan import (
     GiB,
     InferenceShape,
     _candidates,
+    available_host_bytes,
+    host_edge_bytes,
     plan_inference,
     predicted_peak_bytes,
 )
@@ -46,7 +49,8 @@ def _run(model: AlphaFold, mem: MemoryConfig, batch: dict) -> dict:
 def test_plan_changes_with_the_budget() -> None:
     af2 = model_preset("af2_ptm")
     assert plan_inference(256, 128, 1024, 80 * GiB, af2, torch.bfloat16)[0] == MemoryConfig()  # plain fits: fastest
-    plans = {b: plan_inference(4096, 128, 1024, b * GiB, af2, torch.bfloat16) for b in (139, 24, 12)}
+    plans = {b: plan_inference(4096, 128, 1024, b * GiB, af2, torch.bfloat16, host_bytes=128 * GiB)
+             for b in (139, 24, 12)}
     assert plans[139][0] != plans[24][0] != plans[12][0]
     peaks = [plans[b][1] for b in (139, 24, 12)]
     assert peaks == sorted(peaks, reverse=True)  # a smaller budget never gets a larger plan
@@ -67,11 +71,42 @@ def test_plan_counts_the_pair_dtype_and_falls_back_to_a_fast_smallest_plan() -> 
     mem = plan_inference(4096, 128, 0, 139 * GiB, af2)[0]
     fp32, bf16 = (predicted_peak_bytes(mem, shape, af2, torch.bfloat16, d) for d in (torch.float32, torch.bfloat16))
     assert fp32 - bf16 == 2 * 4096**2 * af2.c_z
-    mem, peak, text = plan_inference(4096, 128, 0, GiB, af2, torch.bfloat16, torch.bfloat16)
+    mem, peak, text = plan_inference(4096, 128, 0, GiB, af2, torch.bfloat16, torch.bfloat16, host_bytes=128 * GiB)
     assert "DOES NOT FIT" in text and "the pair representation alone is 4.00 GiB" in text
     candidates = [predicted_peak_bytes(m, shape, af2, torch.bfloat16, torch.bfloat16) for _, m in _candidates(4096)]
     assert min(candidates) <= peak <= min(candidates) * (1 + NEAR_SMALLEST)
     assert mem.pair_chunk > 1 and mem.offload_triangle_edge
+
+
+def test_host_edge_plans_need_the_edge_in_host_memory(monkeypatch) -> None:
+    """A plan with the triangle edge in host memory is taken only when the edge (N^2 x c_hidden in the compute
+    dtype) fits HEADROOM of the host's available memory; when nothing fits, the line names the host's limit."""
+    af2 = model_preset("af2_ptm")
+    edge = host_edge_bytes(4096, af2, torch.bfloat16)
+    assert edge == 4096**2 * af2.tri_mul_hidden * 2 == 4 * GiB
+    mem, _, text = plan_inference(4096, 128, 1024, 16 * GiB, af2, host_bytes=128 * GiB)
+    assert mem.offload_triangle_edge and "DOES NOT FIT" not in text
+    assert "triangle edge in host memory (pinned where possible)" in text and "4.00 GiB in host memory" in text
+    for host in (0, edge, int(edge / HEADROOM) - 2**20):  # 85% of the last is just under the edge
+        mem, peak, text = plan_inference(4096, 128, 1024, 16 * GiB, af2, host_bytes=host)
+        assert not mem.offload_triangle_edge and peak > 0.85 * 16 * GiB
+        assert "DOES NOT FIT" in text and "on the device" in text
+        assert "triangle edge in host memory are out: the edge (4.00 GiB) does not fit 85% of the host" in text
+        # nothing returned needs the host: the smallest plans on the device alone, at any budget
+        assert not any(plan_inference(4096, 128, 1024, b * GiB, af2, host_bytes=host)[0].offload_triangle_edge
+                       for b in (1, 8, 24))
+    assert plan_inference(4096, 128, 1024, 16 * GiB, af2, host_bytes=int(edge / HEADROOM) + 1)[0].offload_triangle_edge
+    # a device that fits the plan never needs the host, and the line does not mention it
+    mem, _, text = plan_inference(4096, 128, 1024, 139 * GiB, af2, host_bytes=0)
+    assert not mem.offload_triangle_edge and "host" not in text
+    # by default the host's available memory is read (MemAvailable)
+    assert available_host_bytes() > 0
+    monkeypatch.setattr(inference_plan, "available_host_bytes", lambda: 0)
+    assert not plan_inference(4096, 128, 1024, 16 * GiB, af2)[0].offload_triangle_edge
+    monkeypatch.setattr(inference_plan, "available_host_bytes", lambda: 128 * GiB)
+    assert plan_inference(4096, 128, 1024, 16 * GiB, af2)[0].offload_triangle_edge
+    with pytest.raises(ValueError, match="host_bytes"):
+        plan_inference(10, 1, 0, GiB, af2, host_bytes=-1)
 
 
 def test_every_plan_matches_the_plain_path_fp32() -> None:
