@@ -37,7 +37,8 @@ class MemoryConfig:
     # without it every layer keeps its IPA point differences [B, N, N, H, P, 3] and pair-sized casts of z)
     recompute_structure: bool = False
     # no grad, with low_memory_triangle: keep the triangle multiplication's combined edge x [N, N, c_hidden]
-    # (pair-sized) in pinned host memory instead of on the device; its rows are copied back chunk by chunk
+    # (pair-sized) in host memory (pinned where possible) instead of on the device; its rows are copied back
+    # chunk by chunk
     offload_triangle_edge: bool = False
     # with grad: run each Evoformer / extra-MSA block through torch.compile (fused kernels, fewer launches; the
     # same function up to float reordering, ~1e-7 relative in fp32; dropout masks drawn by the eager kernels).
