@@ -155,3 +155,25 @@ def test_compile_caches_are_kept_only_for_the_same_mode_and_point(monkeypatch) -
     with contextlib.redirect_stderr(io.StringIO()):
         result = runner._guarded_run("compiled", point, compiled, net, workloads.Settings(torch.device("cpu")), None)
     assert result.fields["status"] == "error" and net.last_run is None
+
+
+def test_a_trainer_removes_the_hooks_its_optimizer_left(monkeypatch) -> None:
+    """Host offload registers a gradient hook per large parameter and keeps no handle; on the module every run
+    shares, the bench removes them after the run (hooks that were there before stay)."""
+    from protfold.config import OptimConfig
+
+    module = torch.nn.Linear(4, 4)
+    fired = []
+    module.weight.register_post_accumulate_grad_hook(lambda p: fired.append("before"))
+
+    def hooking_adam(params, optim):
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: fired.append("optimizer"))  # handle dropped
+        return torch.optim.Adam(params)
+
+    monkeypatch.setattr(workloads, "adam", hooking_adam)
+    trainer = workloads._Trainer(module, lambda: module(torch.ones(2, 4)).square().sum(), [], optimize=True,
+                                 optim=OptimConfig())
+    trainer.release()
+    module(torch.ones(2, 4)).sum().backward()
+    assert fired == ["before"]
