@@ -7,7 +7,7 @@
 # Usage: scripts/optim_memory.sh OUT_DIR [all|initial|finetune|table] [MODE]
 #   initial (256/128/1024): one bench call, `low` and `compiled_flex`, 12 runs: about 8 minutes on one H200
 #     (`low` about 30 s a run, `compiled_flex` about 20 s a run plus about 60 s to compile, torchao's first 8-bit
-#     step about 60-100 s more); capped by --time-limit 450 (no run starts after it), so under 10 minutes.
+#     step about 60-100 s more); capped by --time-limit 500 (no run starts after it), so under 10 minutes.
 #   finetune (384/512/5120): one bench call per activation mode. `compiled_flex` is the fastest; for the lowest
 #     memory `long`, which at this shape peaks as low as `low` (6.46 GiB) at 19.8 s a step against `low`'s 90 s.
 #     compiled_flex: about 100 s to compile, then six runs of one warm-up and one timed step at 5-8 s a step,
@@ -15,7 +15,7 @@
 #     long: six runs of two steps at about 20 s, plus about 60 s for torchao: about 6 minutes (--time-limit 400:
 #     at most about 9). Both together take about 10.5 minutes: for 10-minute device calls give MODE
 #     (compiled_flex or long) to run one of the two per call.
-#   table: only the table of what OUT_DIR holds (no GPU).
+#   all (the default): initial, then finetune, about 18 minutes. table: only the table of what OUT_DIR holds (no GPU).
 # Writes OUT_DIR/<shape>_<mode>/results.{json,csv} per bench call (one record per mode x state x EMA), then
 # OUT_DIR/table.md and OUT_DIR/summary.json (of every */results.json under OUT_DIR).
 set -uo pipefail
@@ -33,7 +33,7 @@ run() {  # name time-limit modes shape-args...
     || echo "bench failed: $name" >&2
 }
 if [ "$part" = all ] || [ "$part" = initial ]; then
-  run initial_low_compiled_flex 450 low,compiled_flex --crops 256 --rows 128 --extra-rows 1024
+  run initial_low_compiled_flex 500 low,compiled_flex --crops 256 --rows 128 --extra-rows 1024
 fi
 if [ "$part" = all ] || [ "$part" = finetune ]; then
   finetune=(--crops 384 --rows 512 --extra-rows 5120)

@@ -39,7 +39,7 @@ def _fake_bench(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize(("args", "expected"), [
     (("finetune",), [("finetune_compiled_flex", "compiled_flex", "300", "384"), ("finetune_long", "long", "400", "384")]),
     (("finetune", "long"), [("finetune_long", "long", "400", "384")]),
-    (("initial",), [("initial_low_compiled_flex", "low,compiled_flex", "450", "256")]),
+    (("initial",), [("initial_low_compiled_flex", "low,compiled_flex", "500", "256")]),
 ])
 def test_each_bench_call_sweeps_all_six_pairs(tmp_path, args, expected):
     """One bench call per activation mode (or for both, initially), each under its own time limit, with the three
