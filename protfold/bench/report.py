@@ -26,6 +26,11 @@ _COLUMNS = (("mode", "mode"), ("precision", "prec"), ("crop", "crop"), ("rows", 
             ("peak_bytes", "peak"), ("saved_bytes", "saved"), ("step_time_s", "step s"),
             ("infer_peak_bytes", "inf peak"), ("infer_time_s", "inf s"), ("loss_diff", "loss_diff"),
             ("grad_diff", "grad_diff"), ("status", "status"))
+_OPTIM_COLUMNS = (("optim_state", "optim"), ("ema_storage", "ema"))  # after "mode", when runs differ in them
+
+
+def _optim_pair(rec: dict[str, Any]) -> str:
+    return f"{rec.get('optim_state') or 'fp32'}/{rec.get('ema_storage') or 'fp32'}"
 
 
 def format_bytes(n: float | None) -> str:
@@ -63,13 +68,18 @@ def format_table(records: Sequence[dict[str, Any]], env: dict[str, str]) -> str:
     runs = [r for r in records if r.get("kind") != "budget"]
     if runs:
         kinds = sorted({r["kind"] for r in runs})
-        refs = sorted({f"{r['crop']}/{r['rows']}/{r['extra_rows']} {r['precision']}: {r['reference']}" for r in runs
-                       if r.get("reference") not in (None, "none")})
+        pairs = sorted({_optim_pair(r) for r in runs})
+        columns = (_COLUMNS[:1] + _OPTIM_COLUMNS + _COLUMNS[1:]) if len(pairs) > 1 else _COLUMNS
+        at = (lambda r: f" {_optim_pair(r)}") if len(pairs) > 1 else (lambda r: "")
+        refs = sorted({f"{r['crop']}/{r['rows']}/{r['extra_rows']} {r['precision']}{at(r)}: {r['reference']}"
+                       for r in runs if r.get("reference") not in (None, "none")})
         lines.append(f"# kind: {', '.join(kinds)}; preset: {', '.join(sorted({r['preset'] for r in runs}))}; "
-                     "diffs relative to mode none" + (f" (except {'; '.join(refs)})" if refs else ""))
-        rows = [[h for _, h in _COLUMNS]]
+                     + (f"optimizer state/EMA storage: {', '.join(pairs)}, each compared within itself; "
+                        if len(pairs) > 1 else "")
+                     + "diffs relative to mode none" + (f" (except {'; '.join(refs)})" if refs else ""))
+        rows = [[h for _, h in columns]]
         for r in runs:
-            cells = [_cell(k, r.get(k)) for k, _ in _COLUMNS[:-1]] + [_status(r)]
+            cells = [_cell(k, r.get(k)) for k, _ in columns[:-1]] + [_status(r)]
             rows.append(cells)
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for i, row in enumerate(rows):
@@ -153,8 +163,9 @@ def plot_memory_time(records: Sequence[dict[str, Any]], path: Path) -> None:
     series: dict[str, list[dict[str, Any]]] = {}
     multi_prec = len({r["precision"] for r in runs}) > 1
     multi_rows = len({(r["rows"], r["extra_rows"]) for r in runs}) > 1
+    multi_optim = len({_optim_pair(r) for r in runs}) > 1
     for r in runs:
-        label = r["mode"] + (f" {r['precision']}" if multi_prec else "")
+        label = r["mode"] + (f" {_optim_pair(r)}" if multi_optim else "") + (f" {r['precision']}" if multi_prec else "")
         label += f" {r['rows']}/{r['extra_rows']}" if multi_rows else ""
         series.setdefault(label, []).append(r)
     top = max((r["peak_bytes"] for r in runs), default=0)

@@ -1,8 +1,9 @@
 """`protfold bench`: memory modes compared on one training step (or the Evoformer alone, or one inference block).
 
-For each preset x precision x crop x MSA rows x extra rows, every memory mode runs on the same weights (built
-once per preset with a fixed seed), the same synthetic batch and the same RNG seed, and is compared with mode
-`none` (or, when `none` does not fit, with the lowest-memory mode that does). See docs/benchmarks.md.
+For each preset x precision x crop x MSA rows x extra rows, every memory mode runs, with each optimizer-state
+kind x EMA storage given, on the same weights (built once per preset with a fixed seed), the same synthetic
+batch and the same RNG seed, and is compared with mode `none` under the same optimizer state and EMA storage
+(or, when `none` does not fit, with the lowest-memory mode that does). See docs/benchmarks.md.
 
     python3 -m protfold.bench.runner --model tiny --modes none,recompute,low --crops 32,64 --device cpu --out DIR
 """
@@ -10,6 +11,7 @@ once per preset with a fixed seed), the same synthetic batch and the same RNG se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import sys
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 __all__ = ["budget_search", "load_mode", "main"]
 
 BUDGET_STEP, BUDGET_RESOLUTION = 128, 32
+OPTIM_STATES, EMA_STORAGES = ("fp32", "8bit", "4bit", "cpu_offload"), ("fp32", "bf16", "cpu")
 
 
 def load_mode(name_or_path: str) -> MemoryConfig:
@@ -83,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the seeded comparison step is one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optim.state", dest="optim_state", default="fp32", choices=("fp32", "8bit", "4bit", "cpu_offload"),
-                   help="Adam's state in training steps (as --model.optim.state of fit)")
-    p.add_argument("--optim.ema_storage", dest="ema_storage", default="fp32", choices=("fp32", "bf16", "cpu"),
-                   help="where the EMA copy of the weights lives (as --model.optim.ema_storage of fit)")
+    p.add_argument("--optim.state", dest="optim_state", default="fp32",
+                   help=f"Adam's state in training steps (as --model.optim.state of fit), comma separated: "
+                        f"{', '.join(OPTIM_STATES)}. Every mode runs with every state x EMA storage given, in this "
+                        "process (a compiled mode compiles once per point for all of them)")
+    p.add_argument("--optim.ema_storage", dest="ema_storage", default="fp32",
+                   help=f"where the EMA copy of the weights lives (as --model.optim.ema_storage of fit), comma "
+                        f"separated: {', '.join(EMA_STORAGES)}")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for this run (restored afterwards); 1 is steadiest on a busy machine")
     p.add_argument("--no-infer", action="store_true", help="skip the no-grad inference measurement")
@@ -132,8 +138,27 @@ def _guarded_run(name: str, point: Point, mem: MemoryConfig, net: Network, s: Se
     try:
         return run_mode(point, mem, net, s, batch)
     except Exception as exc:  # noqa: BLE001 - recorded, reported, and the sweep goes on
+        net.last_run = None  # the next run compiles afresh: nothing of a failed run is reused
         message = failure(exc, f"{name} at crop {point.crop}", s.device)
         return ModeResult(fields={"status": "error", "error": message})
+
+
+def _optim_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(optim state, EMA storage) pairs: the product of the two lists, or a one-line error naming a bad one."""
+    states, emas = _names(args.optim_state), _names(args.ema_storage)
+    for flag, given, known in (("--optim.state", states, OPTIM_STATES), ("--optim.ema_storage", emas, EMA_STORAGES)):
+        bad = [x for x in given if x not in known]
+        if bad or not given:
+            raise SystemExit(f"protfold bench: {flag}: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
+                             f"use {', '.join(known)} (comma separated)")
+    return list(dict.fromkeys(itertools.product(states, emas)))
+
+
+def _compare_pairs(results: dict[tuple[str, str, str], ModeResult]) -> None:
+    """`_compare` within each (optim state, EMA storage) pair: results are keyed (mode, state, ema). The loss and
+    gradients compared are the first step's, before any update; the state kinds differ only in the update."""
+    for pair in dict.fromkeys(key[1:] for key in results):
+        _compare({key[0]: r for key, r in results.items() if key[1:] == pair})
 
 
 def _compare(results: dict[str, ModeResult]) -> None:
@@ -259,6 +284,7 @@ def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryC
         rec = {"kind": "budget", "preset": point.preset, "mode": name, "precision": point.precision,
                "crop": found["max_crop"], "rows": point.rows, "extra_rows": point.extra_rows,
                "recycles": point.recycles, "status": status, "budget_bytes": budget, "budget_kind": point.kind,
+               "optim_state": s.optim.state, "ema_storage": s.optim.ema_storage,
                "budget_cap": cap, **found, **env, **({"error": error} if error else {})}
         for r in same:
             if r["mode"] == name:
@@ -318,6 +344,11 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit("protfold bench: --peak-sites covers training steps; --inference-block has none")
     if args.budget_only and not args.budget:
         raise SystemExit("protfold bench: --budget-only needs --budget")
+    pairs = _optim_pairs(args)
+    if args.budget and len(pairs) > 1:
+        raise SystemExit(f"protfold bench: --budget searches under one optimizer state and EMA storage; got "
+                         f"{len(pairs)} pairs from --optim.state {args.optim_state} --optim.ema_storage "
+                         f"{args.ema_storage}")
     modes = {_mode_name(name): load_mode(name) for name in _names(args.modes)}
     kind = "evoformer" if args.evoformer_only else "inference_block" if args.inference_block else "train"
     try:
@@ -331,13 +362,14 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                          f"{args.crops!r} and {args.rows!r}") from None
     s = Settings(device=device, steps=args.steps, warmup=args.warmup, seed=args.seed, infer=not args.no_infer,
                  infer_steps=args.infer_steps, block_owns_inputs=args.block_owns_inputs, peak_sites=args.peak_sites,
-                 optim=OptimConfig(state=args.optim_state, ema_storage=args.ema_storage))
+                 optim=OptimConfig(state=pairs[0][0], ema_storage=pairs[0][1]))
+    settings = {pair: dataclasses.replace(s, optim=OptimConfig(state=pair[0], ema_storage=pair[1])) for pair in pairs}
     env = environment(device, argv)
     start = time.monotonic()
     records: list[dict[str, Any]] = []
     combos = list(itertools.product(precisions, crops, rows_list, extras))
-    bar = tqdm(total=0 if args.budget_only else len(presets) * len(combos) * len(modes), desc="protfold bench", unit="run",
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=0 if args.budget_only else len(presets) * len(combos) * len(modes) * len(pairs),
+               desc="protfold bench", unit="run", file=sys.stderr, dynamic_ncols=True)
     for preset in presets:
         cfg = model_preset(preset)
         net = Network.build(kind, cfg, seed=args.seed, device=device)
@@ -347,29 +379,32 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             began = time.monotonic()
             batch = _to_device(synthetic_batch(crop, rows, extra, seed=args.seed), device) if kind == "train" else None
             setup_s = time.monotonic() - began
-            results: dict[str, ModeResult] = {}
+            results: dict[tuple[str, str, str], ModeResult] = {}  # (mode, optim state, EMA storage)
 
-            def point_records(results: dict[str, ModeResult] = results, point: Point = point) -> list[dict[str, Any]]:
+            def point_records(results: dict = results, point: Point = point) -> list[dict[str, Any]]:
                 return [{**{k: None for k in report.REQUIRED}, **point.__dict__, "mode": name,
-                         "block_owns_inputs": args.block_owns_inputs, "optim_state": args.optim_state,
-                         "ema_storage": args.ema_storage, "memory": dict(modes[name].__dict__),
-                         **r.fields, **env} for name, r in results.items()]
+                         "block_owns_inputs": args.block_owns_inputs, "optim_state": state, "ema_storage": ema,
+                         "memory": dict(modes[name].__dict__), **r.fields, **env}
+                        for (name, state, ema), r in results.items()]
 
-            for name, mem in modes.items():
-                bar.set_postfix_str(f"{preset} {precision} crop {crop} {name}")
+            # each mode's pairs one after another: a compiled mode keeps its graphs from one pair to the next
+            for (name, mem), pair in itertools.product(modes.items(), pairs):
+                key = (name, *pair)
+                bar.set_postfix_str(f"{preset} {precision} crop {crop} {name}" +
+                                    (f" {pair[0]}/{pair[1]}" if len(pairs) > 1 else ""))
                 if _skipped(args.skip_above, name, point):
-                    results[name] = ModeResult(fields={"status": "skipped"})
+                    results[key] = ModeResult(fields={"status": "skipped"})
                 elif args.time_limit is not None and time.monotonic() - start > args.time_limit:
-                    results[name] = ModeResult(fields={"status": "skipped (time limit)"})
+                    results[key] = ModeResult(fields={"status": "skipped (time limit)"})
                 else:
                     began = time.monotonic()
-                    results[name] = _guarded_run(name, point, mem, net, s, batch)
-                    results[name].fields["run_wall_s"] = round(time.monotonic() - began, 3)
+                    results[key] = _guarded_run(name, point, mem, net, settings[pair], batch)
+                    results[key].fields["run_wall_s"] = round(time.monotonic() - began, 3)
                     if args.out:  # a run killed later (a device lease's end) keeps the runs already made
                         report.write_outputs(args.out, [*records, *point_records()], plot=False)
                 bar.update()
             began = time.monotonic()
-            _compare(results)
+            _compare_pairs(results)
             records.extend(point_records())
             del batch, results
             free_memory(device)

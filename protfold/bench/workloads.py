@@ -90,6 +90,7 @@ class Network:
     cfg: ModelConfig
     module: nn.Module
     state: dict[str, Tensor]
+    last_run: tuple[Any, ...] | None = None  # `reset`'s key of the previous run
 
     @classmethod
     def build(cls, kind: str, cfg: ModelConfig, *, seed: int, device: torch.device) -> Network:
@@ -98,12 +99,16 @@ class Network:
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         return cls(kind=kind, cfg=cfg, module=module.to(device), state=state)
 
-    def reset(self, mem: MemoryConfig) -> nn.Module:
+    def reset(self, mem: MemoryConfig, key: tuple[Any, ...] | None = None) -> nn.Module:
         """Restore the initial weights. A compiled mode starts from fresh compile caches (`reset_compiled`): its
-        first step compiles for its own settings only.
+        first step compiles for its own settings only. Except when the previous run had the same `key` (not
+        None): the same memory settings at the same point, differing at most in what the compiled blocks never
+        see (the optimizer's state kind, the EMA's storage, both outside the graphs). Its graphs are the ones
+        this run would compile, so it keeps them and skips the compile.
         """
-        if mem.compile_blocks:
+        if mem.compile_blocks and (key is None or key != self.last_run):
             reset_compiled()
+        self.last_run = key
         self.module.load_state_dict(self.state)
         self.module.zero_grad(set_to_none=True)
         return self.module
@@ -139,6 +144,7 @@ class _Trainer:
         self.opt = None
         self.ema: EMA | None = None
         self.optim = optim
+        self._hooks_before = [set(p._post_accumulate_grad_hooks or ()) for p in self.params]
         if optimize:
             self.opt = adam(self.params, optim)
             self.ema = EMA(module, decay=optim.ema_decay, storage=optim.ema_storage)  # in the peak, as in fit
@@ -151,6 +157,16 @@ class _Trainer:
             p.grad = torch.zeros_like(p)
         self.opt.step()  # type: ignore[union-attr]
         self.module.zero_grad(set_to_none=True)
+
+    def release(self) -> None:
+        """Remove the gradient hooks the optimizer put on the parameters. Host offload (torchao's
+        CPUOffloadOptimizer) registers one per large parameter and drops the handle: on the network every mode
+        shares, the hook would outlive the run, keep the old optimizer's host copies alive and copy every later
+        run's gradients to the host, in that run's step time."""
+        for p, before in zip(self.params, self._hooks_before):
+            hooks = p._post_accumulate_grad_hooks
+            for key in [k for k in hooks or () if k not in before]:
+                del hooks[key]
 
     def _finish(self) -> None:
         if self.opt is not None:
@@ -218,7 +234,7 @@ class _Job:
 
     def __init__(self, point: Point, mem: MemoryConfig, net: Network, s: Settings, batch: dict | None) -> None:
         self.point, self.s, self.mem = point, s, mem
-        self.module = net.reset(mem)
+        self.module = net.reset(mem, key=(point, mem))
         self.block = point.kind == "inference_block"
         dtype = torch.bfloat16 if point.precision == "bf16" and self.block else torch.float32
         self.inputs = batch if point.kind == "train" else _evo_inputs(
@@ -267,9 +283,12 @@ class _Job:
 
 def _run_train_phase(job: _Job) -> dict[str, Any]:
     trainer = job.trainer()
-    trained = _train_phase(trainer, job.s, lambda: job.resident(trainer.opt))
-    if job.s.peak_sites:  # after the timed steps, so the history's cost is in no timing
-        trained["peak_sites"] = _peak_sites(trainer.step, job.s.device)
+    try:
+        trained = _train_phase(trainer, job.s, lambda: job.resident(trainer.opt))
+        if job.s.peak_sites:  # after the timed steps, so the history's cost is in no timing
+            trained["peak_sites"] = _peak_sites(trainer.step, job.s.device)
+    finally:
+        trainer.release()
     return trained
 
 
@@ -333,7 +352,10 @@ def probe_peak(point: Point, mem: MemoryConfig, net: Network, s: Settings, batch
 
             return peak_of(call, s.device, resident=job.resident)
         trainer = job.trainer()
-        return peak_of(trainer.step, s.device, resident=lambda: job.resident(trainer.opt))
+        try:
+            return peak_of(trainer.step, s.device, resident=lambda: job.resident(trainer.opt))
+        finally:
+            trainer.release()
 
     status, peak = _oom_guard(measure)
     job.close()
