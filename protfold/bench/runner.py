@@ -16,7 +16,6 @@ import itertools
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +23,17 @@ import torch
 from tqdm import tqdm
 
 from protfold.bench import report
-from protfold.bench.measure import failure, free_memory, parse_bytes, relative_diff
-from protfold.bench.synthetic import synthetic_batch
-from protfold.bench.workloads import ModeResult, Network, Point, Settings, probe_peak, run_mode
+from protfold.bench.budget import run_budget
+from protfold.bench.measure import failure, free_memory, relative_diff
+from protfold.bench.synthetic import synthetic_batch, to_device
+from protfold.bench.workloads import ModeResult, Network, Point, Settings, run_mode
 from protfold.config import PRESET_NAMES, MemoryConfig, OptimConfig, load_memory_preset, model_preset
 from protfold.env import environment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["budget_search", "load_mode", "main"]
+__all__ = ["load_mode", "main"]
 
-BUDGET_STEP, BUDGET_RESOLUTION = 128, 32
 OPTIM_STATES, EMA_STORAGES = ("fp32", "8bit", "4bit", "cpu_offload"), ("fp32", "bf16", "cpu")
 
 
@@ -127,10 +126,6 @@ def _skipped(rules: list[tuple[str, str | None, int]], mode: str, point: Point) 
     return any(m == mode and (p is None or p == point.precision) and point.crop > c for m, p, c in rules)
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _guarded_run(name: str, point: Point, mem: MemoryConfig, net: Network, s: Settings,
                  batch: dict | None) -> ModeResult:
     """run_mode, with a failure other than running out of memory (a kernel that does not compile, say) recorded
@@ -195,105 +190,6 @@ def _compare_all(results: dict[str, ModeResult]) -> None:
         r.fields["loss_diff"] = relative_diff(r.loss, ref.loss)
         names = set(ref.grads) | set(r.grads)
         r.fields["grad_diff"] = max((relative_diff(r.grads.get(n), ref.grads.get(n)) for n in names), default=0.0)
-
-
-def budget_search(fits: Callable[[int], bool], *, known: dict[int, bool], cap: int, step: int = BUDGET_STEP,
-                  resolution: int = BUDGET_RESOLUTION, deadline: float | None = None,
-                  start: int | None = None) -> dict[str, Any]:
-    """The largest crop with fits(crop): upward in `step`s from the largest known fitting crop until one fails
-    (or `cap`), then bisection down to `resolution`. `known` holds already measured crops; `start`, when not
-    known, is probed first (the search then continues from it)."""
-    probes: list[int] = []
-    complete = True
-
-    def out_of_time() -> bool:
-        return deadline is not None and time.monotonic() > deadline
-
-    def probe(crop: int) -> bool:
-        probes.append(crop)
-        return fits(crop)
-
-    known = dict(known)
-    if start is not None and start not in known:
-        known[min(start, cap)] = probe(min(start, cap))
-    lo = max((c for c, ok in known.items() if ok), default=0)
-    hi = min((c for c, ok in known.items() if not ok and c > lo), default=None)
-    crop = lo + step
-    while hi is None and lo < cap:
-        if out_of_time():
-            complete = False
-            break
-        crop = min(crop, cap)
-        if probe(crop):
-            lo, crop = crop, crop + step
-        else:
-            hi = crop
-    while hi is not None and hi - lo > resolution:
-        mid = lo + max(resolution, (hi - lo) // 2 // resolution * resolution)
-        if mid >= hi:
-            break
-        if out_of_time():
-            complete = False
-            break
-        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
-    return {"max_crop": lo, "first_failing_crop": hi, "capped": hi is None and lo >= cap, "complete": complete,
-            "probes": probes}
-
-
-def _run_budget(args: argparse.Namespace, point: Point, modes: dict[str, MemoryConfig], net: Network, s: Settings,
-                records: list[dict[str, Any]], env: dict[str, str]) -> list[dict[str, Any]]:
-    budget = parse_bytes(args.budget)
-    bar = tqdm(desc=f"budget {args.budget} probes", unit="probe", file=sys.stderr, dynamic_ncols=True)
-    same = [r for r in records if r.get("kind") == point.kind and r["preset"] == point.preset
-            and r["precision"] == point.precision and r["rows"] == point.rows
-            and r["extra_rows"] == point.extra_rows]
-    largest = max((r["crop"] for r in same), default=point.crop)
-    max_crop = net.cfg.max_crop
-    cap = args.budget_cap or (max_crop if s.device.type == "cuda" else min(max_crop, 4 * largest))
-    out = []
-    for name, mem in modes.items():
-        known = {r["crop"]: r["peak_bytes"] is not None and r["peak_bytes"] <= budget
-                 for r in same if r["mode"] == name and r["status"] in ("ok", "oom")}
-        probed: dict[int, tuple[int | None, float]] = {}
-
-        def fits(crop: int, mem: MemoryConfig = mem, probed: dict = probed, name: str = name) -> bool:
-            bar.set_postfix_str(f"{name} crop {crop}")
-            bar.update()
-            at = Point(**{**point.__dict__, "crop": crop})
-            batch = _to_device(synthetic_batch(crop, at.rows, at.extra_rows, seed=s.seed), s.device) \
-                if at.kind == "train" else None
-            started = time.monotonic()
-            peak = probe_peak(at, mem, net, s, batch)
-            probed[crop] = (peak, round(time.monotonic() - started, 3))
-            del batch
-            free_memory(s.device)
-            return peak is not None and peak <= budget
-
-        deadline = time.monotonic() + args.budget_time if args.budget_time else None
-        status, error = "ok", None
-        try:
-            found = budget_search(fits, known=known, cap=cap, deadline=deadline,
-                                  start=max(_ints(args.crops)) if args.budget_only else None)
-        except Exception as exc:  # noqa: BLE001 - a probe failed other than by running out of memory
-            status, error = "error", failure(exc, f"budget search for {name}", s.device)
-            found = {"max_crop": max((c for c, (pk, _) in probed.items() if pk is not None and pk <= budget),
-                                     default=0),
-                     "first_failing_crop": None, "capped": False, "complete": False, "probes": list(probed)}
-        # [crop, peak bytes or None (OOM), seconds for the probe: setup plus one training step]
-        found["probes"] = [[c, *probed[c]] for c in found["probes"]]
-        rec = {"kind": "budget", "preset": point.preset, "mode": name, "precision": point.precision,
-               "crop": found["max_crop"], "rows": point.rows, "extra_rows": point.extra_rows,
-               "recycles": point.recycles, "status": status, "budget_bytes": budget, "budget_kind": point.kind,
-               "optim_state": s.optim.state, "ema_storage": s.optim.ema_storage,
-               "budget_cap": cap, **found, **env, **({"error": error} if error else {})}
-        for r in same:
-            if r["mode"] == name:
-                r["max_crop"] = found["max_crop"]
-        out.append(rec)
-        if args.out:
-            report.write_outputs(args.out, [*records, *out], plot=False)
-    bar.close()
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,7 +273,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             point = Point(kind=kind, preset=preset, precision=precision, crop=crop, rows=rows, extra_rows=extra,
                           recycles=args.recycles)
             began = time.monotonic()
-            batch = _to_device(synthetic_batch(crop, rows, extra, seed=args.seed), device) if kind == "train" else None
+            batch = to_device(synthetic_batch(crop, rows, extra, seed=args.seed), device) if kind == "train" else None
             setup_s = time.monotonic() - began
             results: dict[tuple[str, str, str], ModeResult] = {}  # (mode, optim state, EMA storage)
 
@@ -416,7 +312,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             for precision, rows, extra in itertools.product(precisions, rows_list, extras):
                 point = Point(kind=kind, preset=preset, precision=precision, crop=max(crops), rows=rows,
                               extra_rows=extra, recycles=args.recycles)
-                records.extend(_run_budget(args, point, modes, net, s, records, env))
+                records.extend(run_budget(args, point, modes, net, s, records, env,
+                                          start=max(crops) if args.budget_only else None))
     bar.close()
     print(report.format_table(records, env))
     if args.out:

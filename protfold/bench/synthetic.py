@@ -22,7 +22,7 @@ from protfold.data.crop import collate
 from protfold.data.pipeline import make_example
 from protfold.geometry import Rigid, atom14_to_atom37, frames_to_atom14, torsion_angles_to_frames
 
-__all__ = ["helix_chain", "random_msa", "synthetic_batch", "synthetic_raw"]
+__all__ = ["helix_chain", "random_msa", "synthetic_batch", "synthetic_raw", "to_device"]
 
 _RADIUS, _RISE, _TURN = 2.3, 1.5, math.radians(100.0)
 _BACKBONE_DEG = (180.0, -57.0, -47.0)  # omega, phi, psi of an alpha helix
@@ -88,3 +88,8 @@ def synthetic_batch(crop: int, rows: int, extra_rows: int, *, seed: int = 0) -> 
     raw = synthetic_raw(crop, rows + extra_rows + 1, seed=seed)
     cfg = DataConfig(crop_size=crop, max_msa_clusters=rows, max_extra_msa=extra_rows)
     return collate([make_example(raw, cfg, seed=seed, train=True)])
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on `device` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

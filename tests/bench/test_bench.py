@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from protfold.bench.budget import budget_search
 from protfold.bench.measure import cpu_profiler_peak, parse_bytes, relative_diff
 from protfold.bench.report import REQUIRED
-from protfold.bench.runner import budget_search, main
+from protfold.bench.runner import main
 from protfold.bench.synthetic import synthetic_batch
 
 MODES = ("none", "recompute", "chunked", "triangle", "low", "long")
@@ -217,16 +218,16 @@ def test_a_failing_mode_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
 def test_a_failing_budget_probe_is_recorded(tmp_path, monkeypatch) -> None:
     """A budget probe that raises (not out of memory) ends that mode's search with status "error", its message
     and the probes made so far; the table says so and the other modes still search."""
-    from protfold.bench import runner
+    from protfold.bench import budget
 
-    real = runner.probe_peak
+    real = budget.probe_peak
 
     def low_breaks_above_16(point, mem, net, s, batch=None):
         if mem.low_memory_triangle and point.crop > 16:
             raise RuntimeError("simulated failure")
         return real(point, mem, net, s, batch)
 
-    monkeypatch.setattr(runner, "probe_peak", low_breaks_above_16)
+    monkeypatch.setattr(budget, "probe_peak", low_breaks_above_16)
     code, text = run_main([*COMMON, "--modes", "recompute,low", "--crops", "16", "--no-infer", "--budget", "1GB",
                            "--budget-only", "--budget-cap", "48", "--out", str(tmp_path)])
     budget = {r["mode"]: r for r in records(tmp_path) if r["kind"] == "budget"}
