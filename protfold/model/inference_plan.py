@@ -21,11 +21,12 @@ kept in another dtype, as a single block's benchmark against OpenFold keeps it i
 The plain path (no switch) is counted as three pair tensors (the recycled z, the embedding, their sum), the
 previous pass's distogram and PAE logits, and the two largest whole-size intermediates it makes: the triangle update's
 projections, triangle attention's logits [N, H, N, N], MSA row attention's [S, H, N, N] and [E, H, N, N], the
-distogram and PAE
-logits and IPA's point differences. A plan with the triangle edge in host memory also needs the edge
-[N, N, c_hidden] (compute dtype) in host memory: it is taken only if the edge fits `HEADROOM` x the host's available
-memory (`host_bytes`, default `available_host_bytes()`). Plans are tested to compute the plain path's outputs (tests/model/
-test_inference_plan.py) and their counts against peaks measured on the CPU (`memory.peak_new_bytes`).
+distogram and PAE logits and IPA's point differences. A plan with the triangle edge in host memory also needs the
+edge [N, N, c_hidden] (compute dtype; counted twice, for the pinned allocator's rounding: `host_edge_bytes`) in
+host memory: it is taken only if that fits `HEADROOM` x the host's available memory (`host_bytes`, default
+`available_host_bytes()`, the memory cgroup's limit included). Plans are tested to compute the plain path's
+outputs (tests/model/test_inference_plan.py) and their counts against peaks measured on the CPU
+(`memory.peak_new_bytes`).
 """
 
 from __future__ import annotations
@@ -114,22 +115,47 @@ def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelCon
 
 
 def host_edge_bytes(n_res: int, cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Host bytes of a plan with the triangle edge in host memory: the combined edge [N, N, c_hidden] in the compute
-    dtype (`triangle_exec._host_buffer`, one tensor per channel slice; only one triangle update's edge is alive)."""
-    return n_res * n_res * cfg.tri_mul_hidden * dtype.itemsize
+    """Host bytes of a plan with the triangle edge in host memory, at most: the combined edge [N, N, c_hidden] in the
+    compute dtype (`triangle_exec._host_buffer`, one tensor per channel slice; only one triangle update's edge is
+    alive), twice over, since torch's pinned-memory allocator rounds each block up to a power of two (a pageable
+    fallback holds what pinning had not)."""
+    return 2 * n_res * n_res * cfg.tri_mul_hidden * dtype.itemsize
 
 
 def available_host_bytes() -> int:
     """The host memory available to new allocations: MemAvailable of /proc/meminfo (Linux; counts reclaimable page
-    cache), else the free physical pages (`os.sysconf`)."""
+    cache), else the free physical pages (`os.sysconf`); no more than the process's memory cgroup has left."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # in kB
+                    free = int(line.split()[1]) * 1024  # in kB
+                    break
     except OSError:
         pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if free is None:
+        free = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    left = _cgroup_left()
+    return free if left is None else min(free, left)
+
+
+def _cgroup_left(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes the memory cgroup (v2 `memory.max` - `memory.current`, or v1 `memory.limit_in_bytes` -
+    `memory.usage_in_bytes`) still allows, or None without a limit (or outside Linux)."""
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(os.path.join(root, limit)) as f:
+                text = f.read().strip()
+            with open(os.path.join(root, usage)) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if text == "max" or not text.isdigit() or int(text) >= 1 << 60:  # v1 writes a huge number for no limit
+            return None
+        return max(0, int(text) - used)
+    return None
 
 
 def _candidates(n_res: int) -> list[tuple[str, MemoryConfig]]:

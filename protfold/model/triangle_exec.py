@@ -192,6 +192,10 @@ def finish_rows(mod: Any, z: Tensor, x: Tensor | None, x_host: list[Tensor], pla
             x_rows = x.narrow(-3, start, n)
         emit(-3, start, n, mod._finish(mod.norm_in(z.narrow(-3, start, n)), x_rows))
         del x_rows
+    if x_host:
+        x_host.clear()  # the edge's host buffers go back now
+        if _pin_failed:  # and pinned blocks of an edge that pinning did not finish leave torch's cache
+            _release_pinned_cache()
 
 
 def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> Tensor:

@@ -260,6 +260,8 @@ def test_no_grad_block_with_pageable_host_edge_matches_grad_path(monkeypatch, ca
     attempts = _no_pinned_memory(monkeypatch)
     plain = triangle._host_buffer  # asked for pinned memory, as with z on a GPU
     monkeypatch.setattr(triangle, "_host_buffer", lambda shape, dtype, *, pin: plain(shape, dtype, pin=True))
+    released: list[int] = []
+    monkeypatch.setattr(triangle, "_release_pinned_cache", lambda: released.append(1))
     blk = _block(MEMS["low_edge_on_host"], False)
     t = make_trunk_inputs(model_preset("tiny"))
     m_ref, z_ref = blk(t.m, t.z, t.msa_mask, t.pair_mask)
@@ -269,3 +271,5 @@ def test_no_grad_block_with_pageable_host_edge_matches_grad_path(monkeypatch, ca
     torch.testing.assert_close(z_out, z_ref.detach(), rtol=1e-5, atol=1e-5)
     assert len(attempts) == 1 and triangle._pin_failed  # both triangle updates ran, the second never tried
     assert sum("pinned host memory" in r.getMessage() for r in caplog.records) == 1
+    # torch's pinned cache is emptied when pinning fails and again after each update's edge is freed
+    assert len(released) == 3

@@ -80,18 +80,19 @@ def test_plan_counts_the_pair_dtype_and_falls_back_to_a_fast_smallest_plan() -> 
 
 def test_host_edge_plans_need_the_edge_in_host_memory(monkeypatch) -> None:
     """A plan with the triangle edge in host memory is taken only when the edge (N^2 x c_hidden in the compute
-    dtype) fits HEADROOM of the host's available memory; when nothing fits, the line names the host's limit."""
+    dtype, twice for the pinned allocator's power-of-two rounding) fits HEADROOM of the host's available memory;
+    when nothing fits, the line names the host's limit."""
     af2 = model_preset("af2_ptm")
     edge = host_edge_bytes(4096, af2, torch.bfloat16)
-    assert edge == 4096**2 * af2.tri_mul_hidden * 2 == 4 * GiB
+    assert edge == 2 * 4096**2 * af2.tri_mul_hidden * 2 == 8 * GiB
     mem, _, text = plan_inference(4096, 128, 1024, 16 * GiB, af2, host_bytes=128 * GiB)
     assert mem.offload_triangle_edge and "DOES NOT FIT" not in text
-    assert "triangle edge in host memory (pinned where possible)" in text and "4.00 GiB in host memory" in text
+    assert "triangle edge in host memory (pinned where possible)" in text and "8.00 GiB in host memory" in text
     for host in (0, edge, int(edge / HEADROOM) - 2**20):  # 85% of the last is just under the edge
         mem, peak, text = plan_inference(4096, 128, 1024, 16 * GiB, af2, host_bytes=host)
         assert not mem.offload_triangle_edge and peak > 0.85 * 16 * GiB
         assert "DOES NOT FIT" in text and "on the device" in text
-        assert "triangle edge in host memory are out: the edge (4.00 GiB) does not fit 85% of the host" in text
+        assert "triangle edge in host memory are out: the edge (8.00 GiB) does not fit 85% of the host" in text
         # nothing returned needs the host: the smallest plans on the device alone, at any budget
         assert not any(plan_inference(4096, 128, 1024, b * GiB, af2, host_bytes=host)[0].offload_triangle_edge
                        for b in (1, 8, 24))
@@ -107,6 +108,24 @@ def test_host_edge_plans_need_the_edge_in_host_memory(monkeypatch) -> None:
     assert plan_inference(4096, 128, 1024, 16 * GiB, af2)[0].offload_triangle_edge
     with pytest.raises(ValueError, match="host_bytes"):
         plan_inference(10, 1, 0, GiB, af2, host_bytes=-1)
+
+
+def test_host_memory_reading_respects_the_memory_cgroup(tmp_path) -> None:
+    """The host memory a plan may use is no more than the cgroup's limit less its usage (v2 and v1 files);
+    no limit ("max", or v1's huge number) reads as none."""
+    (tmp_path / "memory.max").write_text("8589934592\n")
+    (tmp_path / "memory.current").write_text(str(3 * GiB))
+    assert inference_plan._cgroup_left(str(tmp_path)) == 5 * GiB
+    (tmp_path / "memory.max").write_text("max\n")
+    assert inference_plan._cgroup_left(str(tmp_path)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2 * GiB))
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(str(3 * GiB))
+    assert inference_plan._cgroup_left(str(v1)) == 0
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(1 << 62))
+    assert inference_plan._cgroup_left(str(v1)) is None
+    assert inference_plan._cgroup_left(str(tmp_path / "absent")) is None
 
 
 def test_every_plan_matches_the_plain_path_fp32() -> None:
