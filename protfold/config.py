@@ -282,6 +282,11 @@ class LossConfig:
     scale_by_sqrt_length: bool = True
 
 
+# the kinds OptimConfig.state and .ema_storage take (the Literal annotations below list the same, for the CLI)
+OPTIM_STATES = ("fp32", "8bit", "4bit", "cpu_offload")
+EMA_STORAGES = ("fp32", "bf16", "cpu")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """AF2 optimiser recipe (supplement 1.11.3)."""
@@ -305,13 +310,15 @@ class OptimConfig:
     recover_oom: bool = True
 
     def __post_init__(self) -> None:
-        kinds = {"state": ("fp32", "8bit", "4bit", "cpu_offload"), "ema_storage": ("fp32", "bf16", "cpu")}
+        kinds = {"state": OPTIM_STATES, "ema_storage": EMA_STORAGES}
         for name, allowed in kinds.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"optim.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 __all__ = [
+    "EMA_STORAGES",
+    "OPTIM_STATES",
     "DataConfig",
     "LossConfig",
     "MemoryConfig",

@@ -27,14 +27,21 @@ from protfold.bench.budget import run_budget
 from protfold.bench.measure import failure, free_memory, relative_diff
 from protfold.bench.synthetic import synthetic_batch, to_device
 from protfold.bench.workloads import ModeResult, Network, Point, Settings, run_mode
-from protfold.config import PRESET_NAMES, MemoryConfig, OptimConfig, load_memory_preset, model_preset
+from protfold.config import (
+    EMA_STORAGES,
+    OPTIM_STATES,
+    PRESET_NAMES,
+    MemoryConfig,
+    OptimConfig,
+    load_memory_preset,
+    model_preset,
+)
 from protfold.env import environment
 
 log = logging.getLogger(__name__)
 
 __all__ = ["load_mode", "main"]
 
-OPTIM_STATES, EMA_STORAGES = ("fp32", "8bit", "4bit", "cpu_offload"), ("fp32", "bf16", "cpu")
 
 
 def load_mode(name_or_path: str) -> MemoryConfig:
@@ -131,7 +138,10 @@ def _guarded_run(name: str, point: Point, mem: MemoryConfig, net: Network, s: Se
     """run_mode, with a failure other than running out of memory (a kernel that does not compile, say) recorded
     as status "error" and its message, so that the other modes of the sweep still run."""
     try:
-        return run_mode(point, mem, net, s, batch)
+        result = run_mode(point, mem, net, s, batch)
+        if result.fields.get("status") != "ok":  # out of memory (caught inside): compile afresh next time too
+            net.last_run = None
+        return result
     except Exception as exc:  # noqa: BLE001 - recorded, reported, and the sweep goes on
         net.last_run = None  # the next run compiles afresh: nothing of a failed run is reused
         message = failure(exc, f"{name} at crop {point.crop}", s.device)

@@ -144,11 +144,15 @@ class _Trainer:
         self.opt = None
         self.ema: EMA | None = None
         self.optim = optim
-        self._hooks_before = [set(p._post_accumulate_grad_hooks or ()) for p in self.params]
+        self._hooks_before = [set(getattr(p, "_post_accumulate_grad_hooks", None) or ()) for p in self.params]
         if optimize:
-            self.opt = adam(self.params, optim)
-            self.ema = EMA(module, decay=optim.ema_decay, storage=optim.ema_storage)  # in the peak, as in fit
-            self._prime()
+            try:
+                self.opt = adam(self.params, optim)
+                self.ema = EMA(module, decay=optim.ema_decay, storage=optim.ema_storage)  # in the peak, as in fit
+                self._prime()
+            except BaseException:  # out of memory while priming, say: the hooks go with the failed trainer
+                self.release()
+                raise
 
     def _prime(self) -> None:
         """Allocate Adam's state with an all-zero gradient (an exact no-op update), so every measured step,
@@ -164,7 +168,7 @@ class _Trainer:
         shares, the hook would outlive the run, keep the old optimizer's host copies alive and copy every later
         run's gradients to the host, in that run's step time."""
         for p, before in zip(self.params, self._hooks_before):
-            hooks = p._post_accumulate_grad_hooks
+            hooks = getattr(p, "_post_accumulate_grad_hooks", None)
             for key in [k for k in hooks or () if k not in before]:
                 del hooks[key]
 

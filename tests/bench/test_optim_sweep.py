@@ -177,3 +177,27 @@ def test_a_trainer_removes_the_hooks_its_optimizer_left(monkeypatch) -> None:
     trainer.release()
     module(torch.ones(2, 4)).sum().backward()
     assert fired == ["before"]
+
+
+def test_a_trainer_that_fails_to_build_removes_its_hooks(monkeypatch) -> None:
+    """When priming the optimizer fails (out of memory at a large shape, say), the hooks it registered do not
+    outlive the failed trainer."""
+    from protfold.config import OptimConfig
+
+    module = torch.nn.Linear(4, 4)
+    fired = []
+
+    def hooking_adam(params, optim):
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: fired.append("optimizer"))
+        return torch.optim.Adam(params)
+
+    def failing_prime(self):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(workloads, "adam", hooking_adam)
+    monkeypatch.setattr(workloads._Trainer, "_prime", failing_prime)
+    with pytest.raises(torch.OutOfMemoryError):
+        workloads._Trainer(module, lambda: module(torch.ones(2, 4)).sum(), [], optimize=True, optim=OptimConfig())
+    module(torch.ones(2, 4)).sum().backward()
+    assert fired == []
