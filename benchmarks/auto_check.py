@@ -51,7 +51,7 @@ def check(crop: int, budget: float, out: Path, time_limit: float, steps: int = 1
         bench(["--model", "af2", "--device", "cuda", "--precisions", "bf16", "--crops", str(crop), "--rows", "128",
                "--extra-rows", "1024", "--recycles", "0", "--steps", str(steps), "--warmup", "1", "--no-infer",
                "--time-limit", str(time_limit), "--modes", ",".join(run), "--out", str(folder)])
-    measured = {r["mode"]: r for r in json.loads((folder / "results.json").read_text())}
+    measured = _read_records(folder / "results.json")
     if pick.mode not in measured:
         return {"crop": crop, "pick": pick.mode, "verdict": f"the pick was not measured in {folder}"}
     chosen = measured[pick.mode]
@@ -59,15 +59,30 @@ def check(crop: int, budget: float, out: Path, time_limit: float, steps: int = 1
     fastest = min(ok, key=lambda m: ok[m]["step_time_s"]) if ok else None
     fits = chosen["status"] == "ok" and chosen["peak_bytes"] <= budget
     return {
-        "crop": crop, "budget_gib": budget / GIB, "pick": pick.mode, "measured_modes": run,
-        "not_run": [r.mode for r in rows if r.fits and r.mode not in run],
-        "not_finished": [m for m in run if m not in measured],
+        # judged from records: what ran is what they hold; what was planned but not run is unknown
+        "crop": crop, "budget_gib": budget / GIB, "pick": pick.mode,
+        "measured_modes": list(measured) if records else run,
+        "not_run": None if records else [r.mode for r in rows if r.fits and r.mode not in run],
+        "not_finished": None if records else [m for m in run if m not in measured],
         "predicted": {r.mode: {"peak_gib": r.pred.peak_gib, "time_s": r.pred.time_s} for r in rows if r.fits},
         "measured": {m: {"status": r["status"], "peak_gib": r["peak_bytes"] and r["peak_bytes"] / GIB,
                          "time_s": r["step_time_s"]} for m, r in measured.items()},
         "pick_fits": fits, "fastest_measured": fastest, "pick_is_fastest": fastest == pick.mode,
         "pick_time_over_fastest": chosen["step_time_s"] / ok[fastest]["step_time_s"] if fits and fastest else None,
     }
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    """{mode: bench record} of a results.json, or a one-line SystemExit naming the file and what is wrong."""
+    try:
+        rows = json.loads(path.read_text())
+        measured = {r["mode"]: r for r in rows}
+        for r in measured.values():
+            if r["status"] == "ok" and not (r["peak_bytes"] and r["step_time_s"]):
+                raise ValueError(f"mode {r['mode']} is ok but has no peak_bytes or step_time_s")
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise SystemExit(f"auto_check: {path}: not a bench results.json ({type(err).__name__}: {err})") from None
+    return measured
 
 
 def main() -> int:
@@ -81,6 +96,8 @@ def main() -> int:
                         help="judge the bench records in RECORDS/crop_N/ instead of measuring (no GPU; needs "
                         "--card_gib, the card's free GiB when they were measured)")
     args = parser.parse_args()
+    if args.card_gib is not None and args.card_gib <= 0:
+        raise SystemExit(f"auto_check: --card_gib must be > 0, got {args.card_gib}")
     if args.steps < 1 or args.time_limit <= 0:
         raise SystemExit(f"auto_check: --steps must be >= 1 and --time_limit > 0; got {args.steps}, {args.time_limit}")
     if args.records is not None:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("profile_block.py", ["--n", "0", "--out", "{tmp}"], "--n must be >= 1"),
     ("auto_check.py", ["--out", "{tmp}", "--steps", "0"], "--steps must be >= 1"),
     ("auto_check.py", ["--out", "{tmp}", "--records", "{tmp}", "--crops", "256"], "missing: 256"),
+    ("auto_check.py", ["--out", "{tmp}", "--card_gib", "-5"], "--card_gib must be > 0"),
 ])
 def test_bad_arguments_fail_in_one_line(script, args, message, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -46,3 +47,15 @@ def test_auto_check_judges_recorded_runs_without_a_gpu(flex_time, verdict_rc, tm
     (row,) = json.loads((tmp_path / "out" / "auto_check.json").read_text())
     assert row["pick"] == "compiled_flex" and row["pick_fits"]
     assert row["fastest_measured"] == ("compiled_flex" if verdict_rc == 0 else "compiled")
+
+
+def test_auto_check_refuses_a_malformed_record_in_one_line(tmp_path):
+    records = tmp_path / "records"
+    (records / "crop_256").mkdir(parents=True)
+    (records / "crop_256" / "results.json").write_text(json.dumps([{"mode": "compiled_flex"}]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "auto_check.py"), "--out", str(tmp_path / "out"),
+                             "--records", str(records), "--crops", "256", "--card_gib", "139.29"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "results.json: not a bench results.json" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -276,7 +276,7 @@ def main(argv: list[str]) -> int:
     meta = {"model": args.model, "crop": args.crop, "rows": args.rows, "extra_rows": args.extra_rows,
             "steps": args.stability, "ids": ids, "lr": args.lr, "warmup_steps": args.warmup_steps,
             "seed": args.seed, "reference": REFERENCE, "variant_specs": variants,
-            **environment(torch.device(args.device), ["protfold", "bench", *argv])}
+            **environment(torch.device(args.device), argv)}
     runs: dict[str, dict[str, Any]] = {}
     for name, run in _run_all(variants, state, batches, draws, args):
         runs[name] = run

@@ -18,6 +18,7 @@ __all__ = ["CPU_DEFAULT", "NothingFits", "PlanRow", "SAFETY_FRACTION", "SAFETY_G
            "largest_fitting_crop", "plan"]
 
 SAFETY_FRACTION, SAFETY_GIB = 0.10, 1.0
+TIE_BAND = 0.05  # predicted times this close are a tie, broken by the lower peak (`choose`)
 CPU_DEFAULT = "none"  # the plain path: what a CPU run without a budget gets
 CROP_STEP = 32
 
@@ -68,9 +69,15 @@ def plan(cfg: ModelConfig, shape: Shape, *, n_params: int, budget_bytes: float, 
 
 
 def choose(rows: list[PlanRow]) -> PlanRow | None:
-    """The fitting row with the lowest predicted time (ties: the lower peak), or None when none fits."""
+    """The fitting row with the lowest predicted time, or None when none fits. Rows predicted within TIE_BAND of
+    that time count as tied (the model's time error on measured points is of that order, and single measured steps
+    differ by as much), and of those the one with the lowest predicted peak is taken: the same speed, more room."""
     fitting = [r for r in rows if r.fits]
-    return min(fitting, key=lambda r: (r.pred.time_s, r.needed_bytes)) if fitting else None
+    if not fitting:
+        return None
+    fastest = min(r.pred.time_s for r in fitting)
+    tied = [r for r in fitting if r.pred.time_s <= fastest * (1 + TIE_BAND)]
+    return min(tied, key=lambda r: (r.needed_bytes, r.pred.time_s))
 
 
 def largest_fitting_crop(cfg: ModelConfig, shape: Shape, *, n_params: int, budget_bytes: float,

@@ -38,6 +38,7 @@ def test_stability_end_to_end_on_tiny(prepared_samples, tmp_path, capsys):
     assert fp32[-1] == pytest.approx(rows["fp32"]["final_loss"])
     assert (out / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["model"] == "tiny" and summary["ids"] == ["1psm_A", "2crb_A"]
+    assert summary["command"].startswith("protfold bench --stability 3 --model tiny")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -17,15 +17,18 @@ INITIAL = Shape(256, 128, 1024, 1.5, "bf16")
 
 
 def _argmin(budget_gib: float, shape: Shape = INITIAL) -> str | None:
-    """The fastest preset whose margin-raised predicted peak is within the budget, computed from `predict`."""
-    table, best = load_table(), None
+    """The fastest preset whose margin-raised predicted peak is within the budget, computed from `predict`; of
+    those predicted within 5% of the fastest time, the lowest peak."""
+    table, fitting = load_table(), []
     for mode, entry in table["modes"].items():
         pred = predict(mode, AF2, shape, n_params=N_PARAMS, ema=True)
-        if pred.peak_bytes is None or pred.peak_bytes * (1 + entry["peak_margin"]) > budget_gib * GIB:
-            continue
-        if best is None or pred.time_s < best[1]:
-            best = (mode, pred.time_s)
-    return best and best[0]
+        needed = None if pred.peak_bytes is None else pred.peak_bytes * (1 + entry["peak_margin"])
+        if needed is not None and needed <= budget_gib * GIB:
+            fitting.append((mode, pred.time_s, needed))
+    if not fitting:
+        return None
+    fastest = min(t for _, t, _ in fitting)
+    return min((f for f in fitting if f[1] <= 1.05 * fastest), key=lambda f: f[2])[0]
 
 
 def test_count_parameters_matches_the_records():
@@ -134,3 +137,14 @@ def test_fit_cost_model_refuses_an_empty_records_folder_before_writing(tmp_path)
     with pytest.raises(SystemExit, match="no af2 training records"):
         module.main(["--records", str(tmp_path / "empty"), "--out", str(out)])
     assert not out.exists()
+
+
+def test_predicted_times_within_the_tie_band_take_the_lower_peak() -> None:
+    """At crop 512 on the H200's budget `compiled` is predicted under 5% faster than `compiled_flex` at 2.7x its
+    peak (measured: 3.70 s against 3.67 s): a tie, so the lower peak; at 1024 it is predicted 10% faster."""
+    rows = plan(AF2, Shape(512, 128, 1024, 0, "bf16"), n_params=N_PARAMS, budget_bytes=124.36 * GIB)
+    times = {r.mode: r.pred.time_s for r in rows if r.fits}
+    assert times["compiled"] < times["compiled_flex"] < 1.05 * times["compiled"]
+    assert choose(rows).mode == "compiled_flex"
+    rows = plan(AF2, Shape(1024, 128, 1024, 0, "bf16"), n_params=N_PARAMS, budget_bytes=124.36 * GIB)
+    assert choose(rows).mode == "compiled"
