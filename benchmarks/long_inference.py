@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from protfold.config import model_preset
+from protfold.model import triangle_exec
 from protfold.model.evoformer import EvoformerBlock
 from protfold.model.heads import AuxiliaryHeads
 from protfold.model.inference_plan import plan_inference
@@ -103,7 +104,10 @@ def measure(part: str, n: int, *, pair_dtype=torch.float32, budget: int | None =
     peak = torch.cuda.max_memory_allocated(dev)
     del module, args
     return {"part": part, "n_res": n, "time_s": round(seconds, 3), "peak_gib": round(peak / GiB, 3),
-            "planned_peak_gib": round(predicted / GiB, 3), "plan": text, "pair_dtype": str(pair_dtype)}
+            "planned_peak_gib": round(predicted / GiB, 3), "plan": text, "pair_dtype": str(pair_dtype),
+            # where the triangle edge was: pageable once a pinned allocation failed in this process (slower copies)
+            "host_edge": None if not mem.offload_triangle_edge else "pageable" if triangle_exec._pin_failed
+            else "pinned"}
 
 
 def run_part(part: str, lengths: list[int], max_s: float, out: Path) -> list[dict]:

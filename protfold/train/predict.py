@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from protfold.errors import ProtfoldInputError
 from protfold.io.confidence import confidence_from_outputs, write_confidence
 from protfold.io.writer import PDBFormatLimitError, to_mmcif, to_pdb
 from protfold.metrics import plddt_from_logits
-from protfold.model.inference_plan import plan_inference
+from protfold.model.inference_plan import available_host_bytes, plan_inference
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def memory_budget_bytes(device: torch.device, budget_gib: float | None = None) -
     if device.type == "cuda":
         torch.cuda.empty_cache()
         return int(torch.cuda.mem_get_info(device)[0])
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return available_host_bytes()
 
 
 def plan_memory(module, batch: dict, *, device: torch.device, budget_gib: float | None, precision: str,
@@ -46,8 +45,10 @@ def plan_memory(module, batch: dict, *, device: torch.device, budget_gib: float 
     memory (what it passes to the model), return the plan's one-line description."""
     n_seq, n_res = batch["msa_feat"].shape[-3:-1]
     n_extra = batch["extra_msa_feat"].shape[-3]
+    # on the CPU the "device" is the host: an edge moved to host memory would save nothing, so no such plans
     mem, _, text = plan_inference(n_res, n_seq, n_extra, memory_budget_bytes(device, budget_gib),
-                                  module.model_cfg, _PRECISIONS[precision])
+                                  module.model_cfg, _PRECISIONS[precision],
+                                  host_bytes=0 if device.type == "cpu" else None)
     module.inference_memory = mem
     return f"{target_id}: memory plan: {text}"
 
