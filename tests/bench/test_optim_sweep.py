@@ -27,12 +27,27 @@ def run_main(argv: list[str]) -> str:
     return buf.getvalue()
 
 
-def test_every_mode_runs_under_every_pair(tmp_path) -> None:
+def test_every_mode_runs_under_every_pair(tmp_path, monkeypatch) -> None:
     """fp32 and cpu_offload (plain Adam on the CPU) x fp32 and bf16 EMA: four records per mode, each with its own
-    optim_state and ema_storage, compared with `none` of the same pair; the table and results.csv show both."""
+    optim_state and ema_storage, compared with `none` of the same pair; the table and results.csv show both; and
+    the optimizer and EMA of each run are built with that run's pair."""
+    built: list[tuple[str, str]] = []
+    real_adam, real_ema = workloads.adam, workloads.EMA
+    monkeypatch.setattr(workloads, "adam",
+                        lambda params, optim: built.append((optim.state, "")) or real_adam(params, optim))
+
+    def ema(module, *, decay, storage):
+        built[-1] = (built[-1][0], storage)
+        return real_ema(module, decay=decay, storage=storage)
+
+    monkeypatch.setattr(workloads, "EMA", ema)
     text = run_main([*COMMON, "--modes", "none,low", "--crops", "16", "--optim.state", "fp32,cpu_offload",
                      "--optim.ema_storage", "fp32,bf16", "--out", str(tmp_path)])
     recs = json.loads((tmp_path / "results.json").read_text())
+    # each run's optimizer and EMA were built with the pair its record names (runs in record order; a run that
+    # builds its trainer more than once shows as repeats)
+    runs = [pair for i, pair in enumerate(built) if i == 0 or pair != built[i - 1]]
+    assert runs == [(r["optim_state"], r["ema_storage"]) for r in recs]
     pairs = {("fp32", "fp32"), ("fp32", "bf16"), ("cpu_offload", "fp32"), ("cpu_offload", "bf16")}
     for mode in ("none", "low"):
         mine = [r for r in recs if r["mode"] == mode]
