@@ -24,6 +24,9 @@ part=${2:-all}
 only=${3:-}
 case $part in all|initial|finetune|table) ;; *) echo "optim_memory.sh: unknown part '$part' (all, initial, finetune, table)" >&2; exit 2;; esac
 case $only in ''|compiled_flex|long) ;; *) echo "optim_memory.sh: unknown fine-tune mode '$only' (compiled_flex, long)" >&2; exit 2;; esac
+if [ -n "$only" ] && [ "$part" != finetune ]; then
+  echo "optim_memory.sh: MODE ('$only') applies to the finetune part only, not '$part'" >&2; exit 2
+fi
 mkdir -p "$out"
 common=(--model af2 --device cuda --precisions bf16 --recycles 1 --steps 1 --warmup 1 --no-infer
         --optim.state fp32,8bit,cpu_offload --optim.ema_storage fp32,bf16)

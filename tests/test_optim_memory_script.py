@@ -25,6 +25,9 @@ def test_unknown_part_or_mode_fails_in_one_line(tmp_path):
     result = _run(str(tmp_path / "out"), "finetune", "low")
     assert result.returncode == 2 and result.stderr.strip() == \
         "optim_memory.sh: unknown fine-tune mode 'low' (compiled_flex, long)"
+    result = _run(str(tmp_path / "out"), "initial", "long")
+    assert result.returncode == 2 and result.stderr.strip() == \
+        "optim_memory.sh: MODE ('long') applies to the finetune part only, not 'initial'"
 
 
 def _fake_bench(tmp_path: Path) -> tuple[Path, Path]:
