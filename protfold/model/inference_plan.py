@@ -203,7 +203,7 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
     head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows, budget {_size(budget_bytes)}"
     for name, mem, peak in scored:
         if peak <= usable:
-            host = (f"; triangle edge {_size(host_edge)} in host memory, {_size(host_bytes)} available"
+            host = (f"; triangle edge up to {_size(host_edge)} in host memory, {_size(host_bytes)} available"
                     if mem.offload_triangle_edge else "")
             return mem, peak, f"{head}: {name}; predicted peak {_size(peak)}{host}"
     smallest = min(peak for _, _, peak in scored)

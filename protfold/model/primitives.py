@@ -307,9 +307,8 @@ def pair_bias_rows(norm: nn.Module, linear: nn.Module, z: Tensor, rows: int, *, 
 
     `fp32`: kept up-cast (exactly: the naive kernel up-casts it anyway), so the naive kernel adds it to the half
     logits in the same pass as their up-cast (`_naive_attention`); twice the bytes of a half bias."""
-    if fp32:
-        return chunk_rows(lambda z_: upcast(linear(norm(z_))).movedim(-1, -3), [z], [-3], rows, out_dim=-2)
-    return chunk_rows(lambda z_: linear(norm(z_)).movedim(-1, -3), [z], [-3], rows, out_dim=-2)
+    cast = upcast if fp32 else (lambda t: t)
+    return chunk_rows(lambda z_: cast(linear(norm(z_))).movedim(-1, -3), [z], [-3], rows, out_dim=-2)
 
 
 def capped_chunk(chunk: int | None, attn: Attention, x: Tensor, plan: MemoryPlan) -> int | None:

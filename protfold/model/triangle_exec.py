@@ -50,10 +50,6 @@ _INFER_EDGE_FRACTION = 1 / 16
 # keep the fraction of z's own bytes: the room would widen their slices little and raise their peak.
 _INFER_EDGE_ROW_CHUNKS = 2
 _INFER_EDGE_MIN_PARTS = 8
-# What a failed pinned (page-locked) host allocation raises: torch.AcceleratorError (a RuntimeError; newer torch)
-# from cudaHostAlloc, torch.OutOfMemoryError, or a plain RuntimeError; told apart from other errors by the message.
-_PIN_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None), getattr(torch, "OutOfMemoryError", None),
-                                RuntimeError) if e is not None)
 # Set when a pinned allocation has failed for lack of memory: the host edge is pageable from then on.
 _pin_failed = False
 
@@ -208,7 +204,9 @@ def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> Te
     if pin and not _pin_failed:
         try:
             return _pinned_empty(shape, dtype)
-        except _PIN_ERRORS as err:
+        # a failed pinned allocation raises a RuntimeError (torch.AcceleratorError from cudaHostAlloc in newer
+        # torch, torch.OutOfMemoryError, or RuntimeError itself): told apart from other errors by the message
+        except RuntimeError as err:
             if "out of memory" not in str(err).lower():
                 raise
             _pin_failed = True
