@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,38 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@dataclass
+class AotEager:
+    """What `aot_eager_compile` saw: the options each torch.compile call passed (inductor's, which aot_eager takes
+    none of) and dynamo's counter of the graphs it captured."""
+
+    options: list
+    counter: object
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch) -> Iterator[AotEager]:
+    """protfold's compiled blocks through dynamo's cheap `aot_eager` backend, from fresh caches: the capture,
+    autograd, checkpoint and RNG replay are dynamo's whatever the backend, and inductor's CPU code generation would
+    cost minutes on CI's two cores (the inductor kernels are compared on the GPU, tests/gpu)."""
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from protfold.model.memory import reset_compiled
+
+    plain_compile, seen = torch.compile, AotEager([], CompileCounterWithBackend("aot_eager"))
+
+    def compile_aot_eager(fn, **kw):
+        seen.options.append(kw.pop("options", None))
+        return plain_compile(fn, backend=seen.counter, **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    reset_compiled()
+    yield seen
+    reset_compiled()
+
 
 REPO = Path(__file__).resolve().parents[1]
 _SCRATCH = {".git", "__pycache__", ".pytest_cache", ".whl", ".gl", ".ruff_cache"}

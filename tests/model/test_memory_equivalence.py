@@ -217,34 +217,15 @@ def test_bf16_autocast_runs_and_stays_close(mem, grad, tiny_cfg_no_dropout, trun
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def _compile_with_aot_eager(monkeypatch):
-    """Make protfold's compiled blocks use dynamo's cheap `aot_eager` backend, from fresh caches. Returns the
-    options each compile call passed (inductor's, which aot_eager takes none of) and a counter of dynamo's
-    graphs."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    plain_compile, options, counter = torch.compile, [], CompileCounterWithBackend("aot_eager")
-
-    def aot_eager_compile(fn, **kw):
-        options.append(kw.pop("options", None))
-        return plain_compile(fn, backend=counter, **kw)
-
-    monkeypatch.setattr(torch, "compile", aot_eager_compile)
-    torch._dynamo.reset()
-    monkeypatch.setattr("protfold.model.memory._COMPILED", {})  # compile afresh with the backend above
-    return options, counter
-
-
 @pytest.mark.parametrize("kind", ["evoformer", "extra_msa"])
 @pytest.mark.parametrize("base", ["plain", "recompute", "inblock"])
 @pytest.mark.parametrize("dropout", [False, True])
 def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_dropout, trunk_inputs, randomize,
-                                     monkeypatch) -> None:
+                                     aot_eager_compile) -> None:
     """compile_blocks runs each block through torch.compile (without recompute, with block recompute, with in-block
     recompute as well; with and without dropout): same outputs and every gradient. CI checks the capture with the
     cheap `aot_eager` backend (dynamo graph, autograd, checkpoint and RNG replay); the inductor kernels themselves,
     and their dropout draws (`fallback_random`), are compared on the GPU (tests/gpu)."""
-    options, _ = _compile_with_aot_eager(monkeypatch)
     cfg = tiny_cfg if dropout else tiny_cfg_no_dropout
     mem = {"plain": MemoryConfig(), "recompute": MemoryConfig(blocks_per_checkpoint=1),
            "inblock": MemoryConfig(blocks_per_checkpoint=1, recompute_inside_block=True)}[base]
@@ -255,14 +236,14 @@ def test_compiled_blocks_match_eager(kind, base, dropout, tiny_cfg, tiny_cfg_no_
     from protfold.model import memory
 
     assert type(alt_model.blocks[0]) in memory._COMPILED  # the compiled path really ran
-    assert options == [{"fallback_random": True}]  # inductor draws dropout masks with the eager kernels
+    assert aot_eager_compile.options == [{"fallback_random": True}]  # inductor draws dropout masks with the eager kernels
     assert set(alt_model.state_dict()) == set(ref_model.state_dict())
 
 
 @pytest.mark.parametrize("kind", ["evoformer", "extra_msa"])
 @pytest.mark.parametrize("storage", ["bf16", "cpu"])
 def test_compiled_recompute_runs_the_forward_graph(kind, storage, tiny_cfg_no_dropout, trunk_inputs, randomize,
-                                                   monkeypatch) -> None:
+                                                   monkeypatch, aot_eager_compile) -> None:
     """Block boundaries kept as copies come back in backward as new tensors, and dynamo guards on strides: if a
     copy lost the strides of a forward input (a view with other strides, say), the recompute could run another
     graph than its forward: a CheckpointError, or worse, other saved tensors of the same shapes. The copies keep
@@ -276,24 +257,22 @@ def test_compiled_recompute_runs_the_forward_graph(kind, storage, tiny_cfg_no_dr
             return ("cpu", t.device, memory._host_copy(t)) if t.requires_grad else ("ref", t)
 
         monkeypatch.setattr(memory, "_pack_cpu", copy_as_on_gpu)
-    _, counter = _compile_with_aot_eager(monkeypatch)
     mem = MemoryConfig(blocks_per_checkpoint=1, checkpoint_storage=storage)
     ref_model = randomize(_build(kind, tiny_cfg_no_dropout, mem))
     alt_model = _build(kind, tiny_cfg_no_dropout, MemoryConfig(**{**mem.__dict__, "compile_blocks": True}))
     alt_model.load_state_dict(ref_model.state_dict())
     ref = _run(ref_model, kind, trunk_inputs, prep=_strided_view)
     _assert_same(ref, _run(alt_model, kind, trunk_inputs, prep=_strided_view))
-    assert counter.frame_count == 1  # one graph for every block, in forward and in recompute
+    assert aot_eager_compile.counter.frame_count == 1  # one graph for every block, in forward and in recompute
 
 
-def test_each_stack_compiles_its_own_graph(tiny_cfg_no_dropout, trunk_inputs, randomize, monkeypatch) -> None:
+def test_each_stack_compiles_its_own_graph(tiny_cfg_no_dropout, trunk_inputs, randomize, aot_eager_compile) -> None:
     """The Evoformer and the extra MSA stack differ in widths, rows and, under autocast, the stream's dtype (the
     extra MSA embedding is bf16, the MSA stream fp32). Dynamo keeps one cache per code object: sharing one block
     `forward`, the stacks recompiled each other's graphs, and session 6's second `fit` reached dynamo's limit that
     way. Each block class has its own `forward` now, and one graph."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    _compile_with_aot_eager(monkeypatch)
     mem = MemoryConfig(blocks_per_checkpoint=1, compile_blocks=True)
     evoformer = randomize(_build("evoformer", tiny_cfg_no_dropout, mem))
     extra = randomize(_build("extra_msa", tiny_cfg_no_dropout, mem))

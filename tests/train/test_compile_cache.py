@@ -14,35 +14,21 @@ import textwrap
 import pytest
 import torch
 
-from protfold.model.memory import reset_compiled
 from protfold.train.compile_cache import compile_snapshot, default_cache_dir, use_compile_cache
 
 
-def test_fit_compiles_each_block_class_once(run_kit, tmp_path, monkeypatch) -> None:
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    plain_compile, counter = torch.compile, CompileCounterWithBackend("aot_eager")
-
-    def aot_eager_compile(fn, **kw):
-        kw.pop("options", None)
-        return plain_compile(fn, backend=counter, **kw)
-
-    monkeypatch.setattr(torch, "compile", aot_eager_compile)
-    reset_compiled()
+def test_fit_compiles_each_block_class_once(run_kit, tmp_path, aot_eager_compile) -> None:
     root = tmp_path / "run"
     # 12 cluster rows and 48 extra rows: deeper than some training entries' alignments, so unpadded batches would
     # change depth between steps; recycles are drawn 0 or 1 (tiny preset) over the 4 steps
     extra = ("--model.memory", "compiled", "--data.max_msa_clusters", "12", "--data.max_extra_msa", "48",
              "--compile_cache", str(tmp_path / "cache"))
-    try:
-        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-            run_kit.fit(run_kit.fit_args(root, steps=4, extra=extra))
-    finally:
-        reset_compiled()
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        run_kit.fit(run_kit.fit_args(root, steps=4, extra=extra))
     run = run_kit.version_dirs(root)[-1]
     perf = json.loads((run / "perf.json").read_text())
     assert set(perf["recycles"]) == {0.0, 1.0}, perf["recycles"]  # both recycle counts were drawn
-    assert counter.frame_count == 2  # EvoformerBlock and ExtraMSABlock, once each
+    assert aot_eager_compile.counter.frame_count == 2  # EvoformerBlock and ExtraMSABlock, once each
     assert perf["compile"]["graphs"] == 2 and perf["compile"]["seconds"] > 0, perf["compile"]
     assert perf["compile"]["cache_dir"] == str(tmp_path / "cache")
     assert "compile/graphs" in (run / "metrics.csv").read_text().splitlines()[0]
