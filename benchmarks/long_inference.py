@@ -13,7 +13,8 @@ Parts: `block` one Evoformer block (128 MSA rows); `extra` one extra-MSA block (
 update z in place, so the stack's peak is one block's and its time 4x one block's: computed, and said so);
 `structure` the 8-layer structure module; `heads` the heads (`af2_ptm`: pLDDT, masked MSA, experimentally
 resolved, PAE and pTM in row chunks). Each records peak (`torch.cuda.max_memory_allocated`, inputs included:
-z [N, N, 128] in fp32, as the model's embedders make it) and time (one call, after one warm-up call at 256
+z [N, N, 128] in fp32, as the model's embedders make it, or in bf16 where the plan stores it so because fp32 z
+does not fit the card: `pair_storage`, recorded in `pair_dtype`) and time (one call, after one warm-up call at 256
 residues) in `<out>/<part>.json`. A length whose time, extrapolated (a N^3 fit) from the lengths measured
 before it, exceeds `--max_s` is skipped and reported as skipped, so each command stays within ~9 minutes.
 `compare4096`: one block at 4,096 with z in bf16 (as OpenFold's figures), planned for the block's own shapes
@@ -93,6 +94,8 @@ def measure(part: str, n: int, *, pair_dtype=torch.float32, budget: int | None =
         mem, text = replace(mem, attention=ATTENTION), f"{text}; attention {ATTENTION} (--attention)"
     module = _module(part, cfg).to(dev).eval()
     plan = resolve(mem, grad=False, device=dev)
+    if mem.pair_storage == "bf16":  # the plan keeps z in bf16 (fp32 z does not fit this budget on the device)
+        pair_dtype = torch.bfloat16
     args = _inputs(part, n, cfg, dev, pair_dtype)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(dev)

@@ -107,6 +107,9 @@ def _predict(argv: list[str]) -> int:
         parser.error(f"--inference_memory: {err}")
     if args.memory_budget_gib is not None and (memory is not None or not args.memory_budget_gib > 0):
         parser.error("--memory_budget_gib: must be > 0, and sizes the planned memory: not with --inference_memory")
+    if memory is not None and memory.pair_storage == "bf16" and args.precision != "bf16":
+        parser.error("--inference_memory: pair_storage 'bf16' keeps z in bf16, which only bf16 autocast reads: "
+                     "add --precision bf16")
     try:
         targets = collect_targets(args.input, args.msa_dir)  # before torch and the model: input errors come at once
         device = _check_device(args.device)

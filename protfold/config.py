@@ -51,6 +51,10 @@ class MemoryConfig:
     # write z in place; the heads then return only what `protfold predict` writes: no distogram or PAE logits
     # ([N, N, bins]), the PAE and pTM computed from the PAE logits row chunk by row chunk
     head_chunk: int | None = None
+    # no grad, with head_chunk, under bf16 autocast: the pair representation z stored in "bf16" instead of "fp32"
+    # (half its bytes: 36 GiB instead of 72 at 12,288 residues; each pair update is added in bf16). `protfold
+    # predict --precision bf16` plans it where fp32 z does not fit on the device.
+    pair_storage: Literal["fp32", "bf16"] = "fp32"
     # triangle multiplication and triangle attention with grad or without chunking: "torch" (protfold's own path)
     # or "cueq", NVIDIA's cuEquivariance kernels (`pip install protfold[cueq]`, CUDA; protfold.model.kernels.cueq).
     # Where cueq cannot run (no CUDA, package missing, unsupported widths) the torch path runs, logged once.
@@ -74,6 +78,13 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.attention must be 'naive', 'sdpa' or 'flex', got {self.attention!r}")
         if self.triangle_kernel not in ("torch", "cueq"):
             raise ValueError(f"MemoryConfig.triangle_kernel must be 'torch' or 'cueq', got {self.triangle_kernel!r}")
+        if self.pair_storage not in ("fp32", "bf16"):
+            raise ValueError(f"MemoryConfig.pair_storage must be 'fp32' or 'bf16', got {self.pair_storage!r}")
+        if self.pair_storage == "bf16" and self.head_chunk is None:
+            raise ValueError(
+                "MemoryConfig.pair_storage='bf16' keeps z in bf16 through the in-place pair embedding of a no-grad "
+                "forward: set head_chunk as well (inference only)"
+            )
         if self.checkpoint_storage not in ("fp32", "bf16", "cpu"):
             raise ValueError(
                 f"MemoryConfig.checkpoint_storage must be 'fp32', 'bf16' or 'cpu', got {self.checkpoint_storage!r}"

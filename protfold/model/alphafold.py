@@ -47,11 +47,17 @@ class AlphaFold(nn.Module):
 
     def forward(self, batch: dict[str, Tensor], *, n_recycles: int = 0,
                 memory: MemoryConfig = MemoryConfig()) -> dict[str, Tensor]:
-        prev = self._initial_recycling_inputs(batch)
         grad_on = torch.is_grad_enabled()
         device = batch["aatype"].device
         modes = {grad_on} | ({False} if n_recycles else set())  # the last pass, and the recycling passes
         plans = {grad: resolve(memory, grad=grad, device=device) for grad in modes}
+        pair_dtype = None
+        if not grad_on and plans[False].pair_storage == "bf16":
+            if not torch.is_autocast_enabled(device.type):
+                raise ValueError("MemoryConfig.pair_storage='bf16' needs bf16 autocast (predict --precision bf16): "
+                                 "fp32 modules cannot read a bf16 z")
+            pair_dtype = torch.bfloat16  # z lives in prev[1]'s storage through every pass (embed_pair_in_place)
+        prev = self._initial_recycling_inputs(batch, pair_dtype)
         for i in range(n_recycles + 1):
             last = i == n_recycles
             with torch.set_grad_enabled(grad_on and last):
@@ -62,10 +68,12 @@ class AlphaFold(nn.Module):
         outputs["n_recycles"] = torch.tensor(n_recycles)
         return outputs
 
-    def _initial_recycling_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def _initial_recycling_inputs(self, batch: dict[str, Tensor],
+                                  pair_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
         b, n = batch["aatype"].shape
         ref = batch["msa_feat"]
-        return (ref.new_zeros(b, n, self.cfg.c_m), ref.new_zeros(b, n, n, self.cfg.c_z), ref.new_zeros(b, n, 3))
+        return (ref.new_zeros(b, n, self.cfg.c_m), ref.new_zeros(b, n, n, self.cfg.c_z, dtype=pair_dtype),
+                ref.new_zeros(b, n, 3))
 
     def iteration(self, batch: dict[str, Tensor], prev: tuple[Tensor, Tensor, Tensor], *,
                   plan: MemoryPlan) -> dict[str, Tensor]:

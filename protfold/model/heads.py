@@ -95,7 +95,8 @@ class PredictedAlignedErrorHead(nn.Module):
         """No grad: the reports of `forward` (PAE, its maximum, pTM) from logits made `rows` pair rows at a time;
         no pae_logits [B, N, N, bins] are returned or ever made whole."""
         pae, max_pae, ptm = pae_and_ptm_in_rows(
-            lambda start, n: self.linear(z.narrow(-3, start, n)), z.shape[-3], rows,
+            # in an fp32 island (autocast off): a z stored in bf16 (pair_storage) is read in the weights' dtype
+            lambda start, n: self.linear(z.narrow(-3, start, n).to(self.linear.weight.dtype)), z.shape[-3], rows,
             n_bins=self.linear.out_features, max_bin=self.max_bin, residue_weights=seq_mask, like=z[..., 0, :])
         return {"predicted_aligned_error": pae, "max_predicted_aligned_error": max_pae, "ptm": ptm}
 

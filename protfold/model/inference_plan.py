@@ -5,7 +5,8 @@ peak of a no-grad forward for each candidate `MemoryConfig`, fastest first, and 
 
 The count (bytes; a = bytes per element of the compute dtype, 2 for bf16; the pair stream z is fp32 in the model
 whatever the autocast dtype, as the input embedder's relative-position term is fp32; `pair_dtype` counts a z
-kept in another dtype, as a single block's benchmark against OpenFold keeps it in bf16):
+kept in another dtype, as a single block's benchmark against OpenFold keeps it in bf16, and a plan with
+`pair_storage='bf16'` counts z at 2 bytes):
 - floor: z [N, N, c_z] (one copy: the embedders write it in place, every block updates it in place), the
   pair mask [N, N] fp32, the MSA streams m [S, N, c_m] fp32 and e [E, N, c_e] twice each (stream and one update);
 - the low-memory triangle multiplication: its combined edge x [N, N, c_hidden] in the compute dtype (zero on the
@@ -90,10 +91,10 @@ def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int, z_bytes: int) -
 def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelConfig, dtype: torch.dtype,
                          pair_dtype: torch.dtype = torch.float32) -> int:
     """Bytes alive at the peak of a no-grad forward of `cfg` at `shape` under `mem` (the module docstring's count),
-    with the pair stream z stored in `pair_dtype`. Exact switch-by-switch accounting is not attempted: each term
-    is an upper estimate of what it counts."""
+    with the pair stream z stored in `pair_dtype` (in bf16 under `mem.pair_storage='bf16'`). Exact switch-by-switch
+    accounting is not attempted: each term is an upper estimate of what it counts."""
     a = torch.empty((), dtype=dtype).element_size()
-    z_bytes = torch.empty((), dtype=pair_dtype).element_size()
+    z_bytes = 2 if mem.pair_storage == "bf16" else torch.empty((), dtype=pair_dtype).element_size()
     if not (mem.low_memory_triangle and mem.pair_chunk and mem.attention_chunk_mb and mem.structure_chunk
             and mem.head_chunk):
         return _plain_peak(shape, cfg, a, z_bytes)
@@ -158,18 +159,25 @@ def _cgroup_left(root: str = "/sys/fs/cgroup") -> int | None:
     return None
 
 
-def _candidates(n_res: int) -> list[tuple[str, MemoryConfig]]:
-    """Plans from fastest to smallest: the plain path, then chunked ones with ever smaller chunks, then with the
-    triangle edge in host memory (copying it back costs time, so it comes last)."""
+def _candidates(n_res: int, bf16_pair: bool = False) -> list[tuple[str, MemoryConfig]]:
+    """Plans from fastest to smallest: the plain path, then chunked ones with ever smaller chunks; with
+    `bf16_pair` (bf16 autocast), then the same with z stored in bf16 (half the floor, at bf16's precision for the
+    pair stream: after every fp32-z plan on the device); then with the triangle edge in host memory (copying it
+    back costs time, so it comes last), fp32 z first."""
     plans = [("plain (no chunking)", MemoryConfig())]
     rows = [r for r in _ROWS if r <= n_res] or [1]
+    storages = ("fp32", "bf16") if bf16_pair else ("fp32",)
     for offload in (False, True):
-        for cap in _ATTENTION_MB:
-            for r in rows:
-                mem = MemoryConfig(pair_chunk=r, attention_chunk_mb=cap, low_memory_triangle=True,
-                                   offload_triangle_edge=offload, structure_chunk=r, head_chunk=r)
-                plans.append((f"chunks of {r} rows, attention chunks <= {cap:g} MiB, in-place triangle updates"
-                              + (", triangle edge in host memory (pinned where possible)" if offload else ""), mem))
+        for storage in storages:
+            for cap in _ATTENTION_MB:
+                for r in rows:
+                    mem = MemoryConfig(pair_chunk=r, attention_chunk_mb=cap, low_memory_triangle=True,
+                                       offload_triangle_edge=offload, structure_chunk=r, head_chunk=r,
+                                       pair_storage=storage)
+                    plans.append((f"chunks of {r} rows, attention chunks <= {cap:g} MiB, in-place triangle updates"
+                                  + (", z stored in bf16" if storage == "bf16" else "")
+                                  + (", triangle edge in host memory (pinned where possible)" if offload else ""),
+                                  mem))
     return plans
 
 
@@ -179,7 +187,8 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
                    host_bytes: int | None = None) -> tuple[MemoryConfig, int, str]:
     """The fastest inference `MemoryConfig` whose predicted peak fits `HEADROOM` x `budget_bytes`, and, for a plan
     with the triangle edge in host memory, whose edge (`host_edge_bytes`) fits `HEADROOM` x `host_bytes` (default:
-    `available_host_bytes()`); plans whose edge does not fit the host are never returned.
+    `available_host_bytes()`); plans whose edge does not fit the host are never returned. Under bf16 autocast
+    (`dtype` bf16) with z otherwise fp32, plans that store z in bf16 are candidates too, after the fp32-z ones.
 
     Returns (plan, its predicted peak in bytes, a one-line explanation). When no plan fits, the fastest of those
     within `NEAR_SMALLEST` of the smallest predicted peak (the floor dominates there, and chunks of one row would
@@ -199,7 +208,8 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
     host_edge = host_edge_bytes(n_res, model_cfg, dtype)
     host_fits = host_edge <= int(host_bytes * HEADROOM)
     scored = [(name, mem, predicted_peak_bytes(mem, shape, model_cfg, dtype, pair_dtype))
-              for name, mem in _candidates(n_res) if host_fits or not mem.offload_triangle_edge]
+              for name, mem in _candidates(n_res, bf16_pair=dtype == torch.bfloat16 and pair_dtype == torch.float32)
+              if host_fits or not mem.offload_triangle_edge]
     head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows, budget {_size(budget_bytes)}"
     for name, mem, peak in scored:
         if peak <= usable:
@@ -208,7 +218,7 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
             return mem, peak, f"{head}: {name}; predicted peak {_size(peak)}{host}"
     smallest = min(peak for _, _, peak in scored)
     name, mem, peak = next(item for item in scored if item[2] <= smallest * (1 + NEAR_SMALLEST))
-    z_bytes = torch.empty((), dtype=pair_dtype).element_size() * n_res**2 * model_cfg.c_z
+    z_bytes = (2 if mem.pair_storage == "bf16" else torch.empty((), dtype=pair_dtype).element_size()) * n_res**2 * model_cfg.c_z
     host = "" if host_fits else (f"; plans with the triangle edge in host memory are out: the edge "
                                  f"({_size(host_edge)}) does not fit {HEADROOM:.0%} of the host's available "
                                  f"{_size(host_bytes)}")

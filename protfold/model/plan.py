@@ -30,7 +30,7 @@ class MemoryPlan:
     Evoformer blocks add every pair update into z in place, row chunk by row chunk. Otherwise the plain
     update order runs, which costs fewer kernel launches at small crops.
     structure_chunk, head_chunk: no grad only (None with grad): IPA's query rows and the PAE head's pair rows
-    per chunk (`MemoryConfig`).
+    per chunk (`MemoryConfig`). pair_storage: no grad only ("fp32" with grad): the dtype z is kept in.
     """
 
     grad: bool
@@ -49,6 +49,7 @@ class MemoryPlan:
     inplace: bool = False
     structure_chunk: int | None = None
     head_chunk: int | None = None
+    pair_storage: Literal["fp32", "bf16"] = "fp32"
     triangle_kernel: Literal["torch", "cueq"] = "torch"
 
 
@@ -82,5 +83,6 @@ def resolve(memory: MemoryConfig, *, grad: bool, device: torch.device | str) -> 
         inplace=chunked and not grad,
         structure_chunk=None if grad else memory.structure_chunk,
         head_chunk=None if grad else memory.head_chunk,
+        pair_storage="fp32" if grad else memory.pair_storage,
         triangle_kernel=memory.triangle_kernel,
     )

@@ -126,6 +126,9 @@ def run_predict(*, ckpt_path: str, targets: list[Target], out: str, overwrite: b
     out_dir = Path(out)
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+    if memory is not None and memory.pair_storage == "bf16" and precision != "bf16":
+        raise ValueError("the inference memory's pair_storage 'bf16' keeps z in bf16, which only bf16 autocast reads: "
+                         "add --precision bf16 or set pair_storage: fp32")
     # the mmCIF is written for every target (a PDB file only where the format holds the structure)
     todo = [t for t in targets if overwrite or not (out_dir / t.id / f"{t.id}.cif").exists()]
     report = PredictReport(existing=[t.id for t in targets if t not in todo])

@@ -81,31 +81,32 @@ def test_plan_counts_the_pair_dtype_and_falls_back_to_a_fast_smallest_plan() -> 
 def test_host_edge_plans_need_the_edge_in_host_memory(monkeypatch) -> None:
     """A plan with the triangle edge in host memory is taken only when the edge (N^2 x c_hidden in the compute
     dtype, twice for the pinned allocator's power-of-two rounding) fits HEADROOM of the host's available memory;
-    when nothing fits, the line names the host's limit."""
+    when nothing fits, the line names the host's limit. (12 GiB: at 4,096 residues z in bf16 fits 16 GiB on the
+    device, and that plan comes before the host's.)"""
     af2 = model_preset("af2_ptm")
     edge = host_edge_bytes(4096, af2, torch.bfloat16)
     assert edge == 2 * 4096**2 * af2.tri_mul_hidden * 2 == 8 * GiB
-    mem, _, text = plan_inference(4096, 128, 1024, 16 * GiB, af2, host_bytes=128 * GiB)
+    mem, _, text = plan_inference(4096, 128, 1024, 12 * GiB, af2, host_bytes=128 * GiB)
     assert mem.offload_triangle_edge and "DOES NOT FIT" not in text
     assert "triangle edge in host memory (pinned where possible)" in text and "8.00 GiB in host memory" in text
     for host in (0, edge, int(edge / HEADROOM) - 2**20):  # 85% of the last is just under the edge
-        mem, peak, text = plan_inference(4096, 128, 1024, 16 * GiB, af2, host_bytes=host)
-        assert not mem.offload_triangle_edge and peak > 0.85 * 16 * GiB
+        mem, peak, text = plan_inference(4096, 128, 1024, 12 * GiB, af2, host_bytes=host)
+        assert not mem.offload_triangle_edge and peak > 0.85 * 12 * GiB
         assert "DOES NOT FIT" in text and "on the device" in text
         assert "triangle edge in host memory are out: the edge (8.00 GiB) does not fit 85% of the host" in text
         # nothing returned needs the host: the smallest plans on the device alone, at any budget
         assert not any(plan_inference(4096, 128, 1024, b * GiB, af2, host_bytes=host)[0].offload_triangle_edge
                        for b in (1, 8, 24))
-    assert plan_inference(4096, 128, 1024, 16 * GiB, af2, host_bytes=int(edge / HEADROOM) + 1)[0].offload_triangle_edge
+    assert plan_inference(4096, 128, 1024, 12 * GiB, af2, host_bytes=int(edge / HEADROOM) + 1)[0].offload_triangle_edge
     # a device that fits the plan never needs the host, and the line does not mention it
     mem, _, text = plan_inference(4096, 128, 1024, 139 * GiB, af2, host_bytes=0)
     assert not mem.offload_triangle_edge and "host" not in text
     # by default the host's available memory is read (MemAvailable)
     assert available_host_bytes() > 0
     monkeypatch.setattr(inference_plan, "available_host_bytes", lambda: 0)
-    assert not plan_inference(4096, 128, 1024, 16 * GiB, af2)[0].offload_triangle_edge
+    assert not plan_inference(4096, 128, 1024, 12 * GiB, af2)[0].offload_triangle_edge
     monkeypatch.setattr(inference_plan, "available_host_bytes", lambda: 128 * GiB)
-    assert plan_inference(4096, 128, 1024, 16 * GiB, af2)[0].offload_triangle_edge
+    assert plan_inference(4096, 128, 1024, 12 * GiB, af2)[0].offload_triangle_edge
     with pytest.raises(ValueError, match="host_bytes"):
         plan_inference(10, 1, 0, GiB, af2, host_bytes=-1)
 
@@ -214,3 +215,59 @@ def test_planned_peak_bounds_the_measured_peak() -> None:
     assert measured[_candidates(n)[-1][1]] < measured[MemoryConfig()]
     floor = 4 * n * n * CFG.c_z  # z itself is alive throughout
     assert min(measured.values()) > floor
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def test_bf16_pair_storage_adds_only_bf16_rounding() -> None:
+    """z stored in bf16 (`pair_storage='bf16'`, under bf16 autocast) against the same plan with z in fp32 under the
+    same autocast, both against the fp32 plain path: storing z in bf16 adds an error of bf16's order (8 mantissa
+    bits, a few 1e-3 relative) and no more than a few times autocast's own; z really is bf16, through the recycles."""
+    n, s, e = 12, 3, 4
+    batch = synthetic_batch(n, s, e, seed=3)
+    batch["seq_mask"] = real_mask(1, n, p=0.2)
+    model = _model()
+    ref = _run(model, MemoryConfig(), batch)
+    chunked = MemoryConfig(pair_chunk=4, attention_chunk_mb=8, low_memory_triangle=True, structure_chunk=4,
+                           head_chunk=4)
+    out = {}
+    for storage in ("fp32", "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[storage] = _run(model, MemoryConfig(**{**chunked.__dict__, "pair_storage": storage}), batch)
+    assert out["bf16"]["pair"].dtype == torch.bfloat16 and out["fp32"]["pair"].dtype == torch.float32
+    for key in ("final_atom37", "plddt_logits", "single", "predicted_aligned_error", "ptm"):
+        autocast_err, storage_err = _rel(out["fp32"][key], ref[key]), _rel(out["bf16"][key], ref[key])
+        assert storage_err < 3e-2, (key, storage_err)
+        assert storage_err < 4 * autocast_err + 1e-2, (key, storage_err, autocast_err)
+        assert torch.isfinite(out["bf16"][key].float()).all()
+
+
+def test_bf16_pair_storage_is_refused_where_it_cannot_act() -> None:
+    with pytest.raises(ValueError, match="set head_chunk"):
+        MemoryConfig(pair_storage="bf16")
+    with pytest.raises(ValueError, match="pair_storage must be"):
+        MemoryConfig(head_chunk=4, pair_storage="fp16")
+    mem = MemoryConfig(pair_chunk=4, attention_chunk_mb=8, low_memory_triangle=True, structure_chunk=4,
+                       head_chunk=4, pair_storage="bf16")
+    with pytest.raises(ValueError, match="needs bf16 autocast"):
+        _run(_model(), mem, synthetic_batch(8, 2, 3, seed=0))
+
+
+def test_planner_stores_z_in_bf16_only_under_bf16_and_where_fp32_z_does_not_fit() -> None:
+    """At 12,288 residues on a 139 GiB card fp32 z (72 GiB) leaves no device plan; under bf16 autocast the plan keeps
+    z in bf16 on the device instead of moving the triangle edge to host memory. Where fp32 z fits (4,096), and
+    under fp32, z stays fp32. Every bf16-storage plan the planner picks at these budgets computes what its
+    fp32-storage twin computes within bf16 rounding (the test above, for one of them)."""
+    af2 = model_preset("af2_ptm")
+    mem, peak, text = plan_inference(12288, 128, 1024, 139 * GiB, af2, torch.bfloat16, host_bytes=128 * GiB)
+    assert mem.pair_storage == "bf16" and not mem.offload_triangle_edge and "z stored in bf16" in text
+    assert peak <= HEADROOM * 139 * GiB
+    assert plan_inference(4096, 128, 1024, 139 * GiB, af2, torch.bfloat16)[0].pair_storage == "fp32"
+    fp32 = plan_inference(12288, 128, 1024, 139 * GiB, af2, torch.float32, host_bytes=128 * GiB)[0]
+    assert fp32.pair_storage == "fp32"
+    assert all(m.pair_storage == "fp32" for _, m in _candidates(12288))  # bf16 plans only when asked for
+    smaller = plan_inference(12288, 128, 1024, 80 * GiB, af2, torch.bfloat16, host_bytes=128 * GiB)[0]
+    assert smaller.pair_storage == "bf16" and smaller.offload_triangle_edge  # an 80 GB card: edge on the host too

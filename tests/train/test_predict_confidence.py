@@ -120,3 +120,39 @@ def test_predict_with_a_tiny_budget_chunks_everything_and_writes_the_same(ptm_pr
     path = predict.write_prediction(tmp_path / "big", target.id, pred)
     assert path.suffix == ".cif" and path.is_file() and not path.with_suffix(".pdb").exists()
     assert (path.parent / "toy_confidence.json").is_file()
+
+
+def test_predict_stores_z_in_bf16_only_under_bf16(ptm_predictor, tmp_path, capsys) -> None:
+    """Under --precision bf16 a budget too small for fp32 z gives a plan with z stored in bf16 (printed), and the
+    prediction stays within bf16 rounding of the plain fp32 one; an --inference_memory with pair_storage bf16 is
+    refused in one line without --precision bf16."""
+    from protfold.config import ModelConfig
+    from protfold.model.inference_plan import HEADROOM, InferenceShape, _candidates, predicted_peak_bytes
+
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">toy\nMKVLAAGWRD\n")
+    # a budget between the smallest fp32-z plan and the smallest bf16-z plan (10 residues, one sequence)
+    cfg = ModelConfig(**torch.load(ptm_predictor, map_location="cpu", weights_only=False)["model_config"])
+    peaks = {storage: min(predicted_peak_bytes(m, InferenceShape(10, 1, 1), cfg, torch.bfloat16)
+                          for _, m in _candidates(10, bf16_pair=True)
+                          if m.pair_storage == storage and not m.offload_triangle_edge)  # predict on the CPU: no host edge
+             for storage in ("fp32", "bf16")}
+    assert peaks["bf16"] < peaks["fp32"]
+    budget_gib = (peaks["bf16"] + peaks["fp32"]) / 2 / HEADROOM / 2**30
+    runs = {"plain": ["--inference_memory", "none"], "bf16": ["--precision", "bf16", "--memory_budget_gib", str(budget_gib)]}
+    for name, flags in runs.items():
+        assert main(["predict", "--ckpt_path", str(ptm_predictor), "--input", str(fasta), "--out",
+                     str(tmp_path / name), "--device", "cpu", *flags]) == 0
+    assert "z stored in bf16" in capsys.readouterr().out
+    records = {k: json.loads((tmp_path / k / "toy" / "toy_confidence.json").read_text()) for k in runs}
+    np.testing.assert_allclose(records["bf16"]["plddt"], records["plain"]["plddt"], atol=1.0)  # pLDDT in 0..100
+    assert records["bf16"]["ptm"] == pytest.approx(records["plain"]["ptm"], abs=2e-2)
+    memory = tmp_path / "m.yaml"
+    memory.write_text("pair_chunk: 4\nlow_memory_triangle: true\nattention_chunk_mb: 8\nstructure_chunk: 4\n"
+                      "head_chunk: 4\npair_storage: bf16\n")
+    with pytest.raises(SystemExit):
+        main(["predict", "--ckpt_path", str(ptm_predictor), "--input", str(fasta), "--out", str(tmp_path / "x"),
+              "--device", "cpu", "--inference_memory", str(memory)])
+    err = capsys.readouterr().err
+    assert "pair_storage 'bf16' keeps z in bf16" in err and "--precision bf16" in err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
