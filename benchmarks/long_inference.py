@@ -62,6 +62,12 @@ def _inputs(part: str, n: int, cfg, dev, pair_dtype) -> tuple:
     return torch.randn(1, S, n, cfg.c_m, device=dev), z, torch.randn(1, n, cfg.c_s, device=dev), mask
 
 
+def stored_pair_dtype(mem, pair_dtype: torch.dtype) -> torch.dtype:
+    """The dtype z is made in for a plan: bf16 where the plan stores it so (`pair_storage`, chosen when fp32 z does
+    not fit the budget on the device), else `pair_dtype`."""
+    return torch.bfloat16 if mem.pair_storage == "bf16" else pair_dtype
+
+
 def _module(part: str, cfg):
     if part in ("block", "extra"):
         return EvoformerBlock.from_config(cfg, extra=part == "extra")
@@ -94,8 +100,7 @@ def measure(part: str, n: int, *, pair_dtype=torch.float32, budget: int | None =
         mem, text = replace(mem, attention=ATTENTION), f"{text}; attention {ATTENTION} (--attention)"
     module = _module(part, cfg).to(dev).eval()
     plan = resolve(mem, grad=False, device=dev)
-    if mem.pair_storage == "bf16":  # the plan keeps z in bf16 (fp32 z does not fit this budget on the device)
-        pair_dtype = torch.bfloat16
+    pair_dtype = stored_pair_dtype(mem, pair_dtype)
     args = _inputs(part, n, cfg, dev, pair_dtype)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(dev)
@@ -205,11 +210,12 @@ def summary(out: Path) -> None:
                           "peak the largest part's); not measured as one run", "rows": rows,
               "largest_n_res": fit, "parts": parts}
     (out / "summary.json").write_text(json.dumps(result, indent=1))
-    lines = ["| N_res | part | time | peak | plan |", "| --- | --- | --- | --- | --- |"]
+    # z's dtype per record: the peak fits below run through fp32-z and bf16-z records alike where the plans differ
+    lines = ["| N_res | part | time | peak | z | plan |", "| --- | --- | --- | --- | --- | --- |"]
     for p, rs in parts.items():
         for r in rs:
             lines.append(f"| {r['n_res']} | {p} | {r.get('time_s', '-')} s | {r.get('peak_gib', '-')} GiB | "
-                         f"{r.get('plan', r.get('skipped', ''))} |")
+                         f"{r.get('pair_dtype', '-')} | {r.get('plan', r.get('skipped', ''))} |")
     lines += ["", "Whole af2 forward, **computed** from the parts (not run as one):", "",
               "| N_res | one pass | 4 passes (3 recycles) | peak | parts |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['n_res']} | {r['pass_s']} s | {r['with_3_recycles_s']} s | {r['peak_gib']} GiB | "

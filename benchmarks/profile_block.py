@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from long_inference import S, _inputs  # noqa: E402
+from long_inference import S, _inputs, stored_pair_dtype  # noqa: E402
 
 from protfold.config import model_preset  # noqa: E402
 from protfold.model.evoformer import EvoformerBlock  # noqa: E402
@@ -78,6 +78,7 @@ def main() -> None:
     mem, predicted, text = plan_inference(args.n, S, 0, budget, cfg, torch.bfloat16, pair_dtype)
     if args.attention:
         mem = replace(mem, attention=args.attention)
+    pair_dtype = stored_pair_dtype(mem, pair_dtype)
     plan = resolve(mem, grad=False, device=dev)
     block = EvoformerBlock.from_config(cfg).to(dev).eval()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
