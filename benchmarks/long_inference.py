@@ -40,7 +40,7 @@ from protfold.config import model_preset
 from protfold.model import triangle_exec
 from protfold.model.evoformer import EvoformerBlock
 from protfold.model.heads import AuxiliaryHeads
-from protfold.model.inference_plan import plan_inference
+from protfold.model.inference_plan import available_host_bytes, plan_inference
 from protfold.model.plan import MemoryPlan, resolve
 from protfold.model.structure import StructureModule
 
@@ -98,6 +98,8 @@ def measure(part: str, n: int, *, pair_dtype=torch.float32, budget: int | None =
     mem, predicted, text = plan_inference(n, S, n_extra, budget or free, cfg, torch.bfloat16, pair_dtype)
     if ATTENTION and mem.attention != ATTENTION:
         mem, text = replace(mem, attention=ATTENTION), f"{text}; attention {ATTENTION} (--attention)"
+    # printed before the run, so that a run killed for memory (device or host) leaves its plan in the log
+    print(f"# {part} at {n}: {text}; host available {available_host_bytes() / GiB:.1f} GiB", flush=True)
     module = _module(part, cfg).to(dev).eval()
     plan = resolve(mem, grad=False, device=dev)
     pair_dtype = stored_pair_dtype(mem, pair_dtype)
