@@ -272,3 +272,20 @@ def test_planner_stores_z_in_bf16_only_under_bf16_and_where_fp32_z_does_not_fit(
     assert all(m.pair_storage == "fp32" for _, m in _candidates(12288))  # bf16 plans only when asked for
     smaller = plan_inference(12288, 128, 1024, 80 * GiB, af2, torch.bfloat16, host_bytes=128 * GiB)[0]
     assert smaller.pair_storage == "bf16" and smaller.offload_triangle_edge  # an 80 GB card: edge on the host too
+
+
+def test_planned_peak_bounds_the_measured_peak_with_z_in_bf16() -> None:
+    """Under bf16 autocast on the CPU, a plan that stores z in bf16 peaks under its count and below the same plan
+    with z in fp32 (the floor halves)."""
+    n, s, e = 24, 3, 4
+    batch = synthetic_batch(n, s, e, seed=1)
+    model = _model()
+    existing = list(model.parameters()) + [v for v in batch.values() if torch.is_tensor(v)]
+    smallest = _candidates(n)[-1][1]  # fp32 z, the smallest rows and attention chunks, the edge in host memory
+    measured = {}
+    for storage in ("fp32", "bf16"):
+        mem = MemoryConfig(**{**smallest.__dict__, "offload_triangle_edge": False, "pair_storage": storage})
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            measured[storage] = peak_new_bytes(lambda: model(batch, n_recycles=1, memory=mem), existing)
+        assert measured[storage] <= predicted_peak_bytes(mem, InferenceShape(n, s, e), CFG, torch.bfloat16), storage
+    assert measured["bf16"] < measured["fp32"]
