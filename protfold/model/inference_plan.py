@@ -222,8 +222,14 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
     host = "" if host_fits else (f"; plans with the triangle edge in host memory are out: the edge "
                                  f"({_size(host_edge)}) does not fit {HEADROOM:.0%} of the host's available "
                                  f"{_size(host_bytes)}")
+    hint = ""
+    if dtype != torch.bfloat16:  # would bf16 autocast (a bf16 edge, z stored in bf16) fit? say so, and how
+        _, _, bf16_text = plan_inference(n_res, n_seq, n_extra, budget_bytes, model_cfg, torch.bfloat16, pair_dtype,
+                                         host_bytes=host_bytes)
+        if "DOES NOT FIT" not in bf16_text:
+            hint = f"; under bf16 autocast (predict --precision bf16) a plan fits: {bf16_text[len(head) + 2:]}"
     return mem, peak, (f"{head}: DOES NOT FIT: the smallest plan ({name}) needs about {_size(peak)} on the device "
-                       f"(the pair representation alone is {_size(z_bytes)}){host}")
+                       f"(the pair representation alone is {_size(z_bytes)}){host}{hint}")
 
 
 def _size(n_bytes: float) -> str:

@@ -272,6 +272,12 @@ def test_planner_stores_z_in_bf16_only_under_bf16_and_where_fp32_z_does_not_fit(
     assert all(m.pair_storage == "fp32" for _, m in _candidates(12288))  # bf16 plans only when asked for
     smaller = plan_inference(12288, 128, 1024, 80 * GiB, af2, torch.bfloat16, host_bytes=128 * GiB)[0]
     assert smaller.pair_storage == "bf16" and smaller.offload_triangle_edge  # an 80 GB card: edge on the host too
+    # under fp32 nothing fits 139 GiB at 12,288, and the line says that bf16 autocast would, with which plan
+    _, _, text = plan_inference(12288, 128, 1024, 139 * GiB, af2, torch.float32, host_bytes=128 * GiB)
+    assert "DOES NOT FIT" in text and "under bf16 autocast (predict --precision bf16) a plan fits: chunks of" in text
+    assert "z stored in bf16; predicted peak" in text
+    _, _, text = plan_inference(12288, 128, 1024, 20 * GiB, af2, torch.float32, host_bytes=128 * GiB)
+    assert "DOES NOT FIT" in text and "bf16 autocast" not in text  # no hint where bf16 does not fit either
 
 
 def test_planned_peak_bounds_the_measured_peak_with_z_in_bf16() -> None:
