@@ -234,8 +234,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 12288])
     ap.add_argument("--max_s", type=float, default=300.0, help="skip a length whose extrapolated time exceeds this")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/long_inference"))
-    ap.add_argument("--attention", choices=("naive", "sdpa", "flex"), default=None,
-                    help="attention kernel instead of the plan's (flex keeps no [H, N, N] logits)")
+    ap.add_argument("--attention", choices=("naive", "sdpa", "flex", "triton"), default=None,
+                    help="attention kernel instead of the plan's (flex and triton keep no [H, N, N] logits)")
     args = ap.parse_args()
     global ATTENTION
     ATTENTION = args.attention

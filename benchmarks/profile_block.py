@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--budget_gib", type=float, default=None, help="plan for this budget (default: free memory)")
     ap.add_argument("--pair_dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    ap.add_argument("--attention", choices=("naive", "sdpa", "flex"), default=None)
+    ap.add_argument("--attention", choices=("naive", "sdpa", "flex", "triton"), default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

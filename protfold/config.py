@@ -31,7 +31,9 @@ class MemoryConfig:
     # slices of at most this many MiB per fp32 edge (None: DEFAULT_TRIANGLE_SLICE_MB). Smaller: a lower peak at
     # large N, a few more kernel launches.
     triangle_slice_mb: float | None = None
-    attention: Literal["naive", "sdpa", "flex"] = "naive"  # attention kernel dispatch
+    # attention kernel dispatch (protfold.model.primitives): naive, sdpa, flex (FlexAttention, CUDA) or triton
+    # (protfold's fused kernel with the row-shared pair bias and its gradient, CUDA; protfold.model.kernels.attention)
+    attention: Literal["naive", "sdpa", "flex", "triton"] = "naive"
     checkpoint_storage: Literal["fp32", "bf16", "cpu"] = "fp32"  # how saved block boundaries are kept
     # recompute each structure-module layer in backward (only its inputs s, frames and the shared z are kept;
     # without it every layer keeps its IPA point differences [B, N, N, H, P, 3] and pair-sized casts of z)
@@ -74,8 +76,10 @@ class MemoryConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"MemoryConfig.{name} must be a positive integer or None, got {value!r}")
-        if self.attention not in ("naive", "sdpa", "flex"):
-            raise ValueError(f"MemoryConfig.attention must be 'naive', 'sdpa' or 'flex', got {self.attention!r}")
+        if self.attention not in ("naive", "sdpa", "flex", "triton"):
+            raise ValueError(
+                f"MemoryConfig.attention must be 'naive', 'sdpa', 'flex' or 'triton', got {self.attention!r}"
+            )
         if self.triangle_kernel not in ("torch", "cueq"):
             raise ValueError(f"MemoryConfig.triangle_kernel must be 'torch' or 'cueq', got {self.triangle_kernel!r}")
         if self.pair_storage not in ("fp32", "bf16"):

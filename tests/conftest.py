@@ -19,6 +19,19 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without CUDA, protfold's Triton kernels run on the CPU through Triton's interpreter (tests/model/
+# test_attention_triton.py). Triton chooses the interpreter for every kernel, its own library's included, when it
+# is imported, so the variable is set here, before any test can import it.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _compile_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
     """`protfold fit` keeps its compile cache under $XDG_CACHE_HOME: a temporary folder for the suite (and the

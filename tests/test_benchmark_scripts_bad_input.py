@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("auto_check.py", ["--out", "{tmp}", "--steps", "0"], "--steps must be >= 1"),
     ("auto_check.py", ["--out", "{tmp}", "--records", "{tmp}", "--crops", "256"], "missing: 256"),
     ("auto_check.py", ["--out", "{tmp}", "--card_gib", "-5"], "--card_gib must be > 0"),
+    ("attention_kernels.py", ["--out", "{tmp}", "--steps", "0", "--device", "cpu"], "--steps must be >= 1"),
+    ("attention_kernels.py", ["--out", "{tmp}", "--lengths", "64", "0", "--device", "cpu"], "--lengths must be >= 1"),
 ])
 def test_bad_arguments_fail_in_one_line(script, args, message, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -59,3 +61,18 @@ def test_auto_check_refuses_a_malformed_record_in_one_line(tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "results.json: not a bench results.json" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_attention_kernels_runs_on_the_cpu_and_writes_its_record(tmp_path):
+    """A smoke test of the GPU script on the CPU (naive kernel, one length): the table and the JSON with its
+    environment (card, torch, command, date) and one record per module."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_kernels.py"), "--device", "cpu",
+                             "--lengths", "16", "--kernels", "naive", "--rows", "4", "--steps", "1",
+                             "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "attention_kernels.json").read_text())
+    assert {"card", "torch", "command", "date"} <= set(data["env"])
+    assert [(r["module"], r["kernel"]) for r in data["records"]] == [("triangle", "naive"), ("msa_row", "naive")]
+    assert all(r["train"]["ms"] > 0 and r["no_grad"]["ms"] > 0 for r in data["records"])
+    assert "| triangle | 16 | 16 | naive |" in (tmp_path / "attention_kernels.md").read_text()

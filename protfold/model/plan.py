@@ -2,14 +2,17 @@
 
 `MemoryConfig` is what a user asks for; `MemoryPlan` is what runs. `resolve` decides each switch once: the
 recompute and compile switches act only with grad, the host copy of the triangle edge and the in-place row-chunked
-update only without grad, FlexAttention only on CUDA. Modules store no memory setting: every `forward` that
-consults one takes the plan as the required keyword argument `plan`, and callers pass it down. A checkpointed
-function receives the plan as an argument, so its recompute in backward runs with the plan of its forward.
+update only without grad, FlexAttention and the Triton attention kernel only on CUDA. Modules store no memory
+setting: every `forward` that consults one takes the plan as the required keyword argument `plan`, and callers
+pass it down. A checkpointed function receives the plan as an argument, so its recompute in backward runs with
+the plan of its forward.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,7 +45,7 @@ class MemoryPlan:
     msa_chunk: int | None = None
     pair_chunk: int | None = None
     attention_chunk_mb: float | None = None
-    attention: Literal["naive", "sdpa", "flex"] = "naive"
+    attention: Literal["naive", "sdpa", "flex", "triton"] = "naive"
     low_memory_triangle: bool = False
     triangle_slice_mb: float = DEFAULT_TRIANGLE_SLICE_MB
     offload_triangle_edge: bool = False
@@ -53,18 +56,32 @@ class MemoryPlan:
     triangle_kernel: Literal["torch", "cueq"] = "torch"
 
 
-_flex_warned: set[str] = set()
+_fallback_warned: set[tuple[str, str]] = set()
+
+
+def _attention_kernel(attention: str, device_type: str) -> str:
+    """`attention` where it can run on `device_type`, else "naive", with a warning once per (kernel, device)."""
+    reason = None
+    if attention == "flex" and device_type != "cuda":
+        reason = "needs CUDA"
+    elif attention == "triton":
+        # Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on the CPU: how the CPU tests check it.
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            reason = "needs CUDA (or TRITON_INTERPRET=1 on the CPU)"
+        elif importlib.util.find_spec("triton") is None:
+            reason = "needs the triton package (it comes with CUDA builds of torch)"
+    if reason is None:
+        return attention
+    if (attention, device_type) not in _fallback_warned:
+        _fallback_warned.add((attention, device_type))
+        log.warning("MemoryConfig.attention=%r %s; running the naive kernel for %s", attention, reason, device_type)
+    return "naive"
 
 
 def resolve(memory: MemoryConfig, *, grad: bool, device: torch.device | str) -> MemoryPlan:
     """The plan for `memory` when the model runs with grad on or off, on `device`."""
     device_type = torch.device(device).type
-    attention = memory.attention
-    if attention == "flex" and device_type != "cuda":
-        if device_type not in _flex_warned:
-            _flex_warned.add(device_type)
-            log.warning("MemoryConfig.attention='flex' needs CUDA; running the naive kernel for %s", device_type)
-        attention = "naive"
+    attention = _attention_kernel(memory.attention, device_type)
     chunked = memory.pair_chunk is not None or memory.attention_chunk_mb is not None or memory.low_memory_triangle
     return MemoryPlan(
         grad=grad,

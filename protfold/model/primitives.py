@@ -7,6 +7,10 @@ Attention kernels (`MemoryPlan.attention`, resolved from `MemoryConfig.attention
            broadcast over MSA rows gets its gradient accumulated without the [N_seq, H, N_res, N_res] tensor.
            CUDA only; `resolve` turns it into "naive" off CUDA, with a warning. Heads narrower than the
            kernel's 16 channels (the extra MSA stack's 8) are zero-padded: exact, q·k and the output unchanged.
+  "triton": protfold's fused kernel (protfold.model.kernels.attention): online softmax, no logits kept, the pair
+           bias shared by the rows gets its gradient summed over them in registers (no atomics). CUDA only (or
+           Triton's interpreter on the CPU); biases of another form than a mask and a row-shared pair bias run the
+           naive kernel, logged once.
 """
 
 from __future__ import annotations
@@ -77,7 +81,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Sequence[Tensor], plan: Mem
         return _sdpa_attention(q, k, v, bias)
     if plan.attention == "flex":
         return _flex_attention(q, k, v, bias, compiled=True)
+    if plan.attention == "triton":
+        from protfold.model.kernels.attention import pair_bias_attention
+
+        out = pair_bias_attention(q, k, v, list(bias))
+        if out is not None:
+            return out
+        _triton_fallback_once(bias)
     return _naive_attention(q, k, v, bias)
+
+
+_triton_fallback_logged: list[bool] = []
+
+
+def _triton_fallback_once(bias: Sequence[Tensor]) -> None:
+    shapes = [tuple(b.shape) for b in bias]
+    if not _triton_fallback_logged:
+        _triton_fallback_logged.append(True)
+        log.warning("attention='triton' takes a key mask and one pair bias shared by rows; biases of shapes %s "
+                    "run the naive kernel (logged once)", shapes)
 
 
 def _naive_attention(q: Tensor, k: Tensor, v: Tensor, biases: Sequence[Tensor]) -> Tensor:
@@ -312,12 +334,18 @@ def pair_bias_rows(norm: nn.Module, linear: nn.Module, z: Tensor, rows: int, *, 
 
 
 def capped_chunk(chunk: int | None, attn: Attention, x: Tensor, plan: MemoryPlan) -> int | None:
-    """Rows per chunk for attention along rows of x [*, R, L, c]: `chunk`, lowered (or set) so that one
-    chunk's fp32 logits [rows, H, L, L] stay under `plan.attention_chunk_mb`. Exact: rows are independent."""
+    """Rows per chunk for attention along rows of x [*, R, L, c]: `chunk`, lowered (or set) so that one chunk's
+    attention transients stay under `plan.attention_chunk_mb`: its fp32 logits [rows, H, L, L], or with the Triton
+    kernel, which makes no logits, its rows' fp32-counted activations (the normalised input, q, k, v, gate and
+    output: [rows, L, c + 5 H c]). Exact: rows are independent."""
     cap = plan.attention_chunk_mb
     if cap is None:
         return chunk
     length = x.shape[-2]
-    per_row = attn.n_heads * length * length * 4 * max(1, x[..., 0, 0, 0].numel())
+    if plan.attention == "triton":
+        per_row = length * (x.shape[-1] + 5 * attn.n_heads * attn.c_hidden) * 4
+    else:
+        per_row = attn.n_heads * length * length * 4
+    per_row *= max(1, x[..., 0, 0, 0].numel())
     rows = max(1, int(cap * 2**20 // per_row))
     return rows if chunk is None else min(chunk, rows)

@@ -301,3 +301,15 @@ def test_inference_block_owning_its_inputs(tmp_path) -> None:
     assert peaks[True]["low"] < peaks[False]["low"], peaks
     with pytest.raises(SystemExit, match="inference-block"):
         run_main([*COMMON, "--block-owns-inputs", "--crops", "8"])
+
+
+def test_experiment_modes_load_and_are_not_presets() -> None:
+    """Each experiment mode under benchmarks/modes/ is a valid MemoryConfig that no shipped preset already is."""
+    from protfold.bench.runner import load_mode
+    from protfold.config import load_memory_preset, memory_preset_names
+
+    files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "modes").glob("*.yaml"))
+    assert len(files) >= 3
+    presets = {load_memory_preset(name) for name in memory_preset_names()}
+    for path in files:
+        assert load_mode(str(path)) not in presets, path.name

@@ -15,6 +15,8 @@ from protfold.model.kernels import cueq
 from protfold.model.plan import resolve
 from protfold.model.triangle import TriangleAttention, TriangleMultiplication
 
+from .conftest import nonzero_final_layers
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -27,13 +29,8 @@ TORCH, CUEQ = MemoryConfig(), MemoryConfig(triangle_kernel="cueq")
 def _module(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind.startswith("mul"):
-        mod = TriangleMultiplication(c_z=128, c_hidden=128, outgoing=kind == "mul_out")
-    else:
-        mod = TriangleAttention(c_z=128, c_hidden=32, n_heads=4, starting=kind == "att_start")
-    with torch.no_grad():  # non-zero final layers and gates, so that every weight gets a gradient
-        for p in mod.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return mod.cuda()
+        return nonzero_final_layers(TriangleMultiplication(c_z=128, c_hidden=128, outgoing=kind == "mul_out"))
+    return nonzero_final_layers(TriangleAttention(c_z=128, c_hidden=32, n_heads=4, starting=kind == "att_start"))
 
 
 def _run(kind: str, mem: MemoryConfig, z: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, autocast: bool,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -139,3 +141,13 @@ class Planned:
 
 def planned(module: nn.Module, memory: MemoryConfig) -> Planned:
     return Planned(module, memory)
+
+
+@pytest.fixture
+def triton_interpreter():
+    """protfold's Triton attention kernels, run by Triton's interpreter on the CPU. Skipped without triton, and
+    where triton is not in interpreter mode (on CUDA machines; tests/conftest.py sets it on the others)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is not on (CUDA machine): tests/gpu/test_attention_triton_gpu.py")
+    return importlib.import_module("protfold.model.kernels.attention")

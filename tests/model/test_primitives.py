@@ -102,7 +102,7 @@ def test_sdpa_without_bias_and_in_4d(mask_factory) -> None:
 
 def test_flex_falls_back_on_cpu_with_a_warning(mask_factory, caplog) -> None:
     q, k, v, biases, _ = _attention_inputs(mask_factory)
-    plan_module._flex_warned.clear()
+    plan_module._fallback_warned.clear()
     with caplog.at_level(logging.WARNING, logger="protfold.model.plan"):
         plan = _plan(MemoryConfig(attention="flex"))
     assert "needs CUDA" in caplog.text and plan.attention == "naive"
@@ -274,3 +274,20 @@ def test_attention_chunk_cap_sets_rows_per_chunk() -> None:
     assert capped_chunk(5, attn, x, plan) == min(5, 2**20 // per_row)
     plain = _plan(MemoryConfig())
     assert capped_chunk(7, attn, x, plain) == 7 and capped_chunk(None, attn, x, plain) is None
+
+
+def test_attention_chunk_cap_with_the_triton_kernel_counts_activations_not_logits(monkeypatch) -> None:
+    """The Triton kernel makes no logits: the cap bounds a chunk's rows of normalised input, q, k, v, gate and output
+    (fp32-counted), [rows, L, c + 5 H c], so at long lengths a chunk holds many more rows."""
+    from protfold.model.primitives import Attention, capped_chunk
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets `resolve` keep the kernel on the CPU
+    pytest.importorskip("triton")
+    attn = Attention(c_q=128, c_kv=128, c_hidden=32, n_heads=4)
+    plan = _plan(MemoryConfig(attention="triton", attention_chunk_mb=512.0))
+    assert plan.attention == "triton"
+    x = torch.zeros(1, 1, 1, 128).expand(1, 4096, 4096, 128)  # triangle attention's rows at 4,096 residues
+    per_row = 4096 * (128 + 5 * 4 * 32) * 4
+    assert capped_chunk(None, attn, x, plan) == 512 * 2**20 // per_row == 42
+    naive = _plan(MemoryConfig(attention_chunk_mb=512.0))
+    assert capped_chunk(None, attn, x, naive) == 2  # two rows' [4, 4096, 4096] fp32 logits
