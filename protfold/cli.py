@@ -94,6 +94,9 @@ def _predict(argv: list[str]) -> int:
                         help="bytes the memory plan may use, in GiB (default: the card's free memory)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: under bf16 autocast (CUDA); fp32 by default")
+    parser.add_argument("--attention", choices=("naive", "sdpa", "flex", "triton"), default=None,
+                        help="attention kernel, in the planned or given memory (default: the memory's own, naive); "
+                        "triton: protfold's fused kernel (CUDA), no attention logits made")
     parser.add_argument("--max_msa_clusters", type=int, default=128)
     parser.add_argument("--max_extra_msa", type=int, default=1024)
     args = parser.parse_args(argv)
@@ -118,7 +121,8 @@ def _predict(argv: list[str]) -> int:
         report = run_predict(ckpt_path=args.ckpt_path, targets=targets, out=args.out, overwrite=args.overwrite,
                              device=device, memory=memory, max_msa_clusters=args.max_msa_clusters,
                              max_extra_msa=args.max_extra_msa, model_config=args.preset,
-                             memory_budget_gib=args.memory_budget_gib, precision=args.precision)
+                             memory_budget_gib=args.memory_budget_gib, precision=args.precision,
+                             attention=args.attention)
     except ProtfoldInputError as err:
         print(f"protfold predict: {err}", file=sys.stderr)
         return 1

@@ -40,22 +40,25 @@ def memory_budget_bytes(device: torch.device, budget_gib: float | None = None) -
 
 
 def plan_memory(module, batch: dict, *, device: torch.device, budget_gib: float | None, precision: str,
-                target_id: str) -> str:
+                target_id: str, attention: str | None = None) -> str:
     """Plan the inference memory for this batch's shapes (`plan_inference`), make it the module's inference
-    memory (what it passes to the model), return the plan's one-line description."""
+    memory (what it passes to the model), return the plan's one-line description. `attention`: the kernel instead
+    of the plan's (the plan counts the naive kernel's logits, which the flex and triton kernels never make)."""
     n_seq, n_res = batch["msa_feat"].shape[-3:-1]
     n_extra = batch["extra_msa_feat"].shape[-3]
     # on the CPU the "device" is the host: an edge moved to host memory would save nothing, so no such plans
     mem, _, text = plan_inference(n_res, n_seq, n_extra, memory_budget_bytes(device, budget_gib),
                                   module.model_cfg, _PRECISIONS[precision],
                                   host_bytes=0 if device.type == "cpu" else None)
+    if attention is not None and attention != mem.attention:
+        mem, text = replace(mem, attention=attention), f"{text}; attention {attention}"
     module.inference_memory = mem
     return f"{target_id}: memory plan: {text}"
 
 
 @torch.no_grad()
 def predict_target(module, target: Target, *, device: torch.device, data: DataConfig, plan: bool = False,
-                   budget_gib: float | None = None, precision: str = "fp32") -> dict:
+                   budget_gib: float | None = None, precision: str = "fp32", attention: str | None = None) -> dict:
     """Run the model (EMA weights, inference memory settings) on one target; returns arrays for writing.
     `plan`: choose the memory settings for this target's shapes first (`plan_memory`; printed).
     `precision` "bf16": under bf16 autocast (CUDA)."""
@@ -65,7 +68,9 @@ def predict_target(module, target: Target, *, device: torch.device, data: DataCo
     example = make_example(raw, cfg, seed=0, train=False)
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([example]).items()}
     if plan:
-        print(f"protfold predict: {plan_memory(module, batch, device=device, budget_gib=budget_gib, precision=precision, target_id=target.id)}", flush=True)
+        text = plan_memory(module, batch, device=device, budget_gib=budget_gib, precision=precision,
+                           target_id=target.id, attention=attention)
+        print(f"protfold predict: {text}", flush=True)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     with autocast:
@@ -114,13 +119,14 @@ def run_predict(*, ckpt_path: str, targets: list[Target], out: str, overwrite: b
                 device: str | None = None, memory: MemoryConfig | None = None,
                 max_msa_clusters: int = 128, max_extra_msa: int = 1024,
                 model_config: str | None = None, memory_budget_gib: float | None = None,
-                precision: str = "fp32") -> PredictReport:
+                precision: str = "fp32", attention: str | None = None) -> PredictReport:
     """Predict every target (`protfold.data.targets.collect_targets`); skip those whose outputs exist unless
     `overwrite`. `ckpt_path` is a protfold checkpoint or AF2 / OpenFold weights, for the model `model_config`
     names (see `load_module`); it is checked before the model is built. A target whose MSA cannot be used
     fails alone (reported). Without `memory`, each target's memory settings are planned from its shapes and
     the free memory of the device (or `memory_budget_gib`) by `plan_inference`, and the plan is printed.
-    `precision`: "fp32" or "bf16" (autocast). Each target's time (and, on CUDA, peak memory) is logged."""
+    `precision`: "fp32" or "bf16" (autocast). `attention`: the attention kernel, in the planned memory or in
+    `memory`. Each target's time (and, on CUDA, peak memory) is logged."""
     from protfold.train.module import load_module
 
     out_dir = Path(out)
@@ -140,7 +146,7 @@ def run_predict(*, ckpt_path: str, targets: list[Target], out: str, overwrite: b
     module = load_module(ckpt_path, map_location=dev, model_config=model_config)
     module.eval().to(dev)
     if memory is not None:
-        module.inference_memory = memory
+        module.inference_memory = memory if attention is None else replace(memory, attention=attention)
     data = DataConfig(max_msa_clusters=max_msa_clusters, max_extra_msa=max_extra_msa)
     module.on_predict_epoch_start()
     try:
@@ -150,7 +156,7 @@ def run_predict(*, ckpt_path: str, targets: list[Target], out: str, overwrite: b
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 pred = predict_target(module, target, device=dev, data=data, plan=memory is None,
-                                      budget_gib=memory_budget_gib, precision=precision)
+                                      budget_gib=memory_budget_gib, precision=precision, attention=attention)
                 peak = f", peak {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB" if dev.type == "cuda" else ""
                 print(f"protfold predict: {target.id}: {len(pred['aatype'])} residues in "
                       f"{time.perf_counter() - start:.1f} s{peak}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,21 @@ def test_predict_stores_z_in_bf16_only_under_bf16(ptm_predictor, tmp_path, capsy
     err = capsys.readouterr().err
     assert "pair_storage 'bf16' keeps z in bf16" in err and "--precision bf16" in err
     assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+def test_predict_with_the_triton_attention_kernel_writes_the_same(ptm_predictor, tmp_path, capsys) -> None:
+    """--attention triton (Triton's interpreter on the CPU) in the planned memory, under a budget small enough to
+    chunk the attention: the plan line names the kernel, and the outputs are those of the naive kernel."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py: the kernel runs on the CPU
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">toy\nMKVLAAGWRD\n")
+    for name, flags in (("naive", []), ("triton", ["--attention", "triton"])):
+        assert main(["predict", "--ckpt_path", str(ptm_predictor), "--input", str(fasta), "--out",
+                     str(tmp_path / name), "--device", "cpu", "--memory_budget_gib", str(2**-20), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("; attention triton") == 1
+    records = {k: json.loads((tmp_path / k / "toy" / "toy_confidence.json").read_text()) for k in ("naive", "triton")}
+    np.testing.assert_allclose(records["triton"]["plddt"], records["naive"]["plddt"], atol=1e-3)
+    assert records["triton"]["ptm"] == pytest.approx(records["naive"]["ptm"], abs=1e-4)
