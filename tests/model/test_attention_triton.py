@@ -6,7 +6,11 @@ tests/gpu/test_attention_triton_gpu.py."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,3 +157,26 @@ def test_compiled_blocks_with_the_kernel_match_eager_naive(kind, triton_interpre
     assert alt_model.plan().attention == "triton"
     _assert_same(_run(ref_model, kind, trunk_inputs), _run(alt_model, kind, trunk_inputs))
     assert aot_eager_compile.counter.frame_count == 1  # no graph break around the kernel
+
+
+def test_on_cuda_the_kernels_are_autotuned_over_tiles() -> None:
+    """Imported without the interpreter (as on CUDA; a fresh process, since triton decides at import), every kernel
+    is wrapped by Triton's autotuner: keys and tile names that the kernel takes, and candidate tiles that cover the
+    tile shape the interpreter runs (64 x 64 with 4 warps)."""
+    pytest.importorskip("triton")
+    code = (
+        "import json, protfold.model.kernels.attention as a\n"
+        "out = {}\n"
+        "for name in ('_fwd', '_bwd_dkdv', '_bwd_dq', '_bwd_dpb'):\n"
+        "    t = getattr(a, name)\n"
+        "    out[name] = {'type': type(t).__name__, 'keys': list(t.keys), 'args': list(t.fn.arg_names),\n"
+        "                 'tiles': [[c.kwargs['BM'], c.kwargs['BN'], c.num_warps] for c in t.configs]}\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name, info in json.loads(result.stdout).items():
+        assert info["type"] == "Autotuner", name
+        assert set(info["keys"]) <= set(info["args"]) and {"BM", "BN"} <= set(info["args"]), name
+        assert [64, 64, 4] in info["tiles"], name

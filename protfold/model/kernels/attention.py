@@ -26,6 +26,7 @@ fake implementations, so a compiled block keeps them in its graph. Imported only
 """
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -208,11 +209,31 @@ def _bwd_dpb_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DPB,
     tl.store(DPB + bh * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], acc, mask=qm[:, None] & kn[None, :])
 
 
-def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int]:
-    """(BM, BN, BD): 64-wide tiles on the GPU, 16 under the interpreter (fewer numpy ops per test); the head dim is
-    padded to a power of two of at least 16 (tl.dot's smallest width), the padding loaded as zeros."""
-    tile = 64 if device.type == "cuda" else 16
-    return tile, tile, max(16, triton.next_power_of_2(head_dim))
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list:
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages) for bm, bn, warps, stages in tiles]
+
+
+# Tiles (BM queries x BN keys) and pipelining, chosen per (NQ, NK, C) by Triton's autotuner on CUDA: each candidate
+# is timed at the first call of a new shape (kernels that run out of shared memory or registers are left out by
+# the autotuner). Under the interpreter: fixed 16-wide tiles (fewer numpy ops per test), no autotuning.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_TILES = {"BM": 16, "BN": 16} if _INTERPRET else {}
+
+
+def _tuned(kernel, tiles: list[tuple[int, int, int, int]]):
+    return kernel if _INTERPRET else triton.autotune(_configs(tiles), key=["NQ", "NK", "C"])(kernel)
+
+
+_fwd = _tuned(_fwd_kernel, [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                            (128, 128, 8, 2)])
+_bwd_dkdv = _tuned(_bwd_dkdv_kernel, [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2)])
+_bwd_dq = _tuned(_bwd_dq_kernel, [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (64, 32, 4, 2)])
+_bwd_dpb = _tuned(_bwd_dpb_kernel, [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)])
+
+
+def _head_block(head_dim: int) -> int:
+    """The head dim padded to a power of two of at least 16 (tl.dot's smallest width), the padding loaded as 0."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _ieee(q: Tensor) -> bool:
@@ -233,17 +254,16 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
     z, h, nq, c = q.shape
     nk = k.shape[2]
     rows = z // pair_bias.shape[0] if pair_bias is not None else 1
-    bm, bn, bd = _blocks(c, q.device)
     out = torch.empty(z, h, nq, c, dtype=q.dtype, device=q.device)
     # the softmax's row max and sum, kept apart: a row whose keys are all masked has max about -1e9, where
     # max + log(sum) would round the log away (fp32's spacing there is 64) and backward's P would be 1, not 1/K
     row_max = torch.empty(z, h, nq, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
     pb, kb = _bias_args(q, pair_bias, key_bias)
-    _fwd_kernel[(z * h, triton.cdiv(nq, bm))](
+    _fwd[lambda meta: (z * h, triton.cdiv(nq, meta["BM"]))](
         q, k, v, pb[0], kb[0], out, row_max, row_sum, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *pb[1:], kb[1], h, rows, nq, nk, c, c**-0.5,
-        HAS_PB=pair_bias is not None, HAS_KB=key_bias is not None, IEEE=_ieee(q), BM=bm, BN=bn, BD=bd)
+        HAS_PB=pair_bias is not None, HAS_KB=key_bias is not None, IEEE=_ieee(q), BD=_head_block(c), **_TILES)
     return out, row_max, row_sum
 
 
@@ -262,25 +282,24 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     z, h, nq, c = q.shape
     nk = k.shape[2]
     rows = z // pair_bias.shape[0] if pair_bias is not None else 1
-    bm, bn, bd = _blocks(c, q.device)
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1)  # δ_i = Σ_c dO_ic O_ic = Σ_j P_ij dP_ij, [Z, H, Q]
     pb, kb = _bias_args(q, pair_bias, key_bias)
     common = (*_strides(q), *_strides(k), *_strides(v), *pb[1:], kb[1], h, rows, nq, nk, c, c**-0.5)
-    flags = dict(HAS_KB=key_bias is not None, IEEE=_ieee(q), BM=bm, BN=bn, BD=bd)
+    flags = dict(HAS_KB=key_bias is not None, IEEE=_ieee(q), BD=_head_block(c), **_TILES)
     stats = (row_max, row_sum, delta)
     dk = torch.empty(z, h, nk, c, dtype=k.dtype, device=q.device)
     dv = torch.empty(z, h, nk, c, dtype=v.dtype, device=q.device)
-    _bwd_dkdv_kernel[(z * h, triton.cdiv(nk, bn))](
+    _bwd_dkdv[lambda meta: (z * h, triton.cdiv(nk, meta["BN"]))](
         q, k, v, pb[0], kb[0], grad_out, *stats, dk, dv, *common, HAS_PB=pair_bias is not None, **flags)
     dq = torch.empty(z, h, nq, c, dtype=q.dtype, device=q.device)
-    _bwd_dq_kernel[(z * h, triton.cdiv(nq, bm))](
+    _bwd_dq[lambda meta: (z * h, triton.cdiv(nq, meta["BM"]))](
         q, k, v, pb[0], kb[0], grad_out, *stats, dq, *common, HAS_PB=pair_bias is not None, **flags)
     if pair_bias is None or not want_pair:
         return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
     nb = pair_bias.shape[0]
     dpb = torch.empty(nb, h, nq, nk, dtype=torch.float32, device=q.device)
-    _bwd_dpb_kernel[(nb * h, triton.cdiv(nq, bm), triton.cdiv(nk, bn))](
+    _bwd_dpb[lambda meta: (nb * h, triton.cdiv(nq, meta["BM"]), triton.cdiv(nk, meta["BN"]))](
         q, k, v, pb[0], kb[0], grad_out, *stats, dpb, *common, **flags)
     return dq, dk, dv, dpb
 
