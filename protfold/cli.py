@@ -95,8 +95,8 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: under bf16 autocast (CUDA); fp32 by default")
     parser.add_argument("--attention", choices=("naive", "sdpa", "flex", "triton"), default=None,
-                        help="attention kernel, in the planned or given memory (default: the memory's own, naive); "
-                        "triton: protfold's fused kernel (CUDA), no attention logits made")
+                        help="attention kernel: the memory is planned for it, or it replaces the given memory's "
+                        "(default naive); triton: protfold's fused kernel (CUDA), no attention logits made")
     parser.add_argument("--max_msa_clusters", type=int, default=128)
     parser.add_argument("--max_extra_msa", type=int, default=1024)
     args = parser.parse_args(argv)

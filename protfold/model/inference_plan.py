@@ -15,13 +15,16 @@ kept in another dtype, as a single block's benchmark against OpenFold keeps it i
 - the attention biases [H, N, N] of MSA row attention (compute dtype) and triangle attention (fp32: the naive
   kernel adds it in the logits' up-cast pass), made whole;
 - one chunk's transients, the largest of: attention logits (3 x `attention_chunk_mb`, at least one row's
-  [H, N, N] and at most all the logits: logits, softmax, output),
+  [H, N, N] and at most all the logits: logits, softmax, output; with `attention: triton`, which makes no logits,
+  the chunk's rows of normalised input, q, k, v, gate and output instead, [rows, N, c + 5 H c] fp32-counted, as
+  `primitives.capped_chunk` sizes them, and the triangle attention bias in the compute dtype),
   the pair transition / OPM / LayerNorm rows (`pair_chunk` rows of N), the structure module's IPA rows
   (`structure_chunk` queries: fp32 LayerNorm of z's rows, pair bias, logits, point differences
   [rows, N, H, P, 3]) and the heads' PAE logits rows (`head_chunk` rows of [N, 64] fp32, three times).
 The plain path (no switch) is counted as three pair tensors (the recycled z, the embedding, their sum), the
 previous pass's distogram and PAE logits, and the two largest whole-size intermediates it makes: the triangle update's
-projections, triangle attention's logits [N, H, N, N], MSA row attention's [S, H, N, N] and [E, H, N, N], the
+projections, triangle attention's logits [N, H, N, N], MSA row attention's [S, H, N, N] and [E, H, N, N] (with the
+Triton kernel: their activations instead), the
 distogram and PAE logits and IPA's point differences. A plan with the triangle edge in host memory also needs the
 edge [N, N, c_hidden] (compute dtype; counted twice, for the pinned allocator's rounding: `host_edge_bytes`) in
 host memory: it is taken only if that fits `HEADROOM` x the host's available memory (`host_bytes`, default
@@ -68,14 +71,26 @@ def _floor(shape: InferenceShape, cfg: ModelConfig, z_bytes: int) -> int:
     return z_bytes * n * n * cfg.c_z + 4 * n * n + 2 * 4 * s * n * cfg.c_m + 2 * 4 * e * n * cfg.c_e + linear
 
 
-def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int, z_bytes: int) -> int:
-    n, s = shape.n_res, shape.n_seq
+def _attention_rows(shape: InferenceShape, cfg: ModelConfig, fused: bool) -> list[tuple[int, int]]:
+    """(rows, bytes per row) of each row attention's transients: triangle attention (N rows), MSA row attention (S),
+    the extra MSA stack's (E). Naive kernel: 3 fp32 [H, N, N] per row (logits, biased, softmax); the fused Triton
+    kernel: the row's [N, c + 5 H c] fp32-counted activations (`primitives.capped_chunk`)."""
+    n = shape.n_res
+    attentions = ((n, cfg.c_z, cfg.pair_heads, cfg.pair_head_dim), (shape.n_seq, cfg.c_m, cfg.msa_heads, cfg.msa_head_dim),
+                  (shape.n_extra, cfg.c_e, cfg.extra_msa_heads, cfg.extra_msa_head_dim))
+    if fused:
+        return [(rows, 4 * n * (c + 5 * heads * dim)) for rows, c, heads, dim in attentions]
+    return [(rows, 3 * 4 * n * n * heads) for rows, c, heads, dim in attentions]
+
+
+def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int, z_bytes: int, fused: bool) -> int:
+    n = shape.n_res
     pair = n * n
+    attention = [rows * per_row for rows, per_row in _attention_rows(shape, cfg, fused)]
+    attention[0] += 4 * pair * cfg.c_z  # triangle attention's LN(z)
     candidates = (
         pair * cfg.tri_mul_hidden * (4 * a + 4) + 2 * 4 * pair * cfg.c_z,  # a, b, gates, fp32 einsum, LN(z), out
-        3 * 4 * n * pair * cfg.pair_heads + 4 * pair * cfg.c_z,  # triangle attention: logits, biased, softmax; LN(z)
-        3 * 4 * s * pair * cfg.msa_heads,  # MSA row attention, the same three
-        3 * 4 * shape.n_extra * pair * cfg.extra_msa_heads,  # the extra MSA stack's row attention
+        *attention,
         2 * 4 * pair * cfg.c_z * cfg.transition_factor,  # pair transition hidden
         3 * 4 * pair * max(cfg.distogram_bins, cfg.pae_bins),  # distogram / PAE logits, their softmax
         4 * pair * (cfg.c_z * 2 + cfg.ipa_heads * (cfg.ipa_qk_points * 3 + 4)),  # IPA: LN(z) fp32, diff, logits
@@ -83,7 +98,7 @@ def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int, z_bytes: int) -
     # besides: the embedders' own z and z + update beside the recycled z (two more pair tensors), and the previous
     # pass's outputs, alive during the next pass: its distogram and PAE logits
     kept = 2 * 4 * pair * cfg.c_z + 2 * 4 * pair * max(cfg.distogram_bins, cfg.pae_bins)
-    kept += 4 * n * (s * cfg.c_m + shape.n_extra * cfg.c_e) * cfg.transition_factor  # MSA transitions' hidden
+    kept += 4 * n * (shape.n_seq * cfg.c_m + shape.n_extra * cfg.c_e) * cfg.transition_factor  # MSA transitions' hidden
     largest, second = sorted(candidates)[-2:][::-1]
     return _floor(shape, cfg, z_bytes) + kept + largest + second  # the two largest: an upper estimate of overlaps
 
@@ -95,19 +110,27 @@ def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelCon
     accounting is not attempted: each term is an upper estimate of what it counts."""
     a = torch.empty((), dtype=dtype).element_size()
     z_bytes = 2 if mem.pair_storage == "bf16" else torch.empty((), dtype=pair_dtype).element_size()
+    fused = mem.attention == "triton"
     if not (mem.low_memory_triangle and mem.pair_chunk and mem.attention_chunk_mb and mem.structure_chunk
             and mem.head_chunk):
-        return _plain_peak(shape, cfg, a, z_bytes)
+        return _plain_peak(shape, cfg, a, z_bytes, fused)
     n = shape.n_res
     pair = n * n
     edge = 0 if mem.offload_triangle_edge else pair * cfg.tri_mul_hidden * a
     edge += 4 * pair * cfg.c_z // 16  # the fp32 b-edge slice (triangle_exec.py: a sixteenth of z in fp32)
-    biases = pair * max(a * cfg.msa_heads, 4 * cfg.pair_heads)  # triangle attention's kept in fp32 (naive kernel)
+    # triangle attention's bias is kept in fp32 for the naive kernel (added in the logits' up-cast pass)
+    biases = pair * max(a * cfg.msa_heads, (a if fused else 4) * cfg.pair_heads)
     r, rs, rh = min(mem.pair_chunk, n), min(mem.structure_chunk, n), min(mem.head_chunk, n)
-    whole_logits = 4 * pair * max(shape.n_seq * cfg.msa_heads, shape.n_extra * cfg.extra_msa_heads, n * cfg.pair_heads)
-    one_row = 4 * pair * max(cfg.msa_heads, cfg.extra_msa_heads, cfg.pair_heads)  # a chunk holds one row at least
+    cap = int(mem.attention_chunk_mb * 2**20)
+    if fused:  # each attention's chunk: at least one row, at most all of them
+        attention = max(min(rows * per_row, max(cap, per_row)) for rows, per_row in _attention_rows(shape, cfg, True))
+    else:  # the cap counts one of the naive kernel's three logits-sized buffers
+        whole_logits = 4 * pair * max(shape.n_seq * cfg.msa_heads, shape.n_extra * cfg.extra_msa_heads,
+                                      n * cfg.pair_heads)
+        one_row = 4 * pair * max(cfg.msa_heads, cfg.extra_msa_heads, cfg.pair_heads)
+        attention = 3 * min(whole_logits, max(cap, one_row))
     transients = (
-        3 * min(whole_logits, max(int(mem.attention_chunk_mb * 2**20), one_row)),
+        attention,
         r * n * 4 * (2 * cfg.c_z * cfg.transition_factor + cfg.opm_hidden**2 + 3 * cfg.c_z),
         rs * n * 4 * (3 * cfg.c_z + cfg.ipa_heads * (cfg.ipa_qk_points * 3 * 2 + 6)),
         rh * n * 4 * (3 * max(cfg.distogram_bins, cfg.pae_bins) + 4 * cfg.c_z + cfg.recycle_bins),
@@ -159,12 +182,12 @@ def _cgroup_left(root: str = "/sys/fs/cgroup") -> int | None:
     return None
 
 
-def _candidates(n_res: int, bf16_pair: bool = False) -> list[tuple[str, MemoryConfig]]:
+def _candidates(n_res: int, bf16_pair: bool = False, attention: str = "naive") -> list[tuple[str, MemoryConfig]]:
     """Plans from fastest to smallest: the plain path, then chunked ones with ever smaller chunks; with
     `bf16_pair` (bf16 autocast), then the same with z stored in bf16 (half the floor, at bf16's precision for the
     pair stream: after every fp32-z plan on the device); then with the triangle edge in host memory (copying it
-    back costs time, so it comes last), fp32 z first."""
-    plans = [("plain (no chunking)", MemoryConfig())]
+    back costs time, so it comes last), fp32 z first. Every plan runs the `attention` kernel."""
+    plans = [("plain (no chunking)", MemoryConfig(attention=attention))]
     rows = [r for r in _ROWS if r <= n_res] or [1]
     storages = ("fp32", "bf16") if bf16_pair else ("fp32",)
     for offload in (False, True):
@@ -173,7 +196,7 @@ def _candidates(n_res: int, bf16_pair: bool = False) -> list[tuple[str, MemoryCo
                 for r in rows:
                     mem = MemoryConfig(pair_chunk=r, attention_chunk_mb=cap, low_memory_triangle=True,
                                        offload_triangle_edge=offload, structure_chunk=r, head_chunk=r,
-                                       pair_storage=storage)
+                                       pair_storage=storage, attention=attention)
                     plans.append((f"chunks of {r} rows, attention chunks <= {cap:g} MiB, in-place triangle updates"
                                   + (", z stored in bf16" if storage == "bf16" else "")
                                   + (", triangle edge in host memory (pinned where possible)" if offload else ""),
@@ -184,11 +207,12 @@ def _candidates(n_res: int, bf16_pair: bool = False) -> list[tuple[str, MemoryCo
 def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, model_cfg: ModelConfig,
                    dtype: torch.dtype = torch.bfloat16,
                    pair_dtype: torch.dtype = torch.float32, *,
-                   host_bytes: int | None = None) -> tuple[MemoryConfig, int, str]:
+                   host_bytes: int | None = None, attention: str = "naive") -> tuple[MemoryConfig, int, str]:
     """The fastest inference `MemoryConfig` whose predicted peak fits `HEADROOM` x `budget_bytes`, and, for a plan
     with the triangle edge in host memory, whose edge (`host_edge_bytes`) fits `HEADROOM` x `host_bytes` (default:
     `available_host_bytes()`); plans whose edge does not fit the host are never returned. Under bf16 autocast
     (`dtype` bf16) with z otherwise fp32, plans that store z in bf16 are candidates too, after the fp32-z ones.
+    Every plan runs the `attention` kernel (naive by default; "triton" counts its transients, not logits).
 
     Returns (plan, its predicted peak in bytes, a one-line explanation). When no plan fits, the fastest of those
     within `NEAR_SMALLEST` of the smallest predicted peak (the floor dominates there, and chunks of one row would
@@ -208,9 +232,11 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
     host_edge = host_edge_bytes(n_res, model_cfg, dtype)
     host_fits = host_edge <= int(host_bytes * HEADROOM)
     scored = [(name, mem, predicted_peak_bytes(mem, shape, model_cfg, dtype, pair_dtype))
-              for name, mem in _candidates(n_res, bf16_pair=dtype == torch.bfloat16 and pair_dtype == torch.float32)
+              for name, mem in _candidates(n_res, bf16_pair=dtype == torch.bfloat16 and pair_dtype == torch.float32,
+                                           attention=attention)
               if host_fits or not mem.offload_triangle_edge]
-    head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows, budget {_size(budget_bytes)}"
+    kernel = "" if attention == "naive" else f", attention {attention}"
+    head = f"{n_res} residues, {n_seq} MSA rows, {n_extra} extra rows{kernel}, budget {_size(budget_bytes)}"
     for name, mem, peak in scored:
         if peak <= usable:
             host = (f"; triangle edge up to {_size(host_edge)} in host memory, {_size(host_bytes)} available"
@@ -225,7 +251,7 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
     hint = ""
     if dtype != torch.bfloat16:  # would bf16 autocast (a bf16 edge, z stored in bf16) fit? say so, and how
         _, _, bf16_text = plan_inference(n_res, n_seq, n_extra, budget_bytes, model_cfg, torch.bfloat16, pair_dtype,
-                                         host_bytes=host_bytes)
+                                         host_bytes=host_bytes, attention=attention)
         if "DOES NOT FIT" not in bf16_text:
             hint = f"; under bf16 autocast (predict --precision bf16) a plan fits: {bf16_text[len(head) + 2:]}"
     return mem, peak, (f"{head}: DOES NOT FIT: the smallest plan ({name}) needs about {_size(peak)} on the device "

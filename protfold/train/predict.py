@@ -42,16 +42,15 @@ def memory_budget_bytes(device: torch.device, budget_gib: float | None = None) -
 def plan_memory(module, batch: dict, *, device: torch.device, budget_gib: float | None, precision: str,
                 target_id: str, attention: str | None = None) -> str:
     """Plan the inference memory for this batch's shapes (`plan_inference`), make it the module's inference
-    memory (what it passes to the model), return the plan's one-line description. `attention`: the kernel instead
-    of the plan's (the plan counts the naive kernel's logits, which the flex and triton kernels never make)."""
+    memory (what it passes to the model), return the plan's one-line description. `attention`: the kernel every
+    plan runs (default naive; the planner counts the Triton kernel's transients, and the naive kernel's logits for
+    the others)."""
     n_seq, n_res = batch["msa_feat"].shape[-3:-1]
     n_extra = batch["extra_msa_feat"].shape[-3]
     # on the CPU the "device" is the host: an edge moved to host memory would save nothing, so no such plans
     mem, _, text = plan_inference(n_res, n_seq, n_extra, memory_budget_bytes(device, budget_gib),
                                   module.model_cfg, _PRECISIONS[precision],
-                                  host_bytes=0 if device.type == "cpu" else None)
-    if attention is not None and attention != mem.attention:
-        mem, text = replace(mem, attention=attention), f"{text}; attention {attention}"
+                                  host_bytes=0 if device.type == "cpu" else None, attention=attention or "naive")
     module.inference_memory = mem
     return f"{target_id}: memory plan: {text}"
 

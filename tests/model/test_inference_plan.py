@@ -295,3 +295,43 @@ def test_planned_peak_bounds_the_measured_peak_with_z_in_bf16() -> None:
             measured[storage] = peak_new_bytes(lambda: model(batch, n_recycles=1, memory=mem), existing)
         assert measured[storage] <= predicted_peak_bytes(mem, InferenceShape(n, s, e), CFG, torch.bfloat16), storage
     assert measured["bf16"] < measured["fp32"]
+
+
+def test_plans_for_the_triton_kernel_count_no_logits() -> None:
+    """With attention "triton" every candidate runs the kernel, its count never exceeds the naive kernel's for the
+    same chunks and drops where the logits dominate (small attention chunks' rows at long lengths, the plain path),
+    and a budget between the two smallest plans fits only the kernel's; the plan line names the kernel."""
+    af2 = model_preset("af2_ptm")
+    shape = InferenceShape(4096, 128, 1024)
+    naive, fused = _candidates(4096, bf16_pair=True), _candidates(4096, bf16_pair=True, attention="triton")
+    assert [n for n, _ in naive] == [n for n, _ in fused] and all(m.attention == "triton" for _, m in fused)
+    peaks = [(predicted_peak_bytes(a, shape, af2, torch.bfloat16), predicted_peak_bytes(b, shape, af2, torch.bfloat16))
+             for (_, a), (_, b) in zip(naive, fused)]
+    assert all(t <= n for n, t in peaks)
+    assert peaks[0][1] < peaks[0][0]  # the plain path: no [N, H, N, N] logits
+    assert sum(t < n for n, t in peaks) >= len(peaks) // 2
+    smallest = {k: min(p[i] for p in peaks) for i, k in enumerate(("naive", "triton"))}
+    assert smallest["triton"] < smallest["naive"]
+    budget = int((smallest["triton"] + smallest["naive"]) / 2 / HEADROOM)
+    host = 128 * GiB
+    _, _, text_naive = plan_inference(4096, 128, 1024, budget, af2, torch.bfloat16, host_bytes=host)
+    mem, peak, text = plan_inference(4096, 128, 1024, budget, af2, torch.bfloat16, host_bytes=host, attention="triton")
+    assert "DOES NOT FIT" in text_naive and "DOES NOT FIT" not in text
+    assert mem.attention == "triton" and peak <= HEADROOM * budget and ", attention triton, budget" in text
+
+
+def test_every_plan_for_the_triton_kernel_matches_the_plain_path(triton_interpreter) -> None:
+    """Plans for the Triton kernel (Triton's interpreter on the CPU): the plain path and chunks of 4 rows with the
+    largest and smallest attention caps, host edge on and off, compute the plain naive path's outputs (fp32, 1e-5)."""
+    n, s, e = 12, 3, 4
+    batch = synthetic_batch(n, s, e, seed=2)
+    batch["seq_mask"] = real_mask(1, n, p=0.2)
+    model = _model()
+    ref = _run(model, MemoryConfig(), batch)
+    plans = [mem for _, mem in _candidates(n, attention="triton")
+             if mem.pair_chunk is None or (mem.pair_chunk == 4 and mem.attention_chunk_mb in (8.0, 512.0))]
+    assert len(plans) == 5 and all(m.attention == "triton" for m in plans)
+    for mem in plans:
+        out = _run(model, mem, batch)
+        for key in KEYS:
+            torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5, msg=f"{key} under {mem}")

@@ -160,8 +160,8 @@ def test_predict_stores_z_in_bf16_only_under_bf16(ptm_predictor, tmp_path, capsy
 
 
 def test_predict_with_the_triton_attention_kernel_writes_the_same(ptm_predictor, tmp_path, capsys) -> None:
-    """--attention triton (Triton's interpreter on the CPU) in the planned memory, under a budget small enough to
-    chunk the attention: the plan line names the kernel, and the outputs are those of the naive kernel."""
+    """--attention triton (Triton's interpreter on the CPU): planned for the kernel under a budget small enough to
+    chunk the attention, the plan line names it, and the outputs are those of the naive kernel."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py: the kernel runs on the CPU
@@ -171,7 +171,7 @@ def test_predict_with_the_triton_attention_kernel_writes_the_same(ptm_predictor,
         assert main(["predict", "--ckpt_path", str(ptm_predictor), "--input", str(fasta), "--out",
                      str(tmp_path / name), "--device", "cpu", "--memory_budget_gib", str(2**-20), *flags]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("; attention triton") == 1
+    assert printed.count("extra rows, attention triton, budget") == 1
     records = {k: json.loads((tmp_path / k / "toy" / "toy_confidence.json").read_text()) for k in ("naive", "triton")}
     np.testing.assert_allclose(records["triton"]["plddt"], records["naive"]["plddt"], atol=1e-3)
     assert records["triton"]["ptm"] == pytest.approx(records["naive"]["ptm"], abs=1e-4)
