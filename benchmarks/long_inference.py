@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +94,8 @@ def measure(part: str, n: int, *, pair_dtype=torch.float32, budget: int | None =
     cfg = model_preset("af2_ptm")
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(dev)[0]
-    mem, predicted, text = plan_inference(n, S, n_extra, budget or free, cfg, torch.bfloat16, pair_dtype)
-    if ATTENTION and mem.attention != ATTENTION:
-        mem, text = replace(mem, attention=ATTENTION), f"{text}; attention {ATTENTION} (--attention)"
+    mem, predicted, text = plan_inference(n, S, n_extra, budget or free, cfg, torch.bfloat16, pair_dtype,
+                                          attention=ATTENTION or "naive")
     # printed before the run, so that a run killed for memory (device or host) leaves its plan in the log
     print(f"# {part} at {n}: {text}; host available {available_host_bytes() / GiB:.1f} GiB", flush=True)
     module = _module(part, cfg).to(dev).eval()

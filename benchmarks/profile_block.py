@@ -17,7 +17,6 @@ import collections
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,9 +74,8 @@ def main() -> None:
     pair_dtype = getattr(torch, args.pair_dtype)
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 64 * GiB
     budget = int(args.budget_gib * GiB) if args.budget_gib else free
-    mem, predicted, text = plan_inference(args.n, S, 0, budget, cfg, torch.bfloat16, pair_dtype)
-    if args.attention:
-        mem = replace(mem, attention=args.attention)
+    mem, predicted, text = plan_inference(args.n, S, 0, budget, cfg, torch.bfloat16, pair_dtype,
+                                          attention=args.attention or "naive")
     pair_dtype = stored_pair_dtype(mem, pair_dtype)
     plan = resolve(mem, grad=False, device=dev)
     block = EvoformerBlock.from_config(cfg).to(dev).eval()
