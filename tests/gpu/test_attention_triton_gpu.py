@@ -124,3 +124,22 @@ def test_no_grad_triangle_attention_at_1024_residues() -> None:
             outs.append(mod(z, mask, plan=resolve(mem, grad=False, device="cuda")).float())
     scale = float(outs[0].abs().max())
     torch.testing.assert_close(outs[1], outs[0], rtol=3e-2, atol=1e-2 * scale)
+
+
+def test_offsets_past_two_to_the_31_elements() -> None:
+    """Triangle attention's 4,096 rows at 4,096 residues in one call: q, k, v [4096, 4, 4096, 32] bf16, 2^31
+    elements each, so the last rows' element offsets pass int32's range (the kernels index in int64). The first
+    and the last rows against the naive kernel on those rows alone."""
+    from protfold.model.kernels.attention import pair_bias_attention
+
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    gen, n, heads, c = _gen(), 4096, 4, 32
+    q, k, v = (torch.randn(n, heads, n, c, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    pair = torch.randn(1, heads, n, n, device="cuda", generator=gen)
+    keys = mask_bias((torch.rand(n, 1, 1, n, device="cuda", generator=gen) > 0.1).float())
+    with torch.no_grad():
+        out = pair_bias_attention(q, k, v, [keys, pair])
+        for rows in (slice(0, 4), slice(n - 4, n)):
+            ref = _naive_attention(q[rows].float(), k[rows].float(), v[rows].float(), [keys[rows], pair])
+            torch.testing.assert_close(out[rows].float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))

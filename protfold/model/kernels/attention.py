@@ -96,7 +96,7 @@ def _fwd_kernel(Q, K, V, PB, KB, OUT, M, L,
                 H, R, NQ, NK, C, scale,
                 HAS_PB: tl.constexpr, HAS_KB: tl.constexpr, IEEE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    zh = tl.program_id(0)
+    zh = tl.program_id(0).to(tl.int64)  # offsets in int64: Z·H·L·C passes 2^31 at long lengths
     z, h = zh // H, zh % H
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
@@ -133,7 +133,7 @@ def _bwd_dkdv_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DK, DV,
                      HAS_PB: tl.constexpr, HAS_KB: tl.constexpr, IEEE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """dK, dV of one (row·head, key block), walking the query blocks; DK, DV contiguous [Z, H, K, C]."""
-    zh = tl.program_id(0)
+    zh = tl.program_id(0).to(tl.int64)  # offsets in int64: Z·H·L·C passes 2^31 at long lengths
     z, h = zh // H, zh % H
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -163,7 +163,7 @@ def _bwd_dq_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DQ,
                    HAS_PB: tl.constexpr, HAS_KB: tl.constexpr, IEEE: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """dQ of one (row·head, query block), walking the key blocks; DQ contiguous [Z, H, Q, C]."""
-    zh = tl.program_id(0)
+    zh = tl.program_id(0).to(tl.int64)  # offsets in int64: Z·H·L·C passes 2^31 at long lengths
     z, h = zh // H, zh % H
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
@@ -190,7 +190,7 @@ def _bwd_dpb_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DPB,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """d(pair_bias) of one (batch·head, query block, key block): Σ over the R rows sharing it of dS; DPB is
     contiguous fp32 [B, H, NQ, NK]."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # offsets in int64: Z·H·L·C passes 2^31 at long lengths
     b, h = bh // H, bh % H
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
