@@ -180,3 +180,27 @@ def test_on_cuda_the_kernels_are_autotuned_over_tiles() -> None:
         assert info["type"] == "Autotuner", name
         assert set(info["keys"]) <= set(info["args"]) and {"BM", "BN"} <= set(info["args"]), name
         assert [64, 64, 4] in info["tiles"], name
+
+
+def test_a_pair_bias_projected_channels_last_is_read_right(triton_interpreter) -> None:
+    """The model's pair bias is linear(z) [B, N, N, H] moved to [B, H, N, N] (last stride H, a channels-last layout
+    that F.pad would keep): the kernel gets it copied into rows padded to 16 elements, last stride 1, and the
+    gradient flows back through the copy."""
+    q, k, v, biases = _inputs((2, 3), None, 4, 21, 8)
+    projected = torch.randn(2, 21, 21, 4, requires_grad=True)
+    biases.append(projected.movedim(-1, -3)[:, None])
+    pair, _ = triton_interpreter.split_biases(biases, (2, 3, 4, 21, 21))
+    assert pair.stride(-1) == 1 and pair.stride(-2) == 32 and pair.shape == (2, 4, 21, 21)
+    ref, ref_grads = _out_and_grads(_naive_attention, q, k, v, biases)
+    out, grads = _out_and_grads(triton_interpreter.pair_bias_attention, q, k, v, biases)
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    (want,) = torch.autograd.grad(_naive_attention(q, k, v, biases).sum(), projected)
+    (got,) = torch.autograd.grad(triton_interpreter.pair_bias_attention(q, k, v, biases).sum(), projected)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL * float(want.abs().max()))
+
+
+def test_keys_and_values_broadcast_over_rows_are_left_to_the_naive_kernel(triton_interpreter) -> None:
+    q = torch.randn(1, 3, 2, 11, 8)
+    k, v = torch.randn(1, 1, 2, 11, 8), torch.randn(1, 1, 2, 11, 8)
+    assert triton_interpreter.pair_bias_attention(q, k, v, []) is None
+    assert triton_interpreter.pair_bias_attention(q, q.clone(), q.double(), []) is None  # mixed dtypes

@@ -9,12 +9,14 @@ Algorithm 7; triangle attention, Algorithms 13 / 14; MSA column attention with t
 
 Forward (FlashAttention's online softmax): one program per (row·head, block of queries) walks the keys in blocks,
 so the [Z, H, Q, K] logits never exist; it keeps each query's softmax max and sum for backward. Backward recomputes the
-probabilities in three kernels, none with atomics (deterministic):
+probabilities in three kernels, none with atomics:
 - dK, dV: one program per (row·head, block of keys), walking the queries;
 - dQ: one program per (row·head, block of queries), walking the keys;
 - d(pair_bias): one program per (batch·head, query block, key block), summing dS = P ⊙ (dP − δ) over the R rows
   that share the bias, in registers, and writing each tile once. This is the gradient that a [Z, H, Q, K]-sized
-  dS would otherwise have to be materialised (or accumulated with atomics, as FlexAttention does) for.
+  dS would otherwise have to be materialised (or accumulated with atomics, as FlexAttention does) for. Without
+  atomics the same tiles give the same bits; the autotuner's tiles (timed per shape bucket) may differ between
+  runs and reorder the sums.
 
 Scores, softmax and every accumulation are fp32; q kᵀ and P·V read the inputs' dtype (tensor cores under bf16
 autocast). fp32 inputs use IEEE fp32 products (no TF32). The reference is `primitives._naive_attention`;
@@ -25,6 +27,7 @@ The kernels are registered as custom operators (`protfold::pair_bias_attention` 
 fake implementations, so a compiled block keeps them in its graph. Imported only when the switch asks for it.
 """
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -46,12 +49,18 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, pb_ptrs, kb_ptrs, qm, kn, scale,
-            HAS_PB: tl.constexpr, HAS_KB: tl.constexpr, IEEE: tl.constexpr):
-    """[BM, BN] fp32 scores q kᵀ·scale + pair bias + key bias; keys past the end get -1e30 (exp() of it is 0)."""
-    s = _dot(q, tl.trans(k), IEEE) * scale
+def _pair_tile(pb_ptrs, qm, kn, HAS_PB: tl.constexpr):
+    """The pair bias's [BM, BN] tile in fp32, or 0 without one."""
     if HAS_PB:
-        s += tl.load(pb_ptrs, mask=qm[:, None] & kn[None, :], other=0.0).to(tl.float32)
+        return tl.load(pb_ptrs, mask=qm[:, None] & kn[None, :], other=0.0).to(tl.float32)
+    return 0.0
+
+
+@triton.jit
+def _scores(q, k, pb, kb_ptrs, kn, scale, HAS_KB: tl.constexpr, IEEE: tl.constexpr):
+    """[BM, BN] fp32 scores q kᵀ·scale + the pair bias tile `pb` + key bias; keys past the end get -1e30 (exp() of
+    it is 0)."""
+    s = _dot(q, tl.trans(k), IEEE) * scale + pb
     if HAS_KB:
         s += tl.load(kb_ptrs, mask=kn, other=0.0)[None, :]
     return tl.where(kn[None, :], s, -1.0e30)
@@ -81,10 +90,10 @@ def _query_tile(Q, DO, M, L, DELTA, z, h, zh, offs_m, offs_d, sqz, sqh, sqn, NQ,
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb_ptrs, kb_ptrs, qm, kn, scale,
-                       HAS_PB: tl.constexpr, HAS_KB: tl.constexpr, IEEE: tl.constexpr):
+def _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb, kb_ptrs, qm, kn, scale,
+                       HAS_KB: tl.constexpr, IEEE: tl.constexpr):
     """Backward's tile: P (recomputed from the scores and the forward's row max and sum) and dS = P ⊙ (dO Vᵀ − δ)."""
-    s = _scores(q, k, pb_ptrs, kb_ptrs, qm, kn, scale, HAS_PB, HAS_KB, IEEE)
+    s = _scores(q, k, pb, kb_ptrs, kn, scale, HAS_KB, IEEE)
     p = tl.where(qm[:, None], tl.exp(s - m_i[:, None]) / l_i[:, None], 0.0)
     return p, p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
 
@@ -93,7 +102,7 @@ def _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb_ptrs, kb_ptrs, qm, kn, s
 def _fwd_kernel(Q, K, V, PB, KB, OUT, M, L,
                 sqz, sqh, sqn, skz, skh, skn, svz, svh, svn, soz, soh, son,
                 spb_b, spb_h, spb_q, skb_z,
-                H, R, NQ, NK, C, scale,
+                H, R, NQ, NK, C, scale, QKEY, KKEY,
                 HAS_PB: tl.constexpr, HAS_KB: tl.constexpr, IEEE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     zh = tl.program_id(0).to(tl.int64)  # offsets in int64: Z·H·L·C passes 2^31 at long lengths
@@ -111,7 +120,8 @@ def _fwd_kernel(Q, K, V, PB, KB, OUT, M, L,
         kn = offs_n < NK
         k, v = _key_tile(K, V, z, h, offs_n, offs_d, skz, skh, skn, svz, svh, svn, NK, C)
         pb_ptrs = PB + (z // R) * spb_b + h * spb_h + offs_m[:, None] * spb_q + offs_n[None, :]
-        s = _scores(q, k, pb_ptrs, KB + z * skb_z + offs_n, qm, kn, scale, HAS_PB, HAS_KB, IEEE)
+        pb = _pair_tile(pb_ptrs, qm, kn, HAS_PB)
+        s = _scores(q, k, pb, KB + z * skb_z + offs_n, kn, scale, HAS_KB, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -129,7 +139,7 @@ def _fwd_kernel(Q, K, V, PB, KB, OUT, M, L,
 def _bwd_dkdv_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DK, DV,
                      sqz, sqh, sqn, skz, skh, skn, svz, svh, svn,
                      spb_b, spb_h, spb_q, skb_z,
-                     H, R, NQ, NK, C, scale,
+                     H, R, NQ, NK, C, scale, QKEY, KKEY,
                      HAS_PB: tl.constexpr, HAS_KB: tl.constexpr, IEEE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """dK, dV of one (row·head, key block), walking the query blocks; DK, DV contiguous [Z, H, K, C]."""
@@ -144,9 +154,10 @@ def _bwd_dkdv_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DK, DV,
     for start in range(0, NQ, BM):
         offs_m = start + tl.arange(0, BM)
         q, do, m_i, l_i, delta = _query_tile(Q, DO, M, L, DELTA, z, h, zh, offs_m, offs_d, sqz, sqh, sqn, NQ, C)
-        pb_ptrs = PB + (z // R) * spb_b + h * spb_h + offs_m[:, None] * spb_q + offs_n[None, :]
-        p, ds = _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb_ptrs, KB + z * skb_z + offs_n, offs_m < NQ, kn,
-                                   scale, HAS_PB, HAS_KB, IEEE)
+        qm = offs_m < NQ
+        pb = _pair_tile(PB + (z // R) * spb_b + h * spb_h + offs_m[:, None] * spb_q + offs_n[None, :], qm, kn, HAS_PB)
+        p, ds = _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb, KB + z * skb_z + offs_n, qm, kn, scale,
+                                   HAS_KB, IEEE)
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     base = zh * NK * C + offs_n[:, None] * C + offs_d[None, :]
@@ -159,7 +170,7 @@ def _bwd_dkdv_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DK, DV,
 def _bwd_dq_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DQ,
                    sqz, sqh, sqn, skz, skh, skn, svz, svh, svn,
                    spb_b, spb_h, spb_q, skb_z,
-                   H, R, NQ, NK, C, scale,
+                   H, R, NQ, NK, C, scale, QKEY, KKEY,
                    HAS_PB: tl.constexpr, HAS_KB: tl.constexpr, IEEE: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """dQ of one (row·head, query block), walking the key blocks; DQ contiguous [Z, H, Q, C]."""
@@ -173,9 +184,10 @@ def _bwd_dq_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DQ,
     for start in range(0, NK, BN):
         offs_n = start + tl.arange(0, BN)
         k, v = _key_tile(K, V, z, h, offs_n, offs_d, skz, skh, skn, svz, svh, svn, NK, C)
-        pb_ptrs = PB + (z // R) * spb_b + h * spb_h + offs_m[:, None] * spb_q + offs_n[None, :]
-        _, ds = _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb_ptrs, KB + z * skb_z + offs_n, qm, offs_n < NK,
-                                   scale, HAS_PB, HAS_KB, IEEE)
+        kn = offs_n < NK
+        pb = _pair_tile(PB + (z // R) * spb_b + h * spb_h + offs_m[:, None] * spb_q + offs_n[None, :], qm, kn, HAS_PB)
+        _, ds = _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb, KB + z * skb_z + offs_n, qm, kn, scale,
+                                   HAS_KB, IEEE)
         dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(DQ + zh * NQ * C + offs_m[:, None] * C + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qm[:, None] & (offs_d < C)[None, :])
@@ -185,7 +197,7 @@ def _bwd_dq_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DQ,
 def _bwd_dpb_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DPB,
                     sqz, sqh, sqn, skz, skh, skn, svz, svh, svn,
                     spb_b, spb_h, spb_q, skb_z,
-                    H, R, NQ, NK, C, scale,
+                    H, R, NQ, NK, C, scale, QKEY, KKEY,
                     HAS_KB: tl.constexpr, IEEE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """d(pair_bias) of one (batch·head, query block, key block): Σ over the R rows sharing it of dS; DPB is
@@ -196,15 +208,15 @@ def _bwd_dpb_kernel(Q, K, V, PB, KB, DO, M, L, DELTA, DPB,
     offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     qm, kn = offs_m < NQ, offs_n < NK
-    pb_ptrs = PB + b * spb_b + h * spb_h + offs_m[:, None] * spb_q + offs_n[None, :]
+    pb = _pair_tile(PB + b * spb_b + h * spb_h + offs_m[:, None] * spb_q + offs_n[None, :], qm, kn, True)
     acc = tl.zeros([BM, BN], tl.float32)
     for r in range(0, R):
         z = b * R + r
         zh = z * H + h
         q, do, m_i, l_i, delta = _query_tile(Q, DO, M, L, DELTA, z, h, zh, offs_m, offs_d, sqz, sqh, sqn, NQ, C)
         k, v = _key_tile(K, V, z, h, offs_n, offs_d, skz, skh, skn, svz, svh, svn, NK, C)
-        _, ds = _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb_ptrs, KB + z * skb_z + offs_n, qm, kn, scale,
-                                   True, HAS_KB, IEEE)
+        _, ds = _probs_and_dscores(q, k, v, do, m_i, l_i, delta, pb, KB + z * skb_z + offs_n, qm, kn, scale,
+                                   HAS_KB, IEEE)
         acc += ds
     tl.store(DPB + bh * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], acc, mask=qm[:, None] & kn[None, :])
 
@@ -221,14 +233,22 @@ _TILES = {"BM": 16, "BN": 16} if _INTERPRET else {}
 
 
 def _tuned(kernel, tiles: list[tuple[int, int, int, int]]):
-    return kernel if _INTERPRET else triton.autotune(_configs(tiles), key=["NQ", "NK", "C"])(kernel)
+    # keyed on the lengths' power-of-two buckets (QKEY, KKEY), not the lengths: a new MSA depth or sequence length
+    # reuses its bucket's tiles instead of timing every candidate again
+    return kernel if _INTERPRET else triton.autotune(_configs(tiles), key=["QKEY", "KKEY", "C"])(kernel)
 
 
+# the small tiles are for fp32 operands (no tensor cores; larger fp32 tiles spill registers)
 _fwd = _tuned(_fwd_kernel, [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
-                            (128, 128, 8, 2)])
-_bwd_dkdv = _tuned(_bwd_dkdv_kernel, [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2)])
-_bwd_dq = _tuned(_bwd_dq_kernel, [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (64, 32, 4, 2)])
-_bwd_dpb = _tuned(_bwd_dpb_kernel, [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)])
+                            (128, 128, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2)])
+_bwd_dkdv = _tuned(_bwd_dkdv_kernel, [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2),
+                                      (32, 32, 4, 2)])
+_bwd_dq = _tuned(_bwd_dq_kernel, [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)])
+_bwd_dpb = _tuned(_bwd_dpb_kernel, [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)])
+
+
+def _bucket(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
 
 
 def _head_block(head_dim: int) -> int:
@@ -237,7 +257,15 @@ def _head_block(head_dim: int) -> int:
 
 
 def _ieee(q: Tensor) -> bool:
-    return q.dtype == torch.float32 or q.device.type != "cuda"
+    """fp32 products in full precision: fp32 operands where torch's own fp32 matmuls are (precision "highest", its
+    default; "high" and "medium" let the kernel use TF32, as they let torch), and always under the interpreter,
+    whose tl.dot misreads bf16 operands."""
+    return _INTERPRET or (q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest")
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it `t`'s (a model on cuda:1 without set_device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -260,10 +288,11 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
     row_max = torch.empty(z, h, nq, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
     pb, kb = _bias_args(q, pair_bias, key_bias)
-    _fwd[lambda meta: (z * h, triton.cdiv(nq, meta["BM"]))](
-        q, k, v, pb[0], kb[0], out, row_max, row_sum, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        *pb[1:], kb[1], h, rows, nq, nk, c, c**-0.5,
-        HAS_PB=pair_bias is not None, HAS_KB=key_bias is not None, IEEE=_ieee(q), BD=_head_block(c), **_TILES)
+    with _on_device(q):
+        _fwd[lambda meta: (z * h, triton.cdiv(nq, meta["BM"]))](
+            q, k, v, pb[0], kb[0], out, row_max, row_sum, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(out), *pb[1:], kb[1], h, rows, nq, nk, c, c**-0.5, _bucket(nq), _bucket(nk),
+            HAS_PB=pair_bias is not None, HAS_KB=key_bias is not None, IEEE=_ieee(q), BD=_head_block(c), **_TILES)
     return out, row_max, row_sum
 
 
@@ -285,22 +314,24 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1)  # δ_i = Σ_c dO_ic O_ic = Σ_j P_ij dP_ij, [Z, H, Q]
     pb, kb = _bias_args(q, pair_bias, key_bias)
-    common = (*_strides(q), *_strides(k), *_strides(v), *pb[1:], kb[1], h, rows, nq, nk, c, c**-0.5)
+    common = (*_strides(q), *_strides(k), *_strides(v), *pb[1:], kb[1], h, rows, nq, nk, c, c**-0.5, _bucket(nq),
+              _bucket(nk))
     flags = dict(HAS_KB=key_bias is not None, IEEE=_ieee(q), BD=_head_block(c), **_TILES)
-    stats = (row_max, row_sum, delta)
+    stats = (row_max.contiguous(), row_sum.contiguous(), delta)
     dk = torch.empty(z, h, nk, c, dtype=k.dtype, device=q.device)
     dv = torch.empty(z, h, nk, c, dtype=v.dtype, device=q.device)
-    _bwd_dkdv[lambda meta: (z * h, triton.cdiv(nk, meta["BN"]))](
-        q, k, v, pb[0], kb[0], grad_out, *stats, dk, dv, *common, HAS_PB=pair_bias is not None, **flags)
     dq = torch.empty(z, h, nq, c, dtype=q.dtype, device=q.device)
-    _bwd_dq[lambda meta: (z * h, triton.cdiv(nq, meta["BM"]))](
-        q, k, v, pb[0], kb[0], grad_out, *stats, dq, *common, HAS_PB=pair_bias is not None, **flags)
-    if pair_bias is None or not want_pair:
-        return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
-    nb = pair_bias.shape[0]
-    dpb = torch.empty(nb, h, nq, nk, dtype=torch.float32, device=q.device)
-    _bwd_dpb[lambda meta: (nb * h, triton.cdiv(nq, meta["BM"]), triton.cdiv(nk, meta["BN"]))](
-        q, k, v, pb[0], kb[0], grad_out, *stats, dpb, *common, **flags)
+    with _on_device(q):
+        _bwd_dkdv[lambda meta: (z * h, triton.cdiv(nk, meta["BN"]))](
+            q, k, v, pb[0], kb[0], grad_out, *stats, dk, dv, *common, HAS_PB=pair_bias is not None, **flags)
+        _bwd_dq[lambda meta: (z * h, triton.cdiv(nq, meta["BM"]))](
+            q, k, v, pb[0], kb[0], grad_out, *stats, dq, *common, HAS_PB=pair_bias is not None, **flags)
+        if pair_bias is None or not want_pair:
+            return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
+        nb = pair_bias.shape[0]
+        dpb = torch.empty(nb, h, nq, nk, dtype=torch.float32, device=q.device)
+        _bwd_dpb[lambda meta: (nb * h, triton.cdiv(nq, meta["BM"]), triton.cdiv(nk, meta["BN"]))](
+            q, k, v, pb[0], kb[0], grad_out, *stats, dpb, *common, **flags)
     return dq, dk, dv, dpb
 
 
@@ -366,17 +397,31 @@ def split_biases(biases: list[Tensor], full: tuple[int, ...]) -> tuple[Tensor | 
         if split is None:
             return None
         pair = bias.expand(*blead, h, nq, nk).reshape(math.prod(lead[:split]), h, nq, nk)
-        if pair.stride(-1) != 1:
-            pair = pair.contiguous()
+        if pair.stride(-1) != 1 or pair.stride(-2) % 16 or pair.data_ptr() % 16:
+            pair = _aligned(pair)
     if key is not None:
-        key = key.contiguous()
+        key = _aligned(key)
     return pair, key
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """`t` copied into rows padded to a multiple of 16 elements and viewed back to its shape: the kernels then load
+    bias tiles as aligned vectors (an unaligned row stride makes every element its own 2-byte load in the score
+    loop, and the forward spills registers)."""
+    length = t.shape[-1]
+    # a row-major buffer whatever t's layout (F.pad would keep a channels-last-like layout); the padding is never
+    # read (masked loads). Assigning t into it records the copy for autograd.
+    out = torch.empty(*t.shape[:-1], length + (-length % 16), dtype=t.dtype, device=t.device)[..., :length]
+    out[...] = t
+    return out
 
 
 def pair_bias_attention(q: Tensor, k: Tensor, v: Tensor, biases: list[Tensor]) -> Tensor | None:
     """softmax(q kᵀ/√c + Σ biases) v: q [*, H, Q, c], k and v [*, H, K, c], biases as in `split_biases`.
     None when the biases fit neither of the kernel's kinds."""
     lead = q.shape[:-3]
+    if k.shape[:-2] != q.shape[:-2] or v.shape != k.shape or not q.dtype == k.dtype == v.dtype:
+        return None  # k, v broadcast over rows or heads, or of another dtype: not the kernel's layout
     full = (*lead, q.shape[-3], q.shape[-2], k.shape[-2])
     split = split_biases(list(biases), full)
     if split is None:
@@ -386,7 +431,7 @@ def pair_bias_attention(q: Tensor, k: Tensor, v: Tensor, biases: list[Tensor]) -
         return None
     flat = []
     for t in (q, k, v):
-        t = t.to(q.dtype).reshape(-1, *t.shape[-3:])
+        t = t.reshape(-1, *t.shape[-3:])
         flat.append(t if t.stride(-1) == 1 else t.contiguous())
     out = _attention_op(*flat, pair, key)[0]
     return out.reshape(*lead, *out.shape[-3:])
