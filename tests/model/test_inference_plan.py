@@ -201,15 +201,17 @@ def test_heads_pae_and_ptm_in_row_chunks_equal_the_whole_logits(rows) -> None:
 
 
 def test_planned_peak_bounds_the_measured_peak() -> None:
-    """On the CPU (fp32), the peak of a whole no-grad forward with one recycle stays under the plan's count, and a
-    chunked plan's measured peak is below the plain path's."""
+    """On the CPU (fp32), the peak of a whole no-grad forward with one recycle stays under the plan's count (the plain
+    path, 16- and 4-row chunks, the smallest plan), and a chunked plan's measured peak is below the plain path's."""
     n, s, e = 24, 3, 4
     batch = synthetic_batch(n, s, e, seed=1)
     model = _model()
     existing = list(model.parameters()) + [v for v in batch.values() if torch.is_tensor(v)]
     shape = InferenceShape(n, s, e)
     measured = {}
-    for mem in (MemoryConfig(), _candidates(n)[-1][1]):  # the plain path and the smallest plan
+    chunked = [m for _, m in _candidates(n) if m.pair_chunk in (16, 4) and m.attention_chunk_mb == 8.0
+               and not m.offload_triangle_edge]
+    for mem in (MemoryConfig(), *chunked, _candidates(n)[-1][1]):  # the plain path, 16- and 4-row chunks, smallest
         with torch.no_grad():
             measured[mem] = peak_new_bytes(lambda: model(batch, n_recycles=1, memory=mem), existing)
         assert measured[mem] <= predicted_peak_bytes(mem, shape, CFG, torch.float32), mem
