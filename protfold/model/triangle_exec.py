@@ -9,7 +9,8 @@ large N, the projections and gates are made one channel slice at a time (slices 
 `plan.triangle_slice_mb` per fp32 edge) and recomputed per slice, the output gate per row chunk.
 
 Without grad (`combined_edge`, then `finish_rows`): b is built channels-first in at least fp32, one channel slice
-at a time from row chunks of z (at most `_INFER_EDGE_FRACTION` of z's bytes, more with large row chunks), a only
+at a time from row chunks of z (at most `_INFER_EDGE_FRACTION` of z's bytes counted in fp32, as the planner counts
+the slice whatever dtype z is stored in; more with large row chunks), a only
 for each output row chunk, so the k-sum is a batched matmul with no permuted copies; the combined edge
 x [*, N, N, c_hidden] is complete before any output row is made. `add_into` adds the output into z row chunk by
 row chunk (x reads all of z, and each output row chunk needs only its own rows of z and x); `low_memory_update`
@@ -124,9 +125,9 @@ def combined_edge(mod: Any, z: Tensor, pair_mask: Tensor, plan: MemoryPlan) -> t
     `plan.offload_triangle_edge`) as host tensors, one per channel slice. Returns (x or None, host slices)."""
     n_res = z.shape[-3]
     rows = infer_rows(plan, n_res)
-    edge_bytes = z.numel() * z.element_size() * _INFER_EDGE_FRACTION
+    wide = max(z.element_size(), 4)  # z's bytes counted in fp32 (z in bf16 would halve the slice: twice the passes)
+    edge_bytes = z.numel() * wide * _INFER_EDGE_FRACTION
     if rows * _INFER_EDGE_MIN_PARTS >= n_res:  # plentiful memory: wider slices (see _INFER_EDGE_ROW_CHUNKS)
-        wide = max(z.element_size(), 4)
         edge_bytes = z.numel() * wide * _INFER_EDGE_FRACTION + _INFER_EDGE_ROW_CHUNKS * wide * z.numel() // n_res * rows
     per_channel = z[..., 0].numel() * 4
     host = plan.offload_triangle_edge

@@ -113,3 +113,22 @@ def test_large_row_chunks_widen_the_edge_slices(outgoing, monkeypatch) -> None:
             add_into(mod, z_in, mask, plan=plan, emit=AddInto(z_in, None))
             assert len(made.pop()) == parts
             torch.testing.assert_close(z_in, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_z_stored_in_bf16_gets_the_slices_of_fp32_z(monkeypatch) -> None:
+    """The planner counts the fp32 b slice as a sixteenth of z in fp32 whatever z is stored in; a bf16 z takes the
+    same slices as an fp32 one (half z's bytes would have made twice the slices, each pass recomputing a and b)."""
+    made = []
+    plain_slices = triangle_exec.slices
+    monkeypatch.setattr(triangle_exec, "slices", lambda c, parts: made.append(plain_slices(c, parts)) or made[-1])
+    torch.manual_seed(8)
+    mod = randomize_(TriangleMultiplication(c_z=64, c_hidden=8, outgoing=True))
+    z, mask = torch.randn(1, 16, 16, 64), real_mask(1, 16, 16)  # a sixteenth of fp32 z: 4 of the 8 fp32 channels
+    plan = resolve(MemoryConfig(pair_chunk=1, low_memory_triangle=True), grad=False, device="cpu")
+    counts = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16):
+            z_in = z.to(dtype)
+            add_into(mod, z_in, mask, plan=plan, emit=AddInto(z_in, None))
+            counts[dtype] = len(made.pop())
+    assert counts[torch.bfloat16] == counts[torch.float32] == 2
