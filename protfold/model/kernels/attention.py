@@ -19,7 +19,8 @@ probabilities in three kernels, none with atomics:
   runs and reorder the sums.
 
 Scores, softmax and every accumulation are fp32; q kᵀ and P·V read the inputs' dtype (tensor cores under bf16
-autocast). fp32 inputs use IEEE fp32 products (no TF32). The reference is `primitives._naive_attention`;
+autocast). fp32 inputs use IEEE fp32 products where torch's own fp32 matmuls do (precision "highest", its default),
+TF32 otherwise. The reference is `primitives._naive_attention`;
 tests/model/test_attention_triton.py compares outputs and every gradient (the pair bias's included) on the CPU
 through Triton's interpreter (`TRITON_INTERPRET=1`), tests/gpu/test_attention_triton_gpu.py on CUDA.
 
@@ -38,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["pair_bias_attention", "split_biases"]
+
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
