@@ -165,9 +165,9 @@ def test_on_cuda_the_kernels_are_autotuned_over_tiles() -> None:
     tile shape the interpreter runs (64 x 64 with 4 warps)."""
     pytest.importorskip("triton")
     code = (
-        "import json, protfold.model.kernels.attention as a\n"
+        "import json, protfold.model.kernels.attention_kernels as a\n"
         "out = {}\n"
-        "for name in ('_fwd', '_bwd_dkdv', '_bwd_dq', '_bwd_dpb'):\n"
+        "for name in ('fwd', 'bwd_dkdv', 'bwd_dq', 'bwd_dpb'):\n"
         "    t = getattr(a, name)\n"
         "    out[name] = {'type': type(t).__name__, 'keys': list(t.keys), 'args': list(t.fn.arg_names),\n"
         "                 'tiles': [[c.kwargs['BM'], c.kwargs['BN'], c.num_warps] for c in t.configs]}\n"
