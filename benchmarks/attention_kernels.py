@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("attention_kernels: no CUDA device here; use --device cpu for a smoke test", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"attention_kernels: cannot make the output folder {args.out}: {err.strerror}", file=sys.stderr)
+        return 2
     env = environment(device, None)
     records = []
     for n in args.lengths:

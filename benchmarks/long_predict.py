@@ -27,6 +27,7 @@ import torch
 
 from protfold.cli import main as protfold_main
 from protfold.config import OptimConfig, model_preset
+from protfold.env import environment
 from protfold.model.alphafold import AlphaFold
 
 
@@ -57,7 +58,12 @@ def main() -> None:
     ap.add_argument("--recycles", type=int, default=0, help="eval_recycles of the checkpoint (af2: 3; each one "
                     "is another whole pass: 0 keeps 4,096 residues within ~9 minutes)")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.n_res < 1 or args.recycles < 0:
+        raise SystemExit(f"long_predict.py: --n_res must be >= 1 and --recycles >= 0; got {args.n_res}, {args.recycles}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"long_predict.py: cannot make the output folder {args.out}: {err.strerror}") from None
     ckpt = random_checkpoint(args.out / f"{args.preset}_random.ckpt", args.preset, args.recycles)
     letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
     sequence = "".join(np.random.default_rng(0).choice(letters, args.n_res))
@@ -72,9 +78,9 @@ def main() -> None:
     printed = captured.getvalue()
     print(printed, end="")
     files = sorted(str(p.relative_to(args.out)) for p in (args.out / "pred").rglob("*") if p.is_file())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"n_res": args.n_res, "exit_code": code, "wall_s_including_load": round(wall, 1),
-              "printed": printed.splitlines(), "files": files, "device": torch.cuda.get_device_name()
-              if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+              "printed": printed.splitlines(), "files": files, **environment(device, None)}
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "printed"}, indent=1))
     raise SystemExit(code)

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("auto_check.py", ["--out", "{tmp}", "--card_gib", "-5"], "--card_gib must be > 0"),
     ("attention_kernels.py", ["--out", "{tmp}", "--steps", "0", "--device", "cpu"], "--steps must be >= 1"),
     ("attention_kernels.py", ["--out", "{tmp}", "--lengths", "64", "0", "--device", "cpu"], "--lengths must be >= 1"),
+    ("long_predict.py", ["--out", "{tmp}", "--n_res", "0"], "--n_res must be >= 1"),
+    ("long_predict.py", ["--out", "{tmp}", "--recycles", "-1"], "--recycles >= 0"),
 ])
 def test_bad_arguments_fail_in_one_line(script, args, message, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -76,3 +78,18 @@ def test_attention_kernels_runs_on_the_cpu_and_writes_its_record(tmp_path):
     assert [(r["module"], r["kernel"]) for r in data["records"]] == [("triangle", "naive"), ("msa_row", "naive")]
     assert all(r["train"]["ms"] > 0 and r["no_grad"]["ms"] > 0 for r in data["records"])
     assert "| triangle | 16 | 16 | naive |" in (tmp_path / "attention_kernels.md").read_text()
+
+
+@pytest.mark.parametrize("script, args", [
+    ("attention_kernels.py", ["--device", "cpu", "--lengths", "16"]),
+    ("long_predict.py", ["--n_res", "8", "--preset", "tiny_ptm"]),
+])
+def test_an_output_path_that_is_a_file_fails_in_one_line(script, args, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(taken / "out")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "cannot make the output folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert taken.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [taken]
