@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protfold.config import model_preset
+from protfold.config import ATTENTION_KERNELS, model_preset
 from protfold.model import triangle_exec
 from protfold.model.evoformer import EvoformerBlock
 from protfold.model.heads import AuxiliaryHeads
@@ -232,7 +232,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 12288])
     ap.add_argument("--max_s", type=float, default=300.0, help="skip a length whose extrapolated time exceeds this")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/long_inference"))
-    ap.add_argument("--attention", choices=("naive", "sdpa", "flex", "triton"), default=None,
+    ap.add_argument("--attention", choices=ATTENTION_KERNELS, default=None,
                     help="attention kernel instead of the plan's (flex and triton keep no [H, N, N] logits)")
     args = ap.parse_args()
     global ATTENTION

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from long_inference import S, _inputs, stored_pair_dtype  # noqa: E402
 
-from protfold.config import model_preset  # noqa: E402
+from protfold.config import ATTENTION_KERNELS, model_preset  # noqa: E402
 from protfold.model.evoformer import EvoformerBlock  # noqa: E402
 from protfold.model.inference_plan import plan_inference  # noqa: E402
 from protfold.model.plan import resolve  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--budget_gib", type=float, default=None, help="plan for this budget (default: free memory)")
     ap.add_argument("--pair_dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    ap.add_argument("--attention", choices=("naive", "sdpa", "flex", "triton"), default=None)
+    ap.add_argument("--attention", choices=ATTENTION_KERNELS, default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -72,6 +72,8 @@ def _lightning(argv: list[str], name: str) -> int:
 
 
 def _predict(argv: list[str]) -> int:
+    from protfold.config import ATTENTION_KERNELS, load_memory_preset
+
     parser = argparse.ArgumentParser(
         prog="protfold predict",
         description="Predict structures: writes OUT/<id>/<id>.pdb, <id>.cif (pLDDT x 100 in B-factors) and "
@@ -94,14 +96,13 @@ def _predict(argv: list[str]) -> int:
                         help="bytes the memory plan may use, in GiB (default: the card's free memory)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: under bf16 autocast (CUDA); fp32 by default")
-    parser.add_argument("--attention", choices=("naive", "sdpa", "flex", "triton"), default=None,
+    parser.add_argument("--attention", choices=ATTENTION_KERNELS, default=None,
                         help="attention kernel: the memory is planned for it, or it replaces the given memory's "
                         "(default naive); triton: protfold's fused kernel (CUDA), no attention logits made")
     parser.add_argument("--max_msa_clusters", type=int, default=128)
     parser.add_argument("--max_extra_msa", type=int, default=1024)
     args = parser.parse_args(argv)
 
-    from protfold.config import load_memory_preset
     from protfold.data.targets import collect_targets
 
     try:

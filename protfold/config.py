@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 DEFAULT_TRIANGLE_SLICE_MB = 512.0  # MemoryConfig.triangle_slice_mb when it is not set
+ATTENTION_KERNELS = ("naive", "sdpa", "flex", "triton")  # MemoryConfig.attention's choices
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ class MemoryConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"MemoryConfig.{name} must be a positive integer or None, got {value!r}")
-        if self.attention not in ("naive", "sdpa", "flex", "triton"):
+        if self.attention not in ATTENTION_KERNELS:
             raise ValueError(
-                f"MemoryConfig.attention must be 'naive', 'sdpa', 'flex' or 'triton', got {self.attention!r}"
+                f"MemoryConfig.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}"
             )
         if self.triangle_kernel not in ("torch", "cueq"):
             raise ValueError(f"MemoryConfig.triangle_kernel must be 'torch' or 'cueq', got {self.triangle_kernel!r}")

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from protfold.config import MemoryConfig, ModelConfig
+from protfold.model.primitives import attention_row_bytes
 
 __all__ = ["HEADROOM", "NEAR_SMALLEST", "InferenceShape", "available_host_bytes", "host_edge_bytes", "plan_inference",
            "predicted_peak_bytes"]
@@ -78,9 +79,8 @@ def _attention_rows(shape: InferenceShape, cfg: ModelConfig, fused: bool) -> lis
     n = shape.n_res
     attentions = ((n, cfg.c_z, cfg.pair_heads, cfg.pair_head_dim), (shape.n_seq, cfg.c_m, cfg.msa_heads, cfg.msa_head_dim),
                   (shape.n_extra, cfg.c_e, cfg.extra_msa_heads, cfg.extra_msa_head_dim))
-    if fused:
-        return [(rows, 4 * n * (c + 5 * heads * dim)) for rows, c, heads, dim in attentions]
-    return [(rows, 3 * 4 * n * n * heads) for rows, c, heads, dim in attentions]
+    kernel, buffers = ("triton", 1) if fused else ("naive", 3)
+    return [(rows, buffers * attention_row_bytes(n, c, heads, dim, kernel)) for rows, c, heads, dim in attentions]
 
 
 def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int, z_bytes: int, fused: bool) -> int:
@@ -103,13 +103,18 @@ def _plain_peak(shape: InferenceShape, cfg: ModelConfig, a: int, z_bytes: int, f
     return _floor(shape, cfg, z_bytes) + kept + largest + second  # the two largest: an upper estimate of overlaps
 
 
+def _z_element_bytes(mem: MemoryConfig, pair_dtype: torch.dtype) -> int:
+    """Bytes per element of z: 2 where the plan stores it in bf16 (`pair_storage`), else `pair_dtype`'s."""
+    return 2 if mem.pair_storage == "bf16" else pair_dtype.itemsize
+
+
 def predicted_peak_bytes(mem: MemoryConfig, shape: InferenceShape, cfg: ModelConfig, dtype: torch.dtype,
                          pair_dtype: torch.dtype = torch.float32) -> int:
     """Bytes alive at the peak of a no-grad forward of `cfg` at `shape` under `mem` (the module docstring's count),
     with the pair stream z stored in `pair_dtype` (in bf16 under `mem.pair_storage='bf16'`). Exact switch-by-switch
     accounting is not attempted: each term is an upper estimate of what it counts."""
     a = torch.empty((), dtype=dtype).element_size()
-    z_bytes = 2 if mem.pair_storage == "bf16" else torch.empty((), dtype=pair_dtype).element_size()
+    z_bytes = _z_element_bytes(mem, pair_dtype)
     fused = mem.attention == "triton"
     if not (mem.low_memory_triangle and mem.pair_chunk and mem.attention_chunk_mb and mem.structure_chunk
             and mem.head_chunk):
@@ -244,7 +249,7 @@ def plan_inference(n_res: int, n_seq: int, n_extra: int, budget_bytes: int, mode
             return mem, peak, f"{head}: {name}; predicted peak {_size(peak)}{host}"
     smallest = min(peak for _, _, peak in scored)
     name, mem, peak = next(item for item in scored if item[2] <= smallest * (1 + NEAR_SMALLEST))
-    z_bytes = (2 if mem.pair_storage == "bf16" else torch.empty((), dtype=pair_dtype).element_size()) * n_res**2 * model_cfg.c_z
+    z_bytes = _z_element_bytes(mem, pair_dtype) * n_res**2 * model_cfg.c_z
     host = "" if host_fits else (f"; plans with the triangle edge in host memory are out: the edge "
                                  f"({_size(host_edge)}) does not fit {HEADROOM:.0%} of the host's available "
                                  f"{_size(host_bytes)}")

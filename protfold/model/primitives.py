@@ -333,6 +333,15 @@ def pair_bias_rows(norm: nn.Module, linear: nn.Module, z: Tensor, rows: int, *, 
     return chunk_rows(lambda z_: cast(linear(norm(z_))).movedim(-1, -3), [z], [-3], rows, out_dim=-2)
 
 
+def attention_row_bytes(length: int, c_in: int, n_heads: int, head_dim: int, kernel: str) -> int:
+    """The bytes one row of a row attention makes at once, which `attention_chunk_mb` caps: one fp32 logits buffer
+    [H, L, L] (the naive kernel has three), or with the Triton kernel, which makes no logits, the row's normalised
+    input, q, k, v, gate and output [L, c + 5 H c], counted in fp32."""
+    if kernel == "triton":
+        return length * (c_in + 5 * n_heads * head_dim) * 4
+    return n_heads * length * length * 4
+
+
 def capped_chunk(chunk: int | None, attn: Attention, x: Tensor, plan: MemoryPlan) -> int | None:
     """Rows per chunk for attention along rows of x [*, R, L, c]: `chunk`, lowered (or set) so that one chunk's
     attention transients stay under `plan.attention_chunk_mb`: its fp32 logits [rows, H, L, L], or with the Triton
@@ -341,11 +350,7 @@ def capped_chunk(chunk: int | None, attn: Attention, x: Tensor, plan: MemoryPlan
     cap = plan.attention_chunk_mb
     if cap is None:
         return chunk
-    length = x.shape[-2]
-    if plan.attention == "triton":
-        per_row = length * (x.shape[-1] + 5 * attn.n_heads * attn.c_hidden) * 4
-    else:
-        per_row = attn.n_heads * length * length * 4
+    per_row = attention_row_bytes(x.shape[-2], x.shape[-1], attn.n_heads, attn.c_hidden, plan.attention)
     per_row *= max(1, x[..., 0, 0, 0].numel())
     rows = max(1, int(cap * 2**20 // per_row))
     return rows if chunk is None else min(chunk, rows)
