@@ -308,8 +308,13 @@ def row_attention(
     x: [*, R, L, c], mask: [*, R, L], pair_bias: [*, H, L, L] shared by all R rows, or None -> [*, R, L, c].
     `norm` (a LayerNorm, or None when x is already normalised) runs inside each chunk. The pair bias is
     handed whole to every chunk, so its gradient is accumulated chunk by chunk. `emit` (no grad): each row
-    chunk's output goes to `emit(start, n, out)` instead of a joined output (see `chunk_rows`).
+    chunk's output goes to `emit(start, n, out)` instead of a joined output (see `chunk_rows`). With the Triton
+    kernel the pair bias is laid out for it once here (rows padded to 16 elements), not once per chunk.
     """
+    if plan.attention == "triton" and pair_bias is not None:
+        from protfold.model.kernels.attention import aligned_rows
+
+        pair_bias = aligned_rows(pair_bias)
 
     def run(x_c: Tensor, mask_c: Tensor, bias: Tensor | None) -> Tensor:
         if norm is not None:

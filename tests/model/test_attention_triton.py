@@ -204,3 +204,26 @@ def test_keys_and_values_broadcast_over_rows_are_left_to_the_naive_kernel(triton
     k, v = torch.randn(1, 1, 2, 11, 8), torch.randn(1, 1, 2, 11, 8)
     assert triton_interpreter.pair_bias_attention(q, k, v, []) is None
     assert triton_interpreter.pair_bias_attention(q, q.clone(), q.double(), []) is None  # mixed dtypes
+
+
+def test_row_attention_lays_the_pair_bias_out_once_not_per_chunk(triton_interpreter, monkeypatch) -> None:
+    """row_attention copies the pair bias into the kernels' layout once; each row chunk's bias sorting then takes
+    it as it is (the small per-chunk key bias [rows, L] is made afresh anyway) (a copy per chunk is a pair-sized copy per chunk: about 100 of them per triangle attention at 4,096
+    residues)."""
+    from protfold.model.primitives import Attention, row_attention
+
+    copies = []
+    plain = triton_interpreter.aligned_rows
+    monkeypatch.setattr(triton_interpreter, "aligned_rows",
+                        lambda t: (copies.append(t.shape) if t.dim() == 4 and plain(t) is not t else None) or plain(t))
+    attn = Attention(c_q=8, c_kv=8, c_hidden=4, n_heads=2)
+    x, mask = torch.randn(1, 6, 13, 8), real_mask(1, 6, 13)
+    pair = torch.randn(1, 13, 13, 2).movedim(-1, -3)  # [1, H, L, L], last stride H: not the kernels' layout
+    plan = resolve(MemoryConfig(attention="triton"), grad=False, device="cpu")
+    with torch.no_grad():
+        out = row_attention(None, attn, x, mask, pair, 2, plan=plan)  # three chunks of 2 rows
+        ref = row_attention(None, attn, x, mask, pair, None, plan=resolve(MemoryConfig(), grad=False, device="cpu"))
+    assert copies == [(1, 2, 13, 13)]
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    aligned = plain(pair)
+    assert plain(aligned) is aligned and aligned.stride(-2) == 16

@@ -47,7 +47,7 @@ from protfold.model.kernels.attention_kernels import (
     head_block,
 )
 
-__all__ = ["pair_bias_attention", "split_biases"]
+__all__ = ["aligned_rows", "pair_bias_attention", "split_biases"]
 
 
 def _ieee(q: Tensor) -> bool:
@@ -191,17 +191,20 @@ def split_biases(biases: list[Tensor], full: tuple[int, ...]) -> tuple[Tensor | 
         if split is None:
             return None
         pair = bias.expand(*blead, h, nq, nk).reshape(math.prod(lead[:split]), h, nq, nk)
-        if pair.stride(-1) != 1 or pair.stride(-2) % 16 or pair.data_ptr() % 16:
-            pair = _aligned(pair)
+        pair = aligned_rows(pair)
     if key is not None:
-        key = _aligned(key)
+        key = aligned_rows(key)
     return pair, key
 
 
-def _aligned(t: Tensor) -> Tensor:
-    """`t` copied into rows padded to a multiple of 16 elements and viewed back to its shape: the kernels then load
-    bias tiles as aligned vectors (an unaligned row stride makes every element its own 2-byte load in the score
-    loop, and the forward spills registers)."""
+def aligned_rows(t: Tensor) -> Tensor:
+    """`t` laid out for the kernels: rows of a multiple of 16 elements (last stride 1). `t` itself where it is so
+    already; else `t` copied into rows padded to that and viewed back to its shape. The kernels then load bias tiles
+    as aligned vectors (an unaligned row stride makes every element its own 2-byte load in the score loop, and the
+    forward spills registers). The start address is not checked (torch.compile cannot trace it): fresh allocations
+    are aligned, and Triton compiles an unaligned pointer's launch without the vector loads, still correct."""
+    if t.stride(-1) == 1 and t.stride(-2) % 16 == 0:
+        return t
     length = t.shape[-1]
     # a row-major buffer whatever t's layout (F.pad would keep a channels-last-like layout); the padding is never
     # read (masked loads). Assigning t into it records the copy for autograd.
